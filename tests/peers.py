@@ -1,0 +1,32 @@
+"""Finding the real peer programs the interop tests drive.
+
+A missing peer skips its test, unless ``QIOC_REQUIRE_PEERS=1`` is set (as ``.ci/run`` does), in
+which case it fails: CI must never pass by skipping the very tests that talk to real programs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRED = os.environ.get("QIOC_REQUIRE_PEERS") == "1"
+
+
+def need(*programs: str) -> dict[str, str]:
+    """Return {name: path} for each program, or skip (fail under QIOC_REQUIRE_PEERS=1)."""
+    found = {}
+    missing = []
+    for prog in programs:
+        path = shutil.which(prog)
+        if path is None:
+            missing.append(prog)
+        else:
+            found[prog] = path
+    if missing:
+        msg = "peer program(s) not installed: " + ", ".join(missing)
+        if REQUIRED:
+            pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
+        pytest.skip(msg)
+    return found
