@@ -1,0 +1,64 @@
+"""qioc_green: QEMU's QIOChannel for gevent.
+
+Blocking-style I/O channels for greenlets, where every OS thread runs its own gevent hub as its
+AioContext, and a channel that must wait parks the calling greenlet on the hub of the thread it
+runs in (QEMU 8.2, "io: follow coroutine AioContext in qio_channel_yield()").
+"""
+
+from ._hub import Context, context_of, current_context, iohandler_context, main_context
+from .address import SocketAddress, parse_address
+from .channel import Channel, Feature, IOCondition, ReadFlag, Shutdown, Watch, WriteFlag
+from .channel_buffer import BufferChannel, NullChannel
+from .channel_command import CommandChannel
+from .channel_file import FileChannel
+from .channel_socket import SocketChannel
+from .errors import (
+    BrokenChannelError,
+    ChannelBusyError,
+    ChannelClosedError,
+    ChannelError,
+    ContextStoppedError,
+    NotSupportedError,
+    UnexpectedEOF,
+    WouldBlock,
+)
+from .future import Future
+from .task import Task, run_in_thread
+from .threads import IOThread, IOThreadPool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokenChannelError",
+    "BufferChannel",
+    "Channel",
+    "ChannelBusyError",
+    "ChannelClosedError",
+    "ChannelError",
+    "CommandChannel",
+    "Context",
+    "ContextStoppedError",
+    "Feature",
+    "FileChannel",
+    "Future",
+    "IOCondition",
+    "IOThread",
+    "IOThreadPool",
+    "NotSupportedError",
+    "NullChannel",
+    "ReadFlag",
+    "Shutdown",
+    "SocketAddress",
+    "SocketChannel",
+    "Task",
+    "UnexpectedEOF",
+    "Watch",
+    "WouldBlock",
+    "WriteFlag",
+    "context_of",
+    "current_context",
+    "iohandler_context",
+    "main_context",
+    "parse_address",
+    "run_in_thread",
+]

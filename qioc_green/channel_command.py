@@ -1,0 +1,164 @@
+"""CommandChannel: a child process's stdout and stdin as the two directions.
+
+QEMU: ``io/channel-command.c``.  Reads come from the child's stdout, writes go to its stdin;
+each pipe is non-blocking and parked on like any fd.  ``shutdown(Shutdown.WRITE)`` closes the
+child's stdin so it sees EOF (the usual way to tell ``cat`` you are done).
+
+Reaping: ``close()`` closes both pipes, then waits for the child to exit, on a pidfd watched by
+the caller's own hub (so it parks a greenlet, never the whole thread), ``grace`` seconds at a
+time: then SIGTERM, then SIGKILL, as QEMU does.  ``returncode`` is the exit status afterwards
+(negative: killed by that signal).  A close that runs inside a hub callback cannot wait, so it
+hands the reaping to a greenlet of that hub.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any, Sequence
+
+import gevent
+
+from . import _hub
+from .channel import Channel, Feature, IOCondition, Shutdown
+from .errors import ChannelBusyError, NotSupportedError
+
+
+class CommandChannel(Channel):
+    """A channel to a child process.  ``spawn(argv, mode)`` starts it."""
+
+    kind = "command"
+
+    def __init__(self, proc: subprocess.Popen[bytes], *, name: str | None = None, grace: float = 2.0) -> None:
+        super().__init__(name=name, features=Feature.SHUTDOWN)
+        self._proc = proc
+        self._rfd = proc.stdout.fileno() if proc.stdout is not None else None
+        self._wfd = proc.stdin.fileno() if proc.stdin is not None else None
+        for fd in (self._rfd, self._wfd):
+            if fd is not None:
+                os.set_blocking(fd, False)
+        self._grace = grace
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], mode: str = "rw", *, name: str | None = None, stderr: Any = None,
+              env: dict[str, str] | None = None, cwd: str | None = None, grace: float = 2.0) -> CommandChannel:
+        """Start ``argv`` with its stdout readable ("r"), stdin writable ("w"), or both ("rw").
+
+        Never switches.  ``stderr`` is passed to subprocess (None: inherited).
+        QEMU: ``qio_channel_command_new_spawn()``.
+        """
+        if mode not in ("r", "w", "rw"):
+            raise ValueError(f"mode must be 'r', 'w' or 'rw', not {mode!r}")
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if "w" in mode else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if "r" in mode else subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            cwd=cwd,
+            close_fds=True,
+        )
+        return cls(proc, name=name or f"command-{os.path.basename(argv[0])}-{proc.pid}", grace=grace)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once reaped (negative: killed by that signal), else None."""
+        return self._proc.returncode
+
+    exit_status = returncode
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _io_fd(self, cond: IOCondition) -> int | None:
+        fd = self._rfd if cond is IOCondition.IN else self._wfd
+        if fd is None:
+            raise NotSupportedError(f"{self.name}: that direction is not open")
+        return fd
+
+    def _io_readinto(self, buf: memoryview, flags: int) -> int:
+        if self._rfd is None:
+            raise NotSupportedError(f"{self.name}: not open for reading")
+        return os.readv(self._rfd, [buf])
+
+    def _io_readv(self, buffers: list[memoryview], max_fds: int, flags: int) -> tuple[int, list[int]]:
+        if self._rfd is None:
+            raise NotSupportedError(f"{self.name}: not open for reading")
+        return os.readv(self._rfd, buffers), []
+
+    def _io_writev(self, buffers: list[memoryview], fds: Sequence[int], flags: int) -> int:
+        if self._wfd is None:
+            raise BrokenPipeError(32, "write side is shut down")
+        return os.writev(self._wfd, buffers)
+
+    def _io_shutdown(self, how: Shutdown) -> None:
+        # A pipe end can only be closed, and only when no greenlet is parked on it.
+        if how & Shutdown.WRITE and self._proc.stdin is not None:
+            if self._slots[1]:
+                raise ChannelBusyError(f"{self.name}: cannot shut down writing while a greenlet writes")
+            self._wfd = None
+            self._proc.stdin.close()
+        if how & Shutdown.READ and self._proc.stdout is not None:
+            if self._slots[0]:
+                raise ChannelBusyError(f"{self.name}: cannot shut down reading while a greenlet reads")
+            self._rfd = None
+            self._proc.stdout.close()
+
+    def _io_close(self) -> None:
+        for f in (self._proc.stdin, self._proc.stdout):
+            if f is not None:
+                f.close()
+        self._rfd = self._wfd = None
+
+    # -- the child ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close both pipes and reap the child: wait ``grace`` s, SIGTERM, wait, SIGKILL.
+
+        Unlike the base class this may park the caller while the child exits.
+        """
+        super().close()
+        if self._proc.returncode is not None:
+            return
+        if _hub.hub_of_current_thread_is_running_us():
+            gevent.spawn(self._reap)
+            return
+        self._reap()
+
+    def _reap(self) -> None:
+        proc = self._proc
+        for action in (None, proc.terminate, proc.kill):
+            if action is not None and proc.poll() is None:
+                try:
+                    action()
+                except ProcessLookupError:
+                    pass
+            if self.wait_exit(self._grace if action is not proc.kill else None):
+                return
+
+    def wait_exit(self, timeout: float | None = None) -> bool:
+        """Park until the child exits (reaping it); False if still running after ``timeout``."""
+        proc = self._proc
+        if proc.poll() is not None:
+            return True
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (OSError, AttributeError):
+            try:
+                proc.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        try:
+            ctx = _hub.current_context()
+            try:
+                _hub.wait_fd_follow(ctx, pidfd, _hub.READ, _hub.Waiter(ctx), timeout)
+            except TimeoutError:
+                return proc.poll() is not None
+            proc.wait()
+            return True
+        finally:
+            os.close(pidfd)
