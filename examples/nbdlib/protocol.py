@@ -934,6 +934,7 @@ class _Connection:
         self._tls_announced = False
         self.structured = False  # structured replies negotiated
         self.meta_contexts: dict[int, str] = {}  # context id -> name, after SET_META_CONTEXT
+        self._meta_export = ""  # the export the last SET_META_CONTEXT named
         self.tls_active = False
 
     # -- public API shared by both ---------------------------------------------------------
@@ -1023,6 +1024,14 @@ class _Connection:
             return Closed()
         return NEED_DATA
 
+    def _option_names(self, event: Event) -> None:
+        """Contexts belong to the export SET_META_CONTEXT named: an INFO, GO or EXPORT_NAME for
+        another export drops them (the spec's rule for GO; nbdkit applies it to INFO too)."""
+        if isinstance(event, OptSetMetaContext):
+            self._meta_export = event.name
+        elif isinstance(event, (OptInfo, OptGo, OptExportName)) and event.name != self._meta_export:
+            self.meta_contexts = {}
+
     def _tls_pause(self) -> Event | _Sentinel:
         if not self._tls_announced:
             self._tls_announced = True
@@ -1110,7 +1119,7 @@ class ServerConnection(_Connection):
             if not self._need(4, "client flags"):
                 return NEED_DATA
             (flags,) = _U32.unpack(self._buf.peek(4))
-            known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+            known = 3  # FIXED_NEWSTYLE | NO_ZEROES (an int: ~IntFlag keeps only known bits)
             if flags & ~known:
                 raise self._remote(f"expected client flags within 0x{known:x}, got 0x{flags:08x}")
             if flags & ClientFlag.NO_ZEROES and not self.handshake_flags & HandshakeFlag.NO_ZEROES:
@@ -1152,7 +1161,9 @@ class ServerConnection(_Connection):
         self._option = option
         self._pending_export = self._pending_block = None
         self._pending_contexts = {}
-        return _decode_option(option, data)
+        event = _decode_option(option, data)
+        self._option_names(event)
+        return event
 
     def _parse_request(self) -> Event | _Sentinel:
         buf = self._buf
@@ -1207,7 +1218,7 @@ class ServerConnection(_Connection):
         if isinstance(event, Greeting):
             if phase != _Phase.GREETING:
                 raise LocalProtocolError("the greeting was already sent")
-            known = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+            known = 3  # FIXED_NEWSTYLE | NO_ZEROES (an int: ~IntFlag keeps only known bits)
             if event.flags & ~known or not event.flags & HandshakeFlag.FIXED_NEWSTYLE:
                 raise LocalProtocolError("greeting flags must include FIXED_NEWSTYLE and only "
                                          "FIXED_NEWSTYLE|NO_ZEROES")
@@ -1475,7 +1486,7 @@ class ClientConnection(_Connection):
         if isinstance(event, ClientFlags):
             if phase != _Phase.CLIENT_FLAGS:
                 raise LocalProtocolError("client flags go right after the server's greeting")
-            if event.flags & ~(self.handshake_flags & 3):
+            if event.flags & ~(int(self.handshake_flags) & 3):
                 raise LocalProtocolError(f"client flags 0x{event.flags:x} not offered by the server "
                                          f"(0x{self.handshake_flags:x})")
             self.client_flags = event.flags
@@ -1486,6 +1497,7 @@ class ClientConnection(_Connection):
         if self._option is not None:
             raise LocalProtocolError(f"option {_name(Opt, self._option)} still awaits its reply")
         option, data = _encode_option(event)
+        self._option_names(event)
         if not self.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE and option != Opt.EXPORT_NAME:
             raise LocalProtocolError("the server is not fixed newstyle: only EXPORT_NAME is possible")
         if option == Opt.STARTTLS and self.tls_active:
