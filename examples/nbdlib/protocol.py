@@ -439,7 +439,8 @@ class OptSetMetaContext(Event):
 
 @dataclass(frozen=True, slots=True)
 class OptUnknown(Event):
-    """An option this module does not know (reply ``Rep.ERR_UNSUP``); sendable as a raw option."""
+    """An option this module does not know (reply ``Rep.ERR_UNSUP``); a client may send it as a
+    raw, unchecked option (tests use that to play a misbehaving client)."""
 
     option: int
     data: bytes = b""
@@ -1470,6 +1471,11 @@ class ClientConnection(_Connection):
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def pending_option(self) -> int | None:
+        """The option sent and not yet finally answered, or None (then the next may be sent)."""
+        return self._option
+
     def new_cookie(self) -> int:
         """A cookie not in flight (a counter; any unique 64-bit value will do)."""
         while True:
@@ -1500,7 +1506,7 @@ class ClientConnection(_Connection):
         self._option_names(event)
         if not self.handshake_flags & HandshakeFlag.FIXED_NEWSTYLE and option != Opt.EXPORT_NAME:
             raise LocalProtocolError("the server is not fixed newstyle: only EXPORT_NAME is possible")
-        if option == Opt.STARTTLS and self.tls_active:
+        if isinstance(event, OptStartTLS) and self.tls_active:
             raise LocalProtocolError("TLS is already active")
         self._option = option
         self._pending_export = self._pending_block = None
