@@ -16,6 +16,9 @@ The protocol facts that shape this module (from ``doc/proto.md`` of NetworkBlock
   flagged DONE.
 * **STARTTLS** is an in-band upgrade: after the server's ACK the next bytes on the wire are TLS,
   and everything negotiated before it is forgotten.
+* **Metadata contexts belong to an export.** BLOCK_STATUS is only allowed if the last
+  SET_META_CONTEXT named the export finally chosen; nbdkit already forgets the contexts when a
+  later INFO names another export, so both machines do the same.
 * **Limits.** Strings are at most 4096 bytes; servers must accept 32 MiB payloads (2^25) and may
   hang up on larger ones; block status replies carry at most 2^20 extents.
 
@@ -25,7 +28,8 @@ What that means here, and the decisions:
    ``NEED_DATA`` or ``PAUSED``; ``send(event)`` returns bytes and ``send_iov(event)`` a list of
    buffers for ``writev`` (the payload is never copied into a header). No sockets, clock or files.
 2. **One option at a time.** After the server machine returns an option event it returns ``PAUSED``
-   until the glue has sent that option's final reply, so replies always belong to the option they
+   until the glue has sent that option's final reply (the client side shows the same thing as
+   ``pending_option``), so replies always belong to the option they
    answer, and bytes pipelined behind a STARTTLS stay untouched (they are the TLS ClientHello:
    ``take_trailing_data()`` hands them over). The upgrade itself is an event, ``TLSUpgrade``, on both
    sides; the glue wraps its channel and calls ``tls_started()``.
