@@ -70,7 +70,7 @@ class _Qmp:
         self.sock.close()
 
 
-def _sink(listener: socket.socket, out: list[bytes], errors: list[BaseException]) -> None:
+def _sink(listener: socket.socket, out: list[bytes], errors: list[OSError]) -> None:
     try:
         conn, _ = listener.accept()
         with conn:
@@ -81,7 +81,7 @@ def _sink(listener: socket.socket, out: list[bytes], errors: list[BaseException]
                     break
                 parts.append(data)
             out.append(b"".join(parts))
-    except BaseException as exc:  # reported by the caller
+    except OSError as exc:  # reported by the caller
         errors.append(exc)
 
 
@@ -110,7 +110,7 @@ def capture(
         listener.settimeout(timeout)
         port = listener.getsockname()[1]
         out: list[bytes] = []
-        errors: list[BaseException] = []
+        errors: list[OSError] = []
         sink = threading.Thread(target=_sink, args=(listener, out, errors), daemon=True)
         sink.start()
 

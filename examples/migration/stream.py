@@ -190,6 +190,9 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _MAX_RUN = 512  # records checked by one struct call (512 pages = 2 MiB of data)
 _SCAN_WINDOW = 64 * 1024  # device bytes copied per footer search step
+# struct formats for runs of n records, compiled on first use and shared by all parsers
+_RUN_STRUCTS: dict[tuple[int, int], struct.Struct] = {}
+_ZERO_STRUCTS: dict[int, struct.Struct] = {}
 
 
 class MigrationStreamError(ValueError):
@@ -430,7 +433,7 @@ class _Short(Exception):
 class _Cursor:
     """Reads one item from contiguous bytes; raises _Short when they run out."""
 
-    __slots__ = ("buf", "start", "pos", "base")
+    __slots__ = ("base", "buf", "pos", "start")
 
     def __init__(self, buf: memoryview, pos: int, base: int) -> None:
         self.buf = buf
@@ -508,11 +511,12 @@ class _Retained(NamedTuple):
     section_id: int
     idstr: str
     instance_id: int
+    version_id: int
     data: bytes
     offset: int  # stream offset of its first data byte
 
 
-def _printable(b: bytes | memoryview) -> bool:
+def _printable(b: bytes | bytearray | memoryview) -> bool:
     return all(0x20 < c < 0x7F for c in b)
 
 
@@ -577,6 +581,7 @@ class StreamParser:
         self._body = bytearray()
         self._body_start = 0
         self._scan = 0
+        self._rejected: tuple[int, bytes] | None = None
         self._device_bytes = 0
         self._retained: list[_Retained] = []
         self._held: list[Event] | None = None
@@ -591,8 +596,6 @@ class StreamParser:
         self.page_size = page_size
         self._mask = page_size - 1
         self._rec = page_size + 8
-        self._run_structs: dict[int, struct.Struct] = {}
-        self._zero_structs: dict[int, struct.Struct] = {}
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -865,10 +868,15 @@ class StreamParser:
         sid = c.be32()
         sec: _Section | None
         if t in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
+            idstr_at = c.offset
             idstr = c.string("section idstr")
             instance_id = c.be32()
             version_id = c.be32()
-            is_ram = idstr == RAM_SECTION and instance_id == 0
+            if not idstr.isprintable() or not idstr.isascii() or " " in idstr:
+                raise MigrationStreamError(idstr_at, f"section idstr {idstr!r} is not printable")
+            is_ram = idstr == RAM_SECTION
+            if is_ram and instance_id != 0:
+                raise MigrationStreamError(at, f"ram section with instance id {instance_id}")
             if sid in self._live:
                 raise MigrationStreamError(at, f"section {sid} started again while still live")
             if is_ram and t == QEMU_VM_SECTION_FULL:
@@ -898,6 +906,7 @@ class StreamParser:
         self._body = bytearray()
         self._body_start = c.offset
         self._scan = 0
+        self._rejected = None
         self._step = self._st_device
         return self._emit(ev)
 
@@ -941,9 +950,9 @@ class StreamParser:
             return self._page_partial(block, hdr & ~self._mask)
         if n > 1:
             n = min(n, _MAX_RUN)
-            st = self._run_structs.get(n)
+            st = _RUN_STRUCTS.get((ps, n))
             if st is None:
-                st = self._run_structs[n] = struct.Struct(">" + f"Q{ps}x" * n)
+                st = _RUN_STRUCTS[ps, n] = struct.Struct(">" + f"Q{ps}x" * n)
             hdrs = st.unpack_from(buf, pos)
             want = tuple(range(hdr, hdr + n * ps, ps))
             if hdrs != want:
@@ -967,9 +976,9 @@ class StreamParser:
             n = 1
         if n > 1:
             n = min(n, _MAX_RUN)
-            st = self._zero_structs.get(n)
+            st = _ZERO_STRUCTS.get(n)
             if st is None:
-                st = self._zero_structs[n] = struct.Struct(">" + "QB" * n)
+                st = _ZERO_STRUCTS[n] = struct.Struct(">" + "QB" * n)
             vals = st.unpack_from(buf, pos)
             hdrs = vals[0::2]
             fills = vals[1::2]
@@ -1024,9 +1033,10 @@ class StreamParser:
             res = self._item(self._parse_named_page)
             if res is _SHORT:
                 return self._starve("a RAM page record header")
-            if base == RAM_SAVE_FLAG_ZERO:
-                return res  # type: ignore[return-value]
-            block, offset = res  # type: ignore[misc]
+            if isinstance(res, ZeroPages):
+                return res
+            assert isinstance(res, tuple)
+            block, offset = res
             ps = self.page_size
             if len(self._buf) - self._pos >= ps:
                 p = self._pos
@@ -1043,7 +1053,7 @@ class StreamParser:
             raise self._err("RDMA hook record (RAM flag 0x80) is not supported", at)
         raise self._err(f"unknown RAM record flags 0x{flags:x}", at)
 
-    def _parse_named_page(self, c: _Cursor) -> Any:
+    def _parse_named_page(self, c: _Cursor) -> ZeroPages | tuple[RamBlock, int]:
         hdr = c.be64()
         flags = hdr & self._mask
         offset = hdr & ~self._mask
@@ -1139,9 +1149,19 @@ class StreamParser:
                     break
                 if verdict:
                     return self._device_framed(sec, q)
+                if self._rejected is None:
+                    self._rejected = (self._body_start + q, bytes(body[q + 5 : q + 7]))
                 q = body.find(footer, q + 1)
             self._scan = q if q != -1 else max(0, len(body) - 4)
             if not self._next_chunk():
+                if self._closed and self._rejected is not None:
+                    at, after = self._rejected
+                    where = f"the footer of section {sec.section_id} ({sec.idstr!r}) at offset {at}"
+                    if after[0] == QEMU_VM_EOF:
+                        raise self._err(f"expected the end or a VM description (0x06) after EOF "
+                                        f"after {where}, got 0x{after[1]:02x}", at + 6)
+                    raise self._err(f"expected a section type, EOF or a description after "
+                                    f"{where}, got 0x{after[0]:02x}", at + 5)
                 if self._closed:
                     raise self._err(f"stream ends inside section {sec.section_id} "
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
@@ -1168,7 +1188,8 @@ class StreamParser:
         if self._cur_kind == QEMU_VM_SECTION_FULL:
             self._device_bytes += len(data)
             self._retained.append(
-                _Retained(sec.section_id, sec.idstr, sec.instance_id, data, self._body_start))
+                _Retained(sec.section_id, sec.idstr, sec.instance_id, sec.version_id, data,
+                          self._body_start))
         self._step = self._st_footer
         return self._emit(
             DeviceState(sec.section_id, sec.idstr, sec.instance_id, data, self._body_start))
@@ -1187,12 +1208,8 @@ class StreamParser:
         if t == QEMU_VM_EOF:
             if short(2):
                 return None if unsure else True
-            if data[i + 1] != QEMU_VM_VMDESCRIPTION:
-                return False
-            if short(7):
-                return None if unsure else True
-            (length,) = _BE32.unpack_from(data, i + 2)
-            return 0 < length <= self.max_json_bytes and data[i + 6] == ord("{")
+            # EOF then the description marker: its length and JSON are checked after
+            return data[i + 1] == QEMU_VM_VMDESCRIPTION
         if t in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
             if short(6):
                 return None if unsure else True
@@ -1285,6 +1302,11 @@ class StreamParser:
                     f"VM description names {dev.get('name')!r} instance "
                     f"{dev.get('instance_id')!r} where the stream has section "
                     f"{sec.section_id} {sec.idstr!r} instance {sec.instance_id}", at)
+            version = dev.get("version")
+            if version is not None and version != sec.version_id:
+                raise self._err(
+                    f"VM description gives {sec.idstr!r} version {version!r}, its section "
+                    f"{sec.section_id} header says {sec.version_id}", at)
             try:
                 end = _walk_vmsd(dev, sec.data, 0, 0)
             except _Short:
@@ -1306,6 +1328,9 @@ class StreamParser:
         if self._next_chunk():
             extra = len(self._buf) - self._pos + sum(map(len, self._more))
             raise self._err(f"{extra} bytes after the end of the stream")
+        self._base += self._pos  # let go of the caller's (used up) buffer
+        self._buf = memoryview(b"")
+        self._pos = 0
         return NEED_DATA
 
 
