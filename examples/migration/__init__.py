@@ -26,6 +26,7 @@ from .stream import (
     StreamParser,
     VmDescription,
     ZeroPages,
+    expand_pages,
 )
 from .summary import Summary
 
@@ -53,4 +54,5 @@ __all__ = [
     "Summary",
     "VmDescription",
     "ZeroPages",
+    "expand_pages",
 ]

@@ -85,9 +85,31 @@ anything but device state follows a held section (RAM records, a command), the h
 released first, so events always come out in stream order; the JSON still checks them at the end.
 Section footers are required (QEMU has sent them since machine types of 2.4).
 
+What framing by footers cannot know, and the rules chosen:
+
+- A footer pattern inside device data followed by a plausible next item would cut a section
+  short. The next-item check makes that very unlikely (for the last section it needs the
+  7 bytes ``7e <id> 00 06``), and with a JSON the exact split catches it.
+- An iterable section other than ``ram`` (block migration, dirty bitmaps...) is framed by its
+  footers and passed on as DeviceState; the JSON does not describe those, so nothing checks
+  them. A ``ram`` whose header was damaged into another name becomes such a section; the
+  summary then shows no RAM blocks.
+- When no candidate footer fits, the error at close names the first one rejected and the byte
+  that made it implausible (``expected a section type, EOF or a description after the footer
+  of section 40 ('globalstate') at offset 251723, got 0x42``).
+- A stream cut right after its EOF byte is a complete stream without a description: QEMU sends
+  exactly that with ``suppress-vmdesc=on`` or postcopy, and nothing tells the two apart.
+- On an error, held (unchecked) device events are dropped; events already returned stay valid.
+
 *Memory is bounded whatever the input*: page data is not buffered; headers are at most a few
 hundred bytes; device data and the JSON have caps; a length over a cap is an error at once, not
 after buffering.
+
+*Speed, measured* (2 shared cores, CPython 3.11, a 64 MiB random-RAM capture from QEMU 7.2 fed
+as memoryview slices, events folded into the summary): 6 GB/s with 64 KiB chunks, 14.5 GB/s
+with 256 KiB, 21 GB/s with 1 MiB, 24 GB/s with 4 MiB, so at the ~1.9 GB/s QEMU sends, parsing
+costs about a tenth of a core with 1 MiB receives. Run structs are compiled once per run
+length and shared by all parsers.
 
 *Not supported, refused with a clear error*: XBZRLE and compressed pages (switch those
 capabilities off), RDMA hooks, PACKAGED (postcopy's device-state package: the receiver would need
