@@ -550,3 +550,18 @@ def _rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+@pytest.mark.parametrize("mode", ["bundled", "live"])
+def test_demo(mode):
+    """``make demo``: prints a complete summary, exits 0, leaves no process behind."""
+    args = ["--no-qemu"] if mode == "bundled" else []
+    if mode == "live":
+        need_qemu()
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "migration_demo.py"), *args],
+                       check=False, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "complete: True" in r.stdout and "RAM blocks:" in r.stdout
+    if mode == "live":
+        assert "destination running" in r.stdout and "sha256 in == out: True" in r.stdout
