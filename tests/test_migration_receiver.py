@@ -248,6 +248,31 @@ def test_garbage_and_trailing_bytes(receivers, tmp_path):
     assert "after the end of the stream" in one_error_line(rx)
 
 
+def test_quiet_sender_below_the_low_water_mark_is_still_read(receivers, tmp_path):
+    """The receiver asks the kernel to wake it only at 1 MiB queued; a sender that sends less
+    and then goes quiet (connection open) must still have its bytes read and saved."""
+    data = load("none")
+    assert len(data) < 1 << 20
+    saved = tmp_path / "q.mig"
+    rx = receivers("tcp:127.0.0.1:0", "--save", str(saved))
+
+    def saved_reaches(size: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while not (saved.exists() and saved.stat().st_size == size):
+            assert time.monotonic() < deadline, "the receiver never read the quiet sender's bytes"
+            time.sleep(0.01)  # observing a file another process writes: nothing to wait on
+
+    with connect(rx.address) as s:
+        # the first part is read and saved, so the receiver then parks on an empty socket;
+        # the rest arrives while it is parked, less than the mark, and the sender goes quiet
+        s.sendall(data[:1000])
+        saved_reaches(1000)
+        s.sendall(data[1000:])
+        saved_reaches(len(data))
+    assert rx.wait() == 0, rx.stderr
+    assert saved.read_bytes() == data
+
+
 def test_undescribed_stream_needs_permission(receivers):
     data = load("pc-nodesc")
     rx = receivers("tcp:127.0.0.1:0")
@@ -496,7 +521,8 @@ def test_forward_back_pressure_keeps_memory_bounded(receivers, tmp_path, big_str
         lst.listen(1)
         lst.settimeout(WAIT)
         rx = receivers("tcp:127.0.0.1:0", "--forward", f"tcp:127.0.0.1:{lst.getsockname()[1]}",
-                       "--buffers", "4", "--json", str(tmp_path / "b.json"))
+                       "--buffers", "4", "--buffer-size", str(1 << 20),
+                       "--json", str(tmp_path / "b.json"))
         sent = [0]
         stalled = threading.Event()
         failed: list[BaseException] = []

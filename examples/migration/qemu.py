@@ -66,6 +66,8 @@ class Qemu:
         argv += list(extra)
         self.argv = argv
         self.events: list[dict[str, Any]] = []
+        self._mark = 0
+        self.completed_at = 0.0
         self._sock: socket.socket | None = None
         self._rfile: Any = None
         with open(self._stderr_path, "wb") as err:
@@ -162,9 +164,13 @@ class Qemu:
             self.events.append(self._read(deadline))
 
     def wait_migration(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Wait until the migration is over; return ``query-migrate``. Raises if it failed."""
+        """Wait until the migration is over; return ``query-migrate``. Raises if it failed.
+
+        ``completed_at`` is then the wall-clock time (``time.time()``) QEMU stamped on its
+        ``completed`` event, so a caller waiting on two QEMUs still gets exact end times.
+        """
         deadline = time.monotonic() + timeout
-        i = 0
+        i = self._mark
         while True:
             while i < len(self.events):
                 ev = self.events[i]
@@ -173,6 +179,8 @@ class Qemu:
                     continue
                 status = ev.get("data", {}).get("status")
                 if status == "completed":
+                    ts = ev.get("timestamp", {})
+                    self.completed_at = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
                     info: dict[str, Any] = self.cmd("query-migrate")
                     return info
                 if status in ("failed", "cancelled"):
@@ -186,10 +194,12 @@ class Qemu:
     def migrate(self, uri: str, *, max_bandwidth: int = MAX_BANDWIDTH) -> None:
         """Start migrating to ``uri`` (returns at once; see :meth:`wait_migration`)."""
         self.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth})
+        self._mark = len(self.events)  # wait_migration() looks at the events from here on
         self.cmd("migrate", uri=uri)
 
     def listen(self, uri: str = "tcp:127.0.0.1:0") -> str:
         """An ``-incoming defer`` destination starts listening; return the actual address."""
+        self._mark = len(self.events)
         self.cmd("migrate-incoming", uri=uri)
         if not uri.startswith("tcp:"):
             return uri
