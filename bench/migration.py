@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-from migration.qemu import Qemu, available  # noqa: E402
+from migration.qemu import Qemu, available
 
 RECEIVER = os.path.join(ROOT, "examples", "migration_receiver.py")
 TIMEOUT = 300.0
@@ -117,8 +117,7 @@ class Bench:
     def make_ram(self) -> None:
         chunk = 64 << 20
         with open(self.ram_file, "wb") as f:
-            for _ in range((self.args.mem_mib << 20) // chunk):
-                f.write(os.urandom(chunk))
+            f.writelines(os.urandom(chunk) for _ in range((self.args.mem_mib << 20) // chunk))
 
     # -- live into sinks ---------------------------------------------------------------------------
 
@@ -279,8 +278,8 @@ def main() -> int:
         sinks = [k for k in args.sinks.split(",") if k]
         dests = [] if args.skip_forward else ["direct", "forward"]
         for r in range(args.rounds):
-            k = r % len(sinks)
-            for kind in sinks[k:] + sinks[:k]:
+            rot = r % len(sinks)
+            for kind in sinks[rot:] + sinks[:rot]:
                 results[kind].append(b.live_sink(kind))
             for mode in (dests[r % 2:] + dests[: r % 2]) if dests else []:
                 results[mode].append(b.live_dest(mode))
