@@ -316,6 +316,44 @@ def test_forward_without_qemu_and_unreachable_destination(receivers, tmp_path):
     assert "forward to tcp:127.0.0.1:" in one_error_line(rx)
 
 
+def test_ram_dir_holes_rewrites_and_names(tmp_path):
+    """RamDir in-process: zero pages stay holes, a zero page over data clears it, names."""
+    from migration.receiver import RamDir
+    from migration.stream import RamBlock, RamBlocks, ZeroPages
+
+    rd = RamDir(str(tmp_path / "ram"))
+    try:
+        rd.blocks(RamBlocks((RamBlock("pc.ram", 1 << 20), RamBlock("/rom@etc/acpi/tables", 8192)),
+                            (1 << 20) + 8192))
+        page = memoryview(b"\xaa" * 4096)
+        rd.pages(RamPages("pc.ram", 8192, 1, page, 4104, 4096))
+        rd.zeros(ZeroPages("pc.ram", 0, 16, 0, 4096))  # a run over the written page
+        rd.zeros(ZeroPages("pc.ram", 512 << 10, 4, 0, 4096))  # a hole stays a hole
+        rd.pages(RamPages("/rom@etc/acpi/tables", 4096, 1, page, 4104, 4096))
+        rd.zeros(ZeroPages("/rom@etc/acpi/tables", 0, 1, 0x11, 4096))  # fill byte
+    finally:
+        rd.close()
+    ram = (tmp_path / "ram" / "pc.ram").read_bytes()
+    assert ram == bytes(1 << 20)
+    fd = os.open(tmp_path / "ram" / "pc.ram", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):  # ENXIO: no data from 64 KiB on, all holes
+            os.lseek(fd, 64 << 10, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "ram" / "rom@etc_acpi_tables").read_bytes() == \
+        b"\x11" * 4096 + b"\xaa" * 4096
+    index = json.loads((tmp_path / "ram" / "blocks.json").read_text())
+    assert index["/rom@etc/acpi/tables"] == {"file": "rom@etc_acpi_tables", "size": 8192}
+
+    huge = RamDir(str(tmp_path / "huge"))
+    try:
+        with pytest.raises(OSError, match="RAM block 'x'"):
+            huge.blocks(RamBlocks((RamBlock("x", 1 << 62),), 1 << 62))
+    finally:
+        huge.close()
+
+
 def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
                  ["file:x,size=3"]):

@@ -32,6 +32,7 @@ Errors are reported as one line that names the stream offset: the parser's own
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -275,55 +276,61 @@ class RamDir:
 
     Files are named after the block (``pc.ram``; characters outside ``[A-Za-z0-9._@-]`` become
     ``_``, so ``/rom@etc/acpi/tables`` is ``rom@etc_acpi_tables``); ``blocks.json`` maps block
-    names to files. A page sent again (dirtied during a live migration) is written again; a
-    page sent as zero after it had data is written with zeros, so the file is the guest's
-    final RAM. Writes never park (regular files).
+    names to files and sizes. A page sent again (dirtied during a live migration) is written
+    again; a zero page over a range that already holds data is written as zeros (the kernel's
+    SEEK_DATA says whether it does, so no per-page state is kept, whatever sizes the stream
+    announces), so each file ends as the guest's final RAM. Writes never park (regular files).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         os.makedirs(path, exist_ok=True)
         self._files: dict[str, FileChannel] = {}
-        self._written: dict[str, bytearray] = {}  # per block, 1 per page that holds data
-        self._names: dict[str, str] = {}
-        self._page_size = 4096
+        self._index: dict[str, dict[str, Any]] = {}
 
-    def blocks(self, ev: RamBlocks, page_size: int) -> None:
+    def blocks(self, ev: RamBlocks) -> None:
+        """MEM_SIZE: create (truncate) one sparse file per block, and the index."""
         import json
 
-        self._page_size = page_size
-
+        taken = {v["file"] for v in self._index.values()}
         for b in ev.blocks:
             if b.name in self._files:
                 continue
             fname = re.sub(r"[^A-Za-z0-9._@-]", "_", b.name).strip("_.") or "block"
-            while fname in self._names.values():
+            while fname in taken or fname == "blocks.json":
                 fname += "_"
+            taken.add(fname)
             ch = FileChannel.open(os.path.join(self.path, fname), "w+", name=f"ram-{b.name}")
             self._files[b.name] = ch
-            self._names[b.name] = fname
-            os.ftruncate(ch.fileno(), b.size)
-            self._written[b.name] = bytearray(-(-b.size // page_size))
+            self._index[b.name] = {"file": fname, "size": b.size}
+            try:
+                os.ftruncate(ch.fileno(), b.size)
+            except OSError as exc:
+                raise OSError(exc.errno, f"RAM block {b.name!r} of {b.size} bytes: "
+                                         f"{exc.strerror}") from None
         with open(os.path.join(self.path, "blocks.json"), "w") as f:
-            json.dump({name: {"file": self._names[name], "size": b.size}
-                       for b in ev.blocks for name in [b.name]}, f, indent=1)
+            json.dump(self._index, f, indent=1)
 
     def pages(self, ev: RamPages) -> None:
-        iov = ev.iov()
-        n = self._files[ev.block].pwritev(iov, ev.offset)
+        n = self._files[ev.block].pwritev(ev.iov(), ev.offset)
         if n != ev.count * ev.page_size:
-            raise OSError(f"short write to {self._names[ev.block]}: {n} bytes")
-        first = ev.offset // ev.page_size
-        self._written[ev.block][first : first + ev.count] = b"\1" * ev.count
+            raise OSError(f"short write to {self._index[ev.block]['file']}: {n} bytes")
 
     def zeros(self, ev: ZeroPages) -> None:
-        first = ev.offset // ev.page_size
-        written = self._written[ev.block]
-        if ev.fill == 0 and written.find(1, first, first + ev.count) == -1:
-            return  # still a hole
-        data = bytes([ev.fill]) * (ev.count * ev.page_size)
-        self._files[ev.block].pwritev([data], ev.offset)
-        written[first : first + ev.count] = (b"\1" if ev.fill else b"\0") * ev.count
+        ch = self._files[ev.block]
+        start, size = ev.offset, ev.count * ev.page_size
+        if ev.fill == 0:
+            try:
+                data_at = os.lseek(ch.fileno(), start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data from there to the end
+                    raise
+                return
+            if data_at >= start + size:
+                return  # a hole already
+        fill = bytes([ev.fill]) * min(size, 1 << 20)
+        for off in range(0, size, len(fill)):
+            ch.pwritev([fill[: size - off]], start + off)
 
     def close(self) -> None:
         for ch in self._files.values():
@@ -445,19 +452,27 @@ class Forwarder:
             self._done.result(timeout)
 
     def _run(self) -> None:
+        """The writer greenlet. Any failure reaches the reader as one BrokenChannelError,
+        through ``acquire()`` or ``finish()``, whichever it calls next."""
         try:
-            ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
-        except BaseException as exc:
-            self._free.fail(BrokenChannelError(f"forward to {self.endpoint}: {exc}"))
+            self._write()
+        except _Abort:
+            pass
+        except Exception as exc:
+            err = BrokenChannelError(f"forward to {self.endpoint}: {exc}")
+            self._free.fail(err)
+            raise err from exc
+        except BaseException as exc:  # stopped (GreenletExit...): tell the reader, go on
+            self._free.fail(BrokenChannelError(f"forward to {self.endpoint}: {exc!r}"))
             raise
+
+    def _write(self) -> None:
+        ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
         self._channel = ch
         sha = self._sha
         try:
             while True:
-                try:
-                    item = self._full.get()
-                except _Abort:
-                    return
+                item = self._full.get()  # raises _Abort when the stream was refused
                 if item is None:
                     break
                 buf, n = item
@@ -471,9 +486,6 @@ class Forwarder:
             if isinstance(ch, CommandChannel):
                 ch.shutdown(Shutdown.WRITE)
                 ch.wait_exit(self._connect_timeout)
-        except BaseException as exc:
-            self._free.fail(BrokenChannelError(f"forward to {self.endpoint}: {exc}"))
-            raise
         finally:
             ch.close()
 
@@ -653,7 +665,7 @@ class Receiver:
                     elif isinstance(ev, SectionHeader):
                         self.section = ev.idstr
                     elif tev is RamBlocks and ram is not None:
-                        ram.blocks(ev, parser.page_size)  # type: ignore[arg-type]
+                        ram.blocks(ev)  # type: ignore[arg-type]
                     add(ev)
             finally:
                 self.received += n
