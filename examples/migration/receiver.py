@@ -539,6 +539,7 @@ class Receiver:
         self.parser_factory = parser_factory
         self.received = 0
         self.section = ""
+        self._progress_shown = False
 
     def receive(self, channel: Channel) -> Outcome:
         """Read ``channel`` to its end, parse, save, forward; close it. May park.
@@ -589,7 +590,7 @@ class Receiver:
                 save.close()
             if ram is not None:
                 ram.close()
-            if self.progress is not None and self.received:
+            if self.progress is not None and self._progress_shown:
                 self.progress.write("\n")
                 self.progress.flush()
         elapsed = time.monotonic() - t0
@@ -680,6 +681,7 @@ class Receiver:
                     progress.write(f"\r{self.received / 1e6:10.1f} MB  {rate:8.1f} MB/s  "
                                    f"section {self.section[:32]:<32}")
                     progress.flush()
+                    self._progress_shown = True
         parser.close()  # raises MigrationStreamError when the stream is cut short
         while (ev := next_event()) is not NEED_DATA:
             add(ev)
