@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
+import psutil
 from migration.qemu import Qemu, available
 
 RECEIVER = os.path.join(ROOT, "examples", "migration_receiver.py")
@@ -57,7 +58,7 @@ buf = bytearray(1 << 20)
 n = 0
 while k := c.recv_into(buf):
     n += k
-print(n, flush=True)
+print(n, time.process_time(), flush=True)
 """
 
 PLAIN_READ = """
@@ -145,11 +146,13 @@ class Bench:
         proc, addr = self.start_sink(kind)
         try:
             with self.source() as src:
+                c0 = _cpu(src.pid)
                 t0 = time.time()
                 src.migrate(addr)
                 info = src.wait_migration(TIMEOUT)
                 seconds = src.completed_at - t0
-            proc.communicate(timeout=60)
+                src_cpu = _cpu(src.pid) - c0
+            out, _ = proc.communicate(timeout=60)
             if proc.returncode != 0:
                 raise RuntimeError(f"{kind} sink exited {proc.returncode}")
         finally:
@@ -157,22 +160,29 @@ class Bench:
                 proc.kill()
                 proc.wait(10)
         nbytes = _stream_bytes(info)
+        sink_cpu = None
         if kind == "receiver":
             with open(os.path.join(self.tmp, "rx.json")) as f:
                 d = json.load(f)
             if not d["complete"]:
                 raise RuntimeError(f"receiver: {d.get('error')}")
             nbytes = d["bytes_total"]
+            sink_cpu = d["cpu_s"]
+        elif kind == "plain":
+            sink_cpu = float(out.split()[-1])
         return {"s": seconds, "bytes": nbytes, "gbs": nbytes / seconds / 1e9,
-                "qemu_total_ms": info.get("total-time")}
+                "qemu_total_ms": info.get("total-time"), "source_cpu_s": src_cpu,
+                "sink_cpu_s": sink_cpu}
 
     # -- live into a destination -------------------------------------------------------------------
 
     def live_dest(self, mode: str) -> dict[str, Any]:
         proc = None
-        with Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=60,
-                  name="dest") as dst:
+        extra = ("-mem-prealloc",) if self.args.prealloc else ()
+        with Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
+                  extra=extra, name="dest") as dst:
             target = dst.listen()
+            dst_c0 = _cpu(dst.pid)
             try:
                 if mode == "forward":
                     proc = subprocess.Popen(
@@ -181,22 +191,29 @@ class Bench:
                         stdout=subprocess.PIPE, text=True)
                     target = first_line(proc)
                 with self.source() as src:
+                    c0 = _cpu(src.pid)
                     t0 = time.time()
                     src.migrate(target)
                     info = src.wait_migration(TIMEOUT)
                     dst.wait_migration(TIMEOUT)
                     seconds = max(dst.completed_at, src.completed_at) - t0
+                    src_cpu = _cpu(src.pid) - c0
+                dst_cpu = _cpu(dst.pid) - dst_c0
+                relay_cpu = None
                 if proc is not None:
                     proc.communicate(timeout=60)
                     if proc.returncode != 0:
                         raise RuntimeError(f"receiver --forward exited {proc.returncode}")
+                    with open(os.path.join(self.tmp, "fwd.json")) as f:
+                        relay_cpu = json.load(f)["cpu_s"]
             finally:
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait(10)
         nbytes = _stream_bytes(info)
         return {"s": seconds, "bytes": nbytes, "gbs": nbytes / seconds / 1e9,
-                "qemu_total_ms": info.get("total-time")}
+                "qemu_total_ms": info.get("total-time"), "source_cpu_s": src_cpu,
+                "dest_cpu_s": dst_cpu, "sink_cpu_s": relay_cpu}
 
     # -- from a file -------------------------------------------------------------------------------
 
@@ -231,6 +248,11 @@ class Bench:
         return {"s": float(s), "bytes": int(n), "gbs": int(n) / float(s) / 1e9}
 
 
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
 def _stream_bytes(info: dict[str, Any]) -> int:
     return int(info["ram"]["transferred"])
 
@@ -253,6 +275,10 @@ def main() -> int:
     p.add_argument("--tmp", default="/tmp", help="where the big files go (deleted at the end)")
     p.add_argument("--json", default=os.path.join(HERE, "out", "migration.json"))
     p.add_argument("--skip-forward", action="store_true")
+    p.add_argument("--no-prealloc", dest="prealloc", action="store_false",
+                   help="do not start destinations with -mem-prealloc (then the first touch "
+                        "of their RAM, which varies several-fold run to run on this VM, is "
+                        "inside the timed window)")
     p.add_argument("--sinks", default="receiver,plain,socat",
                    help="live sinks to run, comma-separated (default: all three)")
     p.add_argument("--receiver-args", default="",
@@ -305,21 +331,31 @@ def main() -> int:
     load_after = os.getloadavg()
 
     print()
-    print(f"{'what':<38} {'median GB/s':>11}   rounds")
+    print(f"{'what':<38} {'median GB/s':>11}  {'CPU s/GiB':>9}   rounds (GB/s)")
     for k, v in results.items():
         if v:
             runs = " ".join(f"{x['gbs']:.2f}" for x in v)
-            print(f"{LABELS[k]:<38} {med[k]:>11.2f}   {runs}")
+            cpus = [x["sink_cpu_s"] / (x["bytes"] / 2**30) for x in v
+                    if x.get("sink_cpu_s") is not None]
+            cpu = f"{statistics.median(cpus):.2f}" if cpus else "-"
+            print(f"{LABELS[k]:<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
     print()
     for name, value in ratios.items():
         print(f"{name:<24} {value:.2f}x")
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
+    for k in ("direct", "forward"):
+        if results[k]:
+            per = [(x["source_cpu_s"] + x["dest_cpu_s"] + (x["sink_cpu_s"] or 0))
+                   / (x["bytes"] / 2**30) for x in results[k]]
+            print(f"CPU s/GiB, all processes, {k}: {statistics.median(per):.2f}")
+    print("(CPU s/GiB: the receiver's or sink's own; socat's is not measured)")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"params": {"mem_mib": args.mem_mib, "rounds": args.rounds,
+                              "dest_mem_prealloc": args.prealloc,
                               "stream_bytes": size, "cpus": os.cpu_count(),
                               "loadavg_before": load_before, "loadavg_after": load_after,
                               "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")},

@@ -557,6 +557,7 @@ class Receiver:
         error: str | None = None
         finished = False
         t0 = time.monotonic()
+        cpu0 = time.process_time()
         try:
             if self.save is not None:
                 save = FileChannel.open(self.save, "w", name="save")
@@ -595,6 +596,7 @@ class Receiver:
                 self.progress.flush()
         elapsed = time.monotonic() - t0
         d = summary.as_dict(elapsed_s=round(elapsed, 6), bytes_total=self.received)
+        d["cpu_s"] = round(time.process_time() - cpu0, 4)  # the whole process: all threads
         if error is not None:
             d["complete"] = False
             d["error"] = error
