@@ -354,6 +354,27 @@ def test_ram_dir_holes_rewrites_and_names(tmp_path):
         huge.close()
 
 
+def test_a_refused_stream_never_reaches_the_destination_whole(receivers):
+    """Forwarding lags one chunk behind parsing: a stream refused only at its end (here: no VM
+    description, not allowed) is cut short at the destination, which then fails too."""
+    data = load("pc-nodesc")
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        lst.settimeout(WAIT)
+        rx = receivers("tcp:127.0.0.1:0", "--forward", f"tcp:127.0.0.1:{lst.getsockname()[1]}")
+        sender = threading.Thread(target=send, args=(rx.address, data))
+        sender.start()
+        conn, _ = lst.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            got = b"".join(iter(lambda: conn.recv(1 << 16), b""))
+        sender.join(WAIT)
+    assert rx.wait() == 1
+    assert "VM description" in one_error_line(rx)
+    assert len(got) < len(data) and data.startswith(got)
+
+
 def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
                  ["file:x,size=3"]):

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 from qioc_green import (
@@ -499,8 +499,6 @@ class Outcome:
 
     summary: dict[str, Any]
     error: str | None = None
-    forward_high_water: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -567,7 +565,7 @@ class Receiver:
                 assert self.forward_context is not None
                 fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
                                 buffers=self.buffers, digest=self.digest)
-            self._pump(channel, parser, summary, save, ram, fwd, sha)
+            last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
                 raise ReceiveError(self.received, "stream incomplete")
             if not summary.described and not self.allow_undescribed:
@@ -575,6 +573,8 @@ class Receiver:
                 raise ReceiveError(self.received, "expected the VM description (0x06) after "
                                    "EOF, the stream ended (--allow-undescribed accepts that)")
             if fwd is not None:
+                if last is not None:
+                    fwd.submit(*last)
                 fwd.finish()
                 finished = True
         except MigrationStreamError as exc:
@@ -608,12 +608,15 @@ class Receiver:
                             "buffer_bytes": self.buffers * self.chunk}
             if fwd.sha256 is not None:
                 d["sha256_out"] = fwd.sha256
-        return Outcome(d, error, fwd.high_water if fwd is not None else 0)
+        return Outcome(d, error)
 
     def _pump(self, ch: Channel, parser: StreamParser, summary: Summary,
               save: FileChannel | None, ram: RamDir | None, fwd: Forwarder | None,
-              sha: Any) -> None:
-        """The hot loop: read a chunk, save it, parse it, apply its events, pass it on."""
+              sha: Any) -> tuple[bytearray, int] | None:
+        """The hot loop: read a chunk, save it, parse it, apply its events, pass it on.
+
+        Returns the last chunk, not yet forwarded (None when not forwarding).
+        """
         own = memoryview(bytearray(self.chunk)) if fwd is None else None
         add = summary.add
         feed = parser.feed
@@ -625,6 +628,7 @@ class Receiver:
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
         t0 = last = time.monotonic()
+        pending: tuple[bytearray, int] | None = None
         while True:
             if fwd is not None:
                 buf = fwd.acquire()
@@ -673,8 +677,12 @@ class Receiver:
             finally:
                 self.received += n
             if fwd is not None:
-                assert buf is not None
-                fwd.submit(buf, n)
+                # Pass on the chunk before this one: it is held back until the next one has
+                # parsed (or the stream has ended and been judged), so a stream we refuse at
+                # its very end never reaches the destination whole.
+                if pending is not None:
+                    fwd.submit(*pending)
+                pending = (buf, n)  # type: ignore[assignment]
             if progress is not None:
                 now = time.monotonic()
                 if now >= next_progress:
@@ -687,6 +695,7 @@ class Receiver:
         parser.close()  # raises MigrationStreamError when the stream is cut short
         while (ev := next_event()) is not NEED_DATA:
             add(ev)
+        return pending
 
 
 def _set_rcvlowat(ch: Channel, lowat: int) -> bool:
