@@ -148,6 +148,14 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
     return verdicts
 
 
+class _Interrupted(SystemExit):
+    """SIGINT or SIGTERM."""
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -173,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
         print(f"listening on {where}", flush=True)
 
-    # SIGTERM ends the run as Ctrl-C does: whatever was received so far is kept.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
+    # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
+    # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
+    # it would print).
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     recv_thread = qioc_green.IOThread("mig-recv").start()
     fwd_thread = qioc_green.IOThread("mig-forward").start() if forward is not None else None
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             serve, incoming, args, forward, fwd_thread.context if fwd_thread else None)
         try:
             verdicts = fut.result()
-        except KeyboardInterrupt:
+        except _Interrupted:
             # Stop taking migrations; a migration in progress is cut short (its greenlet is
             # woken with ContextStoppedError), reported as incomplete, its files kept.
             incoming.close()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -161,6 +162,33 @@ def test_unix_keep_listening_names_each_migration(receivers, tmp_path):
     assert not sock.exists()  # the listener's socket file is removed
 
 
+def wait_for_file(path: Path, size: int | None = None) -> None:
+    """Until another process has written ``path`` (to ``size`` bytes); bounded."""
+    deadline = time.monotonic() + WAIT
+    while not (path.exists() and (size is None or path.stat().st_size == size)):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)  # observing a file another process writes: nothing to wait on
+
+
+def test_sigterm_keeps_what_was_received(receivers, tmp_path):
+    """--keep-listening until SIGTERM: the finished migration stands, the one cut short is
+    reported on one line, and both files are kept."""
+    data = load("pc")
+    rx = receivers("tcp:127.0.0.1:0", "--keep-listening", "--save", str(tmp_path / "s.mig"),
+                   "--json", str(tmp_path / "s.json"))
+    send(rx.address, data)
+    wait_for_file(tmp_path / "s-1.json")
+    with connect(rx.address) as s:
+        s.sendall(data[:100000])
+        wait_for_file(tmp_path / "s-2.mig", 100000)
+        rx.proc.send_signal(signal.SIGTERM)
+        assert rx.wait() == 1
+    assert rx.stderr.strip() == "migration_receiver: migration 2: offset 100000: stopped"
+    assert (tmp_path / "s-1.mig").read_bytes() == data
+    assert (tmp_path / "s-2.mig").read_bytes() == data[:100000]
+    assert json.loads((tmp_path / "s-2.json").read_text())["error"] == "offset 100000: stopped"
+
+
 def test_exec_and_file_sources(receivers, tmp_path):
     data = load("q35")
     f = tmp_path / "q35.mig"
@@ -256,19 +284,13 @@ def test_quiet_sender_below_the_low_water_mark_is_still_read(receivers, tmp_path
     saved = tmp_path / "q.mig"
     rx = receivers("tcp:127.0.0.1:0", "--save", str(saved))
 
-    def saved_reaches(size: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while not (saved.exists() and saved.stat().st_size == size):
-            assert time.monotonic() < deadline, "the receiver never read the quiet sender's bytes"
-            time.sleep(0.01)  # observing a file another process writes: nothing to wait on
-
     with connect(rx.address) as s:
         # the first part is read and saved, so the receiver then parks on an empty socket;
         # the rest arrives while it is parked, less than the mark, and the sender goes quiet
         s.sendall(data[:1000])
-        saved_reaches(1000)
+        wait_for_file(saved, 1000)
         s.sendall(data[1000:])
-        saved_reaches(len(data))
+        wait_for_file(saved, len(data))
     assert rx.wait() == 0, rx.stderr
     assert saved.read_bytes() == data
 
