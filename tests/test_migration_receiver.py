@@ -295,6 +295,16 @@ def test_quiet_sender_below_the_low_water_mark_is_still_read(receivers, tmp_path
     assert saved.read_bytes() == data
 
 
+def test_idle_timeout(receivers, tmp_path):
+    data = load("pc")
+    rx = receivers("tcp:127.0.0.1:0", "--idle-timeout", "0.3", "--save", str(tmp_path / "i.mig"))
+    with connect(rx.address) as s:
+        s.sendall(data[:5000])
+        assert rx.wait() == 1  # the connection is still open: only the timeout ends it
+    assert one_error_line(rx) == "migration_receiver: offset 5000: no data for 0.3 s"
+    assert (tmp_path / "i.mig").read_bytes() == data[:5000]
+
+
 def test_undescribed_stream_needs_permission(receivers):
     data = load("pc-nodesc")
     rx = receivers("tcp:127.0.0.1:0")
