@@ -219,6 +219,20 @@ def test_inherited_fd_source(receivers, tmp_path):
     assert (tmp_path / "c.mig").read_bytes() == data
 
 
+def test_inherited_listening_socket(receivers, tmp_path):
+    """fd:N naming a listening socket (as a supervisor would hand over) is accepted on."""
+    data = load("none")
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        rx = receivers(f"fd:{lst.fileno()}", "--save", str(tmp_path / "d.mig"),
+                       pass_fds=(lst.fileno(),))
+        assert rx.address == f"tcp:127.0.0.1:{lst.getsockname()[1]}"
+    send(rx.address, data)
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "d.mig").read_bytes() == data
+
+
 def first_page_offset(data: bytes) -> int:
     """Stream offset of the first normal page's data (found by its bytes)."""
     p = StreamParser()
