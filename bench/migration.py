@@ -7,7 +7,7 @@ normal page) migrates from a real QEMU with max-bandwidth raised, in one run, in
 
 * the receiver (``examples/migration_receiver.py``), parsing on the fly (summary, no files);
 * a plain Python sink: a blocking socket and ``recv_into`` a 1 MiB buffer until EOF;
-* ``socat -u TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
+* ``socat -u -b 1048576 TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
 * a destination QEMU directly, and through the receiver with ``--forward``;
 
 and a saved stream of the same VM is parsed from a file by the receiver, beside a plain Python
@@ -136,7 +136,8 @@ class Bench:
         if kind == "socat":
             port = free_port()
             proc = subprocess.Popen(
-                ["socat", "-u", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", "STDOUT"],
+                ["socat", "-u", "-b", str(1 << 20), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                 "STDOUT"],
                 stdout=subprocess.DEVNULL, text=True)
             wait_listening(port)
             return proc, f"tcp:127.0.0.1:{port}"
@@ -260,7 +261,7 @@ def _stream_bytes(info: dict[str, Any]) -> int:
 LABELS = {
     "receiver": "live -> receiver (parsing)",
     "plain": "live -> Python recv_into sink",
-    "socat": "live -> socat > /dev/null",
+    "socat": "live -> socat -b 1M > /dev/null",
     "direct": "live -> destination QEMU",
     "forward": "live -> receiver --forward -> dest",
     "parse-file": "file -> receiver (parsing)",
