@@ -696,3 +696,73 @@ def test_demo(mode):
     assert "complete: True" in r.stdout and "RAM blocks:" in r.stdout
     if mode == "live":
         assert "destination running" in r.stdout and "sha256 in == out: True" in r.stdout
+
+
+# -- the glue in-process (the suite's leak check covers its threads and fds) ----------------------
+
+
+def test_parse_uri():
+    from migration.receiver import parse_uri
+
+    assert str(parse_uri("tcp:127.0.0.1:0")) == "tcp:127.0.0.1:0"
+    assert parse_uri("tcp::4444").address == "tcp::4444"
+    assert parse_uri("tcp:[::1]:5").address == "tcp:[::1]:5"
+    assert parse_uri("unix:/tmp/x.sock").path == "/tmp/x.sock"
+    assert parse_uri("fd:7").fd == 7
+    assert parse_uri("exec:cat a b").command == "cat a b"
+    f = parse_uri("file:/tmp/a.mig,offset=0x1000")
+    assert (f.path, f.offset, str(f)) == ("/tmp/a.mig", 4096, "file:/tmp/a.mig,offset=4096")
+    for bad in ("x", "ftp:a", "tcp:host", "tcp:h:99999", "unix:", "fd:x", "exec: ",
+                "file:", "file:a,offset=-1", "file:a,mode=3", "unix:/" + "x" * 120):
+        with pytest.raises(ValueError):
+            parse_uri(bad)
+
+
+@pytest.mark.parametrize("cut", [None, 200_000])
+def test_receiver_in_process_forwards_through_two_iothreads(cut, tmp_path):
+    """Receiver.receive() in one IOThread, its writer in another; source and destination are
+    socket pairs driven by plain threads. A cut stream is refused and the destination cut."""
+    from migration.receiver import Receiver, parse_uri
+
+    from qioc_green import IOThread, SocketChannel
+
+    data = load("q35")
+    sent = data if cut is None else data[:cut]
+    src_ours, src_theirs = socket.socketpair()
+    with socket.socket(socket.AF_UNIX) as lst, IOThread("t-recv") as rt, IOThread("t-fwd") as ft:
+        path = str(tmp_path / "dest.sock")
+        lst.bind(path)
+        lst.listen(1)
+        lst.settimeout(WAIT)
+        got: list[bytes] = []
+
+        def destination() -> None:
+            conn, _ = lst.accept()
+            with conn:
+                got.append(b"".join(iter(lambda: conn.recv(1 << 16), b"")))
+
+        def source() -> None:
+            with src_ours:
+                src_ours.sendall(sent)
+
+        threads = [threading.Thread(target=destination), threading.Thread(target=source)]
+        for t in threads:
+            t.start()
+        try:
+            ch = SocketChannel.from_socket(src_theirs)
+            ch.set_follow_coroutine_ctx(True)
+            rx = Receiver(forward=parse_uri(f"unix:{path}"), forward_context=ft.context,
+                          chunk=64 << 10, buffers=2, digest=True)
+            out = rt.context.spawn(rx.receive, ch).result(WAIT)
+        finally:
+            for t in threads:
+                t.join(WAIT)
+    if cut is None:
+        assert out.ok, out.error
+        assert got == [data]
+        assert out.summary["sha256_in"] == out.summary["sha256_out"]
+        assert out.summary["forward"]["buffers_high_water"] <= 2
+    else:
+        assert out.error is not None and out.error.startswith(f"offset {cut}: ")
+        assert out.summary["complete"] is False
+        assert len(got[0]) < cut and data.startswith(got[0])
