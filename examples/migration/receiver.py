@@ -651,6 +651,9 @@ class Receiver:
                 view = own
             try:
                 n = ch.readinto(view, timeout=wait)
+            except BrokenChannelError as exc:  # the sender vanished: say what it was sending
+                raise ReceiveError(self.received,
+                                   f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
             except TimeoutError:
                 # With a low-water mark, a quiet sender may leave fewer bytes than the mark
                 # waiting: the retry's read takes them (it tries before it parks).
@@ -730,6 +733,15 @@ def _set_rcvlowat(ch: Channel, lowat: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def _what_was_cut(parser: StreamParser) -> str:
+    """What the parser was in the middle of, as an end of input would report it."""
+    try:
+        parser.close()
+    except MigrationStreamError as exc:
+        return str(exc).partition(": ")[2]
+    return "the stream had ended"
 
 
 def _describe(exc: BaseException) -> str:
