@@ -23,6 +23,7 @@ from .errors import (
     WouldBlock,
 )
 from .future import Future
+from .sync import Event, Queue, QueueClosed
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -37,6 +38,7 @@ __all__ = [
     "ChannelError",
     "CommandChannel",
     "Context",
+    "Event",
     "ContextStoppedError",
     "Feature",
     "FileChannel",
@@ -46,6 +48,8 @@ __all__ = [
     "IOThreadPool",
     "NotSupportedError",
     "NullChannel",
+    "Queue",
+    "QueueClosed",
     "ReadFlag",
     "Shutdown",
     "SocketAddress",

@@ -41,7 +41,8 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent import get_hub
@@ -200,7 +201,18 @@ class Context:
             _by_greenlet.pop(self._root, None)
         if getattr(_local, "context", None) is self:
             del _local.context
+            guard = getattr(_local, "guard", None)
+            if guard is not None:
+                guard.context = _DEAD
+                del _local.guard
         self.hub.destroy(destroy_loop=not self.loop.default)
+
+
+class _Dead:
+    _dead = True
+
+
+_DEAD: Any = _Dead()
 
 
 def current_context() -> Context:
@@ -218,7 +230,26 @@ def current_context() -> Context:
     _local.context = ctx
     if thread is threading.main_thread():
         _main_thread_context = ctx
+    else:
+        # A plain thread that waited once has a hub now: destroy it when the thread ends (its
+        # thread-local storage is cleared then, in that thread), or its loop's fds would leak.
+        _local.guard = _ThreadExitGuard(ctx)
     return ctx
+
+
+class _ThreadExitGuard:
+    __slots__ = ("context",)
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def __del__(self) -> None:
+        ctx = self.context
+        if not ctx._dead and ctx.in_own_thread():
+            try:
+                ctx.destroy()
+            except Exception:  # interpreter or thread teardown: nothing left to tell
+                pass
 
 
 def existing_context() -> Context | None:
