@@ -785,7 +785,7 @@ class Acceptor:
     """Listening sockets; each accepted client is handed to ``handler(channel)`` as a greenlet in
     a context chosen round-robin from ``contexts``; the channel is closed when the handler returns.
 
-    The accept loops run as greenlets in ``accept_context`` (default: the caller's context).
+    The accept loops run as greenlets in ``accept_context`` (default: the iohandler context).
     The shape is ``NetListener``'s, so the program can switch to it unchanged.
     """
 
@@ -818,7 +818,9 @@ class Acceptor:
             self._contexts = list(contexts.contexts)
         else:
             self._contexts = list(contexts)
-        ctx = accept_context or qioc_green.current_context()
+        # As NetListener: accept in the iohandler context, so accepting never depends on the
+        # opening thread running its hub.
+        ctx = accept_context or qioc_green.iohandler_context()
         for lst in self._listeners:
             self._loops.append(ctx.spawn(self._accept_loop, lst))
 
