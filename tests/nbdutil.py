@@ -137,14 +137,26 @@ def qemu_nbd(image: str, sock: str, *extra: str) -> Iterator[int]:
 
 @contextlib.contextmanager
 def nbdkit(sock: str, *plugin: str) -> Iterator[int]:
-    """nbdkit on a UNIX socket, backgrounded once it listens, stopped by its pid."""
+    """nbdkit on a UNIX socket, our child, ready once it has written its pid file (nbdkit writes
+    it when it accepts connections); stopped by its pid."""
     pidfile = sock + ".pid"
-    run(["nbdkit", "-U", sock, "-P", pidfile, *plugin])
-    pid = int(open(pidfile).read())
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", sock, "-P", pidfile, *plugin],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:
-        yield pid
+        deadline = time.monotonic() + 15
+        while not (os.path.exists(pidfile) and os.path.getsize(pidfile)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("nbdkit did not start: " + proc.stderr.read().decode()[-500:])  # type: ignore[union-attr]
+            time.sleep(0.01)  # polling for a file nbdkit writes when ready: no ordering guessed
+        yield proc.pid
     finally:
-        stop_pid(pid)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 class InProcessServer:
