@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psutil
+
 import qioc_green
 from nbdlib.server import Acceptor, Export, NBDServer
 

@@ -42,7 +42,7 @@ from .protocol import NEED_DATA
 
 __all__ = ["Client", "GreenLock", "NBDError", "URI", "parse_uri"]
 
-READ_SIZE = 1024 * 1024
+READ_SIZE = 256 * 1024  # measured here: 1 MiB reads were slower (cache misses)
 DEFAULT_PORT = 10809
 
 
@@ -305,10 +305,11 @@ def _negotiate(ch: Channel, export: str, tls: ssl.SSLContext | None, server_host
         if not isinstance(last, p.TLSUpgrade):
             raise ConnectionError(f"{ch.name}: server refused STARTTLS: {last}")
         proto.take_trailing_data()
-        from qioc_green.channel_tls import TLSChannel  # type: ignore[import-not-found]
+        from qioc_green.channel_tls import TLSChannel
 
-        ch = TLSChannel.client(ch, tls, server_hostname)
-        ch.handshake()
+        tls_ch = TLSChannel.client(ch, tls, server_hostname)
+        tls_ch.handshake()
+        ch = tls_ch
         proto.tls_started()
     reply_to(p.OptStructuredReply())
     if proto.structured:

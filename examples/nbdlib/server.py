@@ -54,8 +54,8 @@ from qioc_green import (
     ChannelClosedError,
     ChannelError,
     ContextStoppedError,
-    SocketChannel,
     Shutdown,
+    SocketChannel,
 )
 
 from . import protocol as p
@@ -540,7 +540,7 @@ class _Session:
         return True
 
     def _start_tls(self) -> None:
-        from qioc_green.channel_tls import TLSChannel  # type: ignore[import-not-found]
+        from qioc_green.channel_tls import TLSChannel
 
         if self.proto.take_trailing_data():
             raise _Hangup("client sent data before the STARTTLS reply")
