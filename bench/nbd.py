@@ -182,7 +182,7 @@ def main() -> int:
             ratios[name] = (r1 / base1, r4 / base4)
             print(f"{name:<16}{r1:>10.0f}{r1 / base1:>8.2f}{r4:>10.0f}{r4 / base4:>8.2f}")
         print()
-        print(f"copy out of qemu-nbd over UNIX to null: (median MB/s)")
+        print("copy out of qemu-nbd over UNIX to null: (median MB/s)")
         print(f"{'':<16}{'ours':>10}{'nbdcopy':>10}{'ratio':>8}")
         for label in ("C1 T1", "C4 T2"):
             ours = rate[(f"client {label}", "ours")]

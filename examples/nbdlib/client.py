@@ -228,6 +228,8 @@ class _Connection:
                     # ReplyError: its error also comes in the ReplyDone that follows
         except (ChannelError, p.ProtocolError, qioc_green.ContextStoppedError) as exc:
             self._fail(exc)
+        except KeyError as exc:  # _fail() from a writer emptied the table under us
+            self._fail(self.dead or ConnectionError(f"{self.name}: reply for a dropped request {exc}"))
 
     def _fail(self, exc: BaseException) -> None:
         """The connection is unusable: fail every request in flight. Any thread; never parks."""

@@ -450,6 +450,7 @@ class _Session:
                 raise p.LocalProtocolError("an option was left unanswered")
             elif cls is p.TLSUpgrade:
                 self._start_tls()
+                ch = self.ch  # from now on the bytes are TLS records
             elif cls is p.ClientFlags:
                 pass
             else:
