@@ -37,6 +37,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections import deque
@@ -720,7 +721,7 @@ class NBDServer:
     def __init__(self, exports: Sequence[Export], *, max_requests: int = 16,
                  reply_budget: int = 64 * 1024 * 1024, max_payload: int = p.MAX_PAYLOAD,
                  tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
-                 grace: float = 5.0) -> None:
+                 grace: float = 5.0, unix_sndbuf: int = 4 * 1024 * 1024) -> None:
         self.exports: dict[str, Export] = {}
         for e in exports:
             if e.name in self.exports:
@@ -734,6 +735,7 @@ class NBDServer:
         if tls_required and tls_context is None:
             raise ValueError("TLS required but no TLS credentials given")
         self.grace = grace
+        self.unix_sndbuf = unix_sndbuf
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._channels: set[Channel] = set()
@@ -742,6 +744,15 @@ class NBDServer:
         """Run one connection to its end. Parks. Never raises for the client's faults."""
         channel.set_follow_coroutine_ctx(True)
         channel.set_name(f"nbd-server-{next(self._ids)}")
+        sock = getattr(channel, "socket", None)
+        if self.unix_sndbuf and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+            # A UNIX socket's default send buffer (208 KiB) is smaller than one 256 KiB READ
+            # reply, so every reply took two wake-ups; measured here with nbdcopy: +10-20 %.
+            # (TCP is left to the kernel's autotuning, which a fixed SO_SNDBUF would turn off.)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.unix_sndbuf)
+            except OSError:
+                pass
         with self._lock:
             self._channels.add(channel)
         try:
