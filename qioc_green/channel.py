@@ -47,6 +47,8 @@ from .errors import (
     BrokenChannelError,
     ChannelBusyError,
     ChannelClosedError,
+    ChannelError,
+    ChannelTimeoutError,
     NotSupportedError,
     UnexpectedEOF,
     WouldBlock,
@@ -298,13 +300,18 @@ class Channel:
         ctx = _hub.current_context()  # looked up at every wait, never stored (semantics 1)
         slot = self._slots[0 if cond is _IN else 1]
         waiter = _hub.Waiter(ctx)
-        slot.append(waiter)
+        slot.append(waiter)  # from here on wakers can see it: every exit must withdraw or park
         try:
             if slot[0] is not waiter:
+                waiter.withdraw()
                 direction = "read" if cond is _IN else "write"
                 raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
             if self._closed:  # close() ran after our _enter but before it could see us
+                waiter.withdraw()
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            # If this greenlet's thread ends while it is parked, whoever wins the wake releases
+            # what this call holds: its slot and the operation's hold on the fd.
+            waiter.orphan = lambda: self._orphaned(slot, waiter)
             timeout = None if deadline is None else deadline - time.monotonic()
             events = _hub.READ if cond is _IN else _hub.WRITE
             try:
@@ -314,9 +321,28 @@ class Channel:
                 return _hub.wait_fd_iohandler(ctx, fd, events, waiter, timeout, self._leave)
             except TimeoutError:
                 direction = "readable" if cond is _IN else "writable"
-                raise TimeoutError(f"{self._name}: timed out waiting to be {direction}") from None
+                raise ChannelTimeoutError(f"{self._name}: timed out waiting to be {direction}") from None
         finally:
+            waiter.orphan = None
+            try:
+                slot.remove(waiter)
+            except ValueError:
+                pass
+
+    def _orphaned(self, slot: list[_hub.Waiter], waiter: _hub.Waiter) -> None:
+        try:
             slot.remove(waiter)
+        except ValueError:
+            return
+        self._leave()
+
+    def _park_counting(self, cond: IOCondition, deadline: float | None, done: int, expected: int | None) -> None:
+        """``_park`` inside a loop that has moved ``done`` bytes: errors carry that progress."""
+        try:
+            self._park(cond, deadline)
+        except ChannelError as exc:
+            exc.done, exc.expected = done, expected
+            raise
 
     def yield_(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Park the calling greenlet until ``cond`` (IN or OUT) may be ready, or until woken.
@@ -349,15 +375,19 @@ class Channel:
         TimeoutError after ``timeout``.  QEMU: ``qio_channel_wait()``.
         """
         cond = IOCondition(cond)
-        fd = self._io_fd(cond)
-        if fd is None:
-            return
         self._enter()
         try:
+            fd = self._io_fd(cond)
+            if fd is None:
+                return
             with self._wait_lock:
                 if self._wait_efd is None:
                     self._wait_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 efd = self._wait_efd
+            # close() sets the flag, then signals the eventfd; we made the eventfd, then read
+            # the flag: one of us sees the other.
+            if self._closed:
+                raise ChannelClosedError(f"{self._name}: channel is closed")
             poller = select.poll()
             poller.register(fd, select.POLLIN if cond is _IN else select.POLLOUT)
             poller.register(efd, select.POLLIN)
@@ -366,7 +396,7 @@ class Channel:
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: closed while waiting")
             if not ready:
-                raise TimeoutError(f"{self._name}: timed out waiting")
+                raise ChannelTimeoutError(f"{self._name}: timed out waiting")
         finally:
             self._leave()
 
@@ -487,7 +517,7 @@ class Channel:
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read", done, expected) from None
-                    self._park(_IN, deadline)
+                    self._park_counting(_IN, deadline, done, expected)
                     continue
                 except InterruptedError:
                     continue
@@ -576,7 +606,7 @@ class Channel:
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read", 0, n) from None
-                    self._park(_IN, deadline)
+                    self._park_counting(_IN, deadline, 0, n)
                 except InterruptedError:
                     continue
                 except OSError as exc:
@@ -666,7 +696,7 @@ class Channel:
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("write", done, expected) from None
-                    self._park(_OUT, deadline)
+                    self._park_counting(_OUT, deadline, done, expected)
                     continue
                 except InterruptedError:
                     continue

@@ -6,7 +6,9 @@ whoever makes progress possible wakes it through its thread's inbox.  The state 
 ``threading.Lock`` that is never held while parked.
 
 A wake only says "look again": a woken getter re-checks the queue under the lock, so an item is
-never handed to a waiter that meanwhile timed out.
+never handed to a waiter that meanwhile timed out.  Every waiter of the kind that may now make
+progress is woken, not just one: one chosen waiter could be leaving at that moment (a
+``gevent.Timeout``, a kill) and take the wake with it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class QueueClosed(Exception):
     """The queue was closed: ``put`` refused; ``get`` raises once it is empty."""
 
 
-def _park_until(lock: threading.Lock, waiters: deque[_hub.Waiter], deadline: float | None) -> None:
+def _park_until(lock: threading.Lock, waiters: deque[_hub.Waiter], deadline: float | None, what: str) -> None:
     """Called with ``lock`` held: register, release, park, re-acquire.  Raises TimeoutError."""
     ctx = _hub.current_context()
     waiter = _hub.Waiter(ctx)
@@ -33,7 +35,10 @@ def _park_until(lock: threading.Lock, waiters: deque[_hub.Waiter], deadline: flo
     lock.release()
     try:
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        waiter.park(timeout)
+        try:
+            waiter.park(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{what} timed out") from None
     finally:
         lock.acquire()
         try:
@@ -42,12 +47,11 @@ def _park_until(lock: threading.Lock, waiters: deque[_hub.Waiter], deadline: flo
             pass
 
 
-def _wake_one(waiters: list[_hub.Waiter]) -> None:
-    """Wake the first waiter that is still parked.  Call with no lock held: a wake made from
-    inside a hub may switch into the woken greenlet at once."""
+def _wake_all(waiters: list[_hub.Waiter]) -> None:
+    """Call with no lock held: a wake made from inside a hub may switch into the woken
+    greenlet at once."""
     for w in waiters:
-        if w.wake(None):
-            return
+        w.wake(None)
 
 
 class Queue(Generic[T]):
@@ -75,8 +79,8 @@ class Queue(Generic[T]):
                     self._items.append(item)
                     getters = list(self._getters)
                     break
-                _park_until(self._lock, self._putters, deadline)
-        _wake_one(getters)
+                _park_until(self._lock, self._putters, deadline, "queue put")
+        _wake_all(getters)
 
     def get(self, timeout: float | None = None) -> T:
         """Remove and return the oldest item; parks while empty.  TimeoutError; QueueClosed
@@ -90,8 +94,8 @@ class Queue(Generic[T]):
                     break
                 if self._closed:
                     raise QueueClosed("queue is closed")
-                _park_until(self._lock, self._getters, deadline)
-        _wake_one(putters)
+                _park_until(self._lock, self._getters, deadline, "queue get")
+        _wake_all(putters)
         return item
 
     def close(self) -> None:
@@ -131,7 +135,7 @@ class Event:
         with self._lock:
             while not self._flag:
                 try:
-                    _park_until(self._lock, self._waiters, deadline)
+                    _park_until(self._lock, self._waiters, deadline, "event wait")
                 except TimeoutError:
                     return self._flag
             return True
