@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+from collections import deque
 
 import pytest
 from nbdutil import InProcessServer, pattern
@@ -59,39 +60,40 @@ def test_uri_forms() -> None:
 
 
 def test_green_lock_is_fifo_across_threads() -> None:
+    """Waiters from three threads get the lock in the order they queued; a timed-out waiter
+    leaves the queue."""
     lock = GreenLock()
+    queued = [sync.Event() for _ in range(3)]
+
+    class Recorder(deque):  # tells the test when each waiter has queued: no guessing with sleeps
+        def append(self, item) -> None:
+            super().append(item)
+            queued[len(self) - 1].set()
+
+    lock._waiters = Recorder()
     order: list[int] = []
     lock.acquire()
     with qioc_green.IOThreadPool(3, pin=False) as pool:
-        started = [sync.Event() for _ in range(3)]
-
         def take(i: int) -> None:
-            started[i].set()
             with lock:
                 order.append(i)
 
         futs = []
         for i, ctx in enumerate(pool.contexts):
             futs.append(ctx.spawn(take, i))
-            assert started[i].wait(5)
-            # the i-th waiter is queued once its start event is set and the next is spawned
-            # after it; the FIFO must hand the lock over in that order
-            while len(lock._waiters) < i + 1:
-                qioc_green.main_context()  # never true sleeping: the waiter queues at once
-                import gevent
-
-                gevent.sleep(0.001)
+            assert queued[i].wait(5)
         lock.release()
         for fut in futs:
             fut.result(5)
     assert order == [0, 1, 2]
-    with pytest.raises(TimeoutError):
-        lock.acquire()
-        try:
-            fut2 = qioc_green.current_context().spawn(lock.acquire, 0.01)
-            fut2.result(5)
-        finally:
-            lock.release()
+    lock._waiters = deque()
+    lock.acquire()
+    try:
+        with pytest.raises(TimeoutError):
+            qioc_green.current_context().spawn(lock.acquire, 0.01).result(5)
+        assert not lock._waiters
+    finally:
+        lock.release()
     assert not lock._held
 
 

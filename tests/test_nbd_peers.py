@@ -167,7 +167,8 @@ def test_acknowledged_writes_survive_sigkill(tmp_path) -> None:
 
 
 def copy_prog(*args: str) -> dict:
-    res = run([sys.executable, COPY, "--json", *args], timeout=60)
+    res = run([sys.executable, COPY, "--json", "--progress", *args], timeout=60)
+    assert res.stderr.endswith("\n") and "100.0%" in res.stderr  # the progress line, finished
     return json.loads(res.stdout)
 
 
