@@ -300,3 +300,17 @@ def test_connection_memory_is_bounded(tmp_path) -> None:
             # because the server stopped reading at its budget
             assert sent < len(req)
             assert (os.getpid(), srv.server.connections) == (os.getpid(), 1)
+
+
+def test_abandoned_request_does_not_disturb_the_next(tmp_path) -> None:
+    """A caller that times out leaves its request in flight; the late reply is read and dropped,
+    and the connection goes on serving."""
+    export = GatedMemory("mem", 4 * MiB, gate=2)
+    export.write(0, b"A" * 4096)
+    with InProcessServer([export], str(tmp_path / "s.sock"), iothreads=1) as srv:
+        with Client(srv.uri("mem"), timeout=0.2) as c:
+            with pytest.raises(TimeoutError):
+                c.pread(4096, 0)  # held by the gate: only one read has arrived
+            assert c.pread(4096, 0) == b"A" * 4096  # the second opens the gate; both are answered
+            assert c.pread(10, 0) == b"A" * 10
+            assert not any(conn.pending for conn in c._conns)

@@ -179,6 +179,12 @@ class _Connection:
             except ChannelError as exc:
                 self._fail(exc)
                 raise ConnectionError(f"{self.name}: cannot send request: {exc}") from exc
+            except BaseException as exc:
+                # Killed or timed out part-way through a request: the stream may now hold half
+                # a request, and nothing can be sent after it. The connection is lost.
+                self._fail(ConnectionError(f"{self.name}: a request was interrupted while "
+                                           f"being sent ({type(exc).__name__})"))
+                raise
         finally:
             self.send_lock.release()
         return pend
