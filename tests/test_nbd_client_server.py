@@ -314,3 +314,42 @@ def test_abandoned_request_does_not_disturb_the_next(tmp_path) -> None:
             assert c.pread(4096, 0) == b"A" * 4096  # the second opens the gate; both are answered
             assert c.pread(10, 0) == b"A" * 10
             assert not any(conn.pending for conn in c._conns)
+
+
+class FlushWaitsForRead(MemoryExport):
+    """FLUSH completes only once a later READ has been served: a server that handled one
+    connection's requests one at a time would never answer either."""
+
+    def __init__(self) -> None:
+        super().__init__("mem", MiB)
+        self.read_served = sync.Event()
+
+    def flush(self) -> None:
+        assert self.read_served.wait(10), "the READ behind the FLUSH was not served meanwhile"
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        data = super().read(offset, length)
+        self.read_served.set()
+        return data
+
+
+def test_requests_of_one_connection_are_served_concurrently(tmp_path) -> None:
+    import gevent
+
+    export = FlushWaitsForRead()
+    with InProcessServer([export], str(tmp_path / "s.sock"), iothreads=1) as srv, \
+            Client(srv.uri("mem")) as c:
+        order: list[str] = []
+
+        def flush() -> None:
+            c.flush()
+            order.append("flush")
+
+        def read() -> None:
+            c.pread(512, 0)
+            order.append("read")
+
+        g1 = gevent.spawn(flush)
+        g2 = gevent.spawn(read)
+        gevent.joinall([g1, g2], raise_error=True, timeout=20)
+        assert order == ["read", "flush"]  # the replies came out of order, as NBD allows
