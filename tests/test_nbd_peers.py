@@ -224,3 +224,14 @@ def test_nbd_copy_cli_errors(tmp_path) -> None:
     res = run([sys.executable, COPY, unix_uri(str(tmp_path / "none.sock"), "x"), "null:"], check=False)
     assert res.returncode == 1 and "nbd_copy:" in res.stderr and "Traceback" not in res.stderr
     assert ENV["PYTHONPATH"]
+
+
+def test_nbd_server_cli_errors(tmp_path) -> None:
+    from nbdutil import SERVER
+
+    res = run([sys.executable, SERVER, "--listen", f"unix:{tmp_path}/s.sock"], check=False)
+    assert res.returncode == 2 and "--export" in res.stderr
+    res = run([sys.executable, SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export",
+               f"d={tmp_path}/missing.img"], check=False)
+    assert res.returncode == 1 and "missing.img" in res.stderr and "Traceback" not in res.stderr
+    assert run([sys.executable, SERVER, "--help"]).stdout.startswith("usage:")
