@@ -151,6 +151,8 @@ def test_requesters_in_four_iothreads_64_in_flight(tmp_path, connections: int) -
             export.gate = 0
             for fut in [ctx.spawn(verify, k) for k, ctx in enumerate(requesters.contexts)]:
                 fut.result(60)
+            sent = client.requests_sent
+            assert len(sent) == connections and min(sent) >= sum(sent) // connections - 1  # round-robin
         finally:
             client.close()
 

@@ -157,6 +157,7 @@ class _Connection:
         self.pending: dict[int, _Pending] = {}
         self.dead: BaseException | None = None
         self.reader: Future[None] | None = None
+        self.sent = 0  # requests written (statistics)
 
     def start_reader(self, ctx: qioc_green.Context) -> None:
         self.reader = ctx.spawn(self._read_loop)
@@ -174,6 +175,7 @@ class _Connection:
                 cookie = self.proto.new_cookie()
                 bufs = self.proto.send_iov(p.Request(command, cookie, offset, length, flags, data))
                 self.pending[cookie] = pend
+                self.sent += 1
             try:
                 self.ch.writev_all(bufs)
             except ChannelError as exc:
@@ -397,6 +399,11 @@ class Client:
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def requests_sent(self) -> list[int]:
+        """Requests written on each connection so far."""
+        return [conn.sent for conn in self._conns]
 
     def _flag(self, flag: int) -> bool:
         return bool(self.flags & flag)
