@@ -263,7 +263,10 @@ class _Connection:
                     self.ch.shutdown(Shutdown.WRITE)
                 finally:
                     self.send_lock.release()
-            except (ChannelError, TimeoutError, p.ProtocolError):
+            except (OSError, ChannelError, p.ProtocolError):
+                # The server may hang up as soon as it reads DISC: a TLS close_notify after it
+                # can meet EPIPE (raw from TLSChannel's shutdown today; TimeoutError is an
+                # OSError too). Nothing is lost: every request was answered.
                 pass
         if self.reader is not None:
             try:
