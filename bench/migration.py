@@ -42,6 +42,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import psutil
+
 from migration.qemu import Qemu, available
 
 RECEIVER = os.path.join(ROOT, "examples", "migration_receiver.py")

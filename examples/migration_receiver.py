@@ -28,6 +28,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import qioc_green
 from migration.receiver import (
     BUFFERS,
     CHUNK,
@@ -39,8 +40,6 @@ from migration.receiver import (
     parse_uri,
     stderr_is_terminal,
 )
-
-import qioc_green
 
 PROG = "migration_receiver"
 

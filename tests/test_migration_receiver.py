@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from migration.stream import NEED_DATA, RamPages, StreamParser
 
 pytestmark = pytest.mark.timeout(60)
@@ -723,7 +724,6 @@ def test_receiver_in_process_forwards_through_two_iothreads(cut, tmp_path):
     """Receiver.receive() in one IOThread, its writer in another; source and destination are
     socket pairs driven by plain threads. A cut stream is refused and the destination cut."""
     from migration.receiver import Receiver, parse_uri
-
     from qioc_green import IOThread, SocketChannel
 
     data = load("q35")
