@@ -26,6 +26,12 @@ import threading
 import time
 from typing import Any
 
+# Run from a checkout: the repository root (qioc_green) beside examples/ (nbdlib, on sys.path
+# already as this script's directory).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
 import qioc_green
 from nbdlib.client import Client
 from nbdlib.protocol import StateFlag

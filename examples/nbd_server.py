@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import ssl
 import sys
+
+# Run from a checkout: the repository root (qioc_green) beside examples/ (nbdlib, on sys.path
+# already as this script's directory).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 import gevent
 import gevent.event
