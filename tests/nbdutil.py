@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 import qioc_green
-from nbdlib.server import Acceptor, Export, NBDServer
+from nbdlib.server import Export, NBDServer, make_listener
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -166,7 +166,7 @@ class InProcessServer:
     def __init__(self, exports: list[Export], sock: str, iothreads: int = 2, **kw: Any) -> None:
         self.server = NBDServer(exports, **kw)
         self.pool = qioc_green.IOThreadPool(iothreads, name="srv-iothread")
-        self.acceptor = Acceptor()
+        self.acceptor = make_listener("nbd-test")
         self.sock = sock
         self.address = self.acceptor.open(f"unix:{sock}")[0]
         self.acceptor.set_client_handler(self.server.serve, contexts=self.pool)
