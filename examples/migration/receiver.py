@@ -26,15 +26,18 @@ fails rather than loading a stream we refused).
 
 Speed, measured (``bench/migration.py``: a 1 GiB random-RAM VM, 2 shared cores, CPython 3.11)
 -------------------------------------------------------------------------------------------
-Receiving while parsing keeps up with QEMU's sender (~2 GB/s, within noise of a plain blocking
-``recv_into`` loop), thanks to the kernel's low-water mark (see ``_set_rcvlowat``): 0.15 s of
-CPU per GiB against the plain loop's 0.2-0.25 s. Forwarding is bounded by the machine, not by
-the relay: a direct migration already keeps both cores busy (source ~0.25 s, destination
-~0.2-0.4 s of CPU per GiB), and a relay adds a receive copy, a send copy and a second loopback
-TCP hop (~0.45 s per GiB, about what QEMU's own sender spends on one hop), so on 2 cores
-``--forward`` reaches about two thirds of a direct migration's speed. Tried and dropped:
-``splice``/``tee`` through pipes (0.33-0.65 s per GiB, no better: loopback TCP copies anyway),
-reader and writer in one IOThread (the same within noise), 256 KiB buffers (more CPU).
+Receiving while parsing keeps up with QEMU's sender (~2 GB/s; 1.02x a plain blocking
+``recv_into`` loop, medians of 5 interleaved rounds), thanks to the kernel's low-water mark
+(see ``_set_rcvlowat``): 0.14 s of CPU per GiB against the plain loop's 0.25 s.
+
+Forwarding does not reach its target yet: 0.55-0.65x of a direct migration into the same
+destination (0.9-1.7 GB/s against 1.7-2.7). The relay spends 0.4-0.5 s of CPU per GiB (a receive
+copy, a send copy and a second loopback TCP hop: about what QEMU's sender spends on one hop),
+but in the final run all three processes together used about one core of the two, so the
+pipeline stalls somewhere rather than running out of CPU; where is not found yet. Tried without
+a clear change: buffers of 256 KiB to 4 MiB (256 KiB costs more CPU), 8 to 64 of them, reader
+and writer in one IOThread or pinned, and ``splice``/``tee`` through pipes (0.33-0.65 s of CPU
+per GiB, no better: loopback TCP copies anyway).
 
 Errors are reported as one line that names the stream offset: the parser's own
 (``offset 1234: expected section footer ...``), or the channel's translated into the same shape
