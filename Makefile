@@ -31,10 +31,12 @@ lint: $(DEV)
 	$(BIN)/mypy
 
 demo: $(DEV)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/migration_demo.py
 
 bench: $(BENCH)
 	$(BIN)/python bench/channel_overhead.py
+	$(BIN)/python bench/migration.py
+	$(BIN)/python bench/nbd.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
