@@ -12,6 +12,7 @@ from .channel_buffer import BufferChannel, NullChannel
 from .channel_command import CommandChannel
 from .channel_file import FileChannel
 from .channel_socket import SocketChannel
+from .channel_tls import TLSChannel
 from .errors import (
     BrokenChannelError,
     ChannelBusyError,
@@ -23,6 +24,7 @@ from .errors import (
     WouldBlock,
 )
 from .future import Future
+from .net_listener import NetListener
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -44,12 +46,14 @@ __all__ = [
     "IOCondition",
     "IOThread",
     "IOThreadPool",
+    "NetListener",
     "NotSupportedError",
     "NullChannel",
     "ReadFlag",
     "Shutdown",
     "SocketAddress",
     "SocketChannel",
+    "TLSChannel",
     "Task",
     "UnexpectedEOF",
     "Watch",
