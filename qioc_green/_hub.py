@@ -41,7 +41,8 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent import get_hub

@@ -57,9 +57,9 @@ def parse_address(addr: Any) -> SocketAddress:
         except ValueError:
             raise ValueError(f"address {addr!r}: fd must be a number") from None
     if kind == "vsock":
-        cid, _, port = rest.partition(":")
+        cid, _, vport = rest.partition(":")
         try:
-            return SocketAddress("vsock", cid=int(cid), port=int(port))
+            return SocketAddress("vsock", cid=int(cid), port=int(vport))
         except ValueError:
             raise ValueError(f"address {addr!r}: expected vsock:CID:PORT") from None
     raise ValueError(f"address {addr!r}: unknown kind {kind!r} (tcp, unix, fd, vsock)")

@@ -38,13 +38,13 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from enum import IntFlag
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from . import _hub
 from .errors import (
     BrokenChannelError,
-    ChannelError,
     ChannelBusyError,
     ChannelClosedError,
     NotSupportedError,
@@ -144,7 +144,7 @@ class Channel:
     kind = "channel"
     _counter = itertools.count(1)
 
-    def __init__(self, *, name: str | None = None, features: Feature = Feature(0)) -> None:
+    def __init__(self, *, name: str | None = None, features: int = 0) -> None:
         self._name = name or f"{self.kind}-{next(Channel._counter)}"
         self._features = int(features)
         self._follow = False
@@ -458,7 +458,8 @@ class Channel:
         finally:
             self._leave()
 
-    def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None) -> tuple[bool, list[int]]:
+    def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None,
+                   done: int = 0) -> tuple[bool, list[int]]:
         """The one read loop (QEMU's ``qio_channel_readv_full_all_eof``).
 
         Returns ``(False, [])`` on EOF before any byte; raises UnexpectedEOF after some.  fds
@@ -469,14 +470,16 @@ class Channel:
         expected = sum(len(v) for v in views)
         deadline = _deadline(timeout)
         fds: list[int] = []
-        done = 0
+        if done:  # the caller already filled the first ``done`` bytes
+            views = _advance(views, done)
         single = views[0] if len(views) == 1 and not max_fds else None
+        start = done
         self._enter()
         try:
             while views:
                 try:
                     if single is not None:
-                        n = self._io_readinto(single[done:] if done else single, 0)
+                        n = self._io_readinto(single[done - start:] if done > start else single, 0)
                     else:
                         n, got = self._io_readv(views, max_fds, 0)
                         if got:
@@ -587,13 +590,7 @@ class Channel:
             raise UnexpectedEOF(f"{self._name}: peer closed before any of {n} bytes", expected=n)
         buf = bytearray(n)
         buf[:got] = data
-        try:
-            self._readv_all((memoryview(buf)[got:],), 0, None if deadline is None else deadline - time.monotonic())
-        except UnexpectedEOF as exc:
-            raise UnexpectedEOF(
-                f"{self._name}: peer closed after {got + exc.done} of {n} bytes",
-                partial=bytes(buf[: got + exc.done]), expected=n,
-            ) from None
+        self._readv_all((buf,), 0, None if deadline is None else deadline - time.monotonic(), done=got)
         return bytes(buf)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -646,19 +643,26 @@ class Channel:
         QEMU: ``qio_channel_writev_full_all()``.
         """
         self._check_write(fds, flags)
+        self._writev_all(buffers, fds, int(flags), timeout)
+
+    def _writev_all(self, buffers: Sequence[Buffer], fds: Sequence[int], flags: int, timeout: float | None,
+                    done: int = 0) -> None:
+        """The one write loop; the first ``done`` bytes are already written."""
         views = _views(buffers)
         expected = sum(len(v) for v in views)
         deadline = _deadline(timeout)
-        done = 0
+        if done:
+            views = _advance(views, done)
         single = views[0] if len(views) == 1 and not fds and not flags else None
+        start = done
         self._enter()
         try:
             while views:
                 try:
                     if single is not None:
-                        n = self._io_write(single[done:] if done else single)
+                        n = self._io_write(single[done - start:] if done > start else single)
                     else:
-                        n = self._io_writev(views, fds, int(flags))
+                        n = self._io_writev(views, fds, flags)
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("write", done, expected) from None
@@ -700,13 +704,7 @@ class Channel:
         finally:
             self._leave()
         if n < len(data):
-            view = memoryview(data).cast("B")
-            try:
-                self.writev_full_all((view[n:],), timeout=timeout)
-            except ChannelError as exc:
-                exc.done += n
-                exc.expected = len(view)
-                raise
+            self._writev_all((data,), (), 0, timeout, done=n)
 
     def flush(self) -> None:
         """Wait until zero-copy writes are complete; a no-op without WRITE_ZERO_COPY.  May park."""

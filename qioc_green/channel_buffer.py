@@ -8,7 +8,7 @@ it; reads take from the position to the end and give EOF there) and ``io/channel
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .channel import Buffer, Channel, Feature, IOCondition
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gevent
 

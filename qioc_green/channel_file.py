@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Sequence
+from collections.abc import Sequence
 
 from .channel import Buffer, Channel, Feature, IOCondition, _views
 from .errors import BrokenChannelError, NotSupportedError
@@ -34,7 +34,7 @@ class FileChannel(Channel):
     def __init__(self, fd: int, *, name: str | None = None) -> None:
         st = os.fstat(fd)
         self._positional = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
-        super().__init__(name=name, features=Feature.SEEKABLE if self._positional else Feature(0))
+        super().__init__(name=name, features=Feature.SEEKABLE if self._positional else 0)
         self._fd = fd
         if self._positional:
             self._pos = os.lseek(fd, 0, os.SEEK_CUR)

@@ -17,7 +17,8 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import _hub
 from .address import SocketAddress, format_sockaddr, parse_address
@@ -382,7 +383,7 @@ def _resolve(sa: SocketAddress, *, passive: bool, deadline: float | None) -> lis
         except socket.gaierror as exc:
             raise BrokenChannelError(f"cannot resolve {sa}: {exc.strerror}") from exc
     seen = set()
-    out = []
+    out: list[tuple[int, Any]] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         key = (family, sockaddr[:2])
         if key not in seen:

@@ -8,7 +8,8 @@ has no hub blocks on a lock.  Completion may come from any thread.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from gevent._hub_local import get_hub_if_exists
 
@@ -117,7 +118,7 @@ class Future(Generic[T]):
         self._wait(timeout)
         if self._exception is not None:
             raise self._exception
-        return self._result  # type: ignore[no-any-return]
+        return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait until done, then return the exception (None on success).  May park."""

@@ -7,7 +7,8 @@ waited from any greenlet (it parks on its own hub) or thread.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .future import Future, run_into
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from nbdlib import (
     BASE_ALLOCATION,
     IHAVEOPT,
