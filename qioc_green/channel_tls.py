@@ -35,7 +35,8 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .channel import Channel, Feature, IOCondition, Shutdown, WriteFlag
 from .errors import BrokenChannelError, ChannelClosedError, NotSupportedError
@@ -240,7 +241,7 @@ class TLSChannel(Channel):
         with self._lock:
             while True:
                 try:
-                    n = self._ssl.read(len(buf), buf)
+                    n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
                 except ssl.SSLWantReadError:
                     if self._outbio.pending or self._out:
                         self._push_out()

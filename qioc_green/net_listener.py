@@ -42,7 +42,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
 
 from greenlet import getcurrent
 
@@ -406,8 +407,8 @@ class NetListener:
             ch.close()
         for ch in pending:
             ch.close()
-        for fut in waiters:
-            fut.set_exception(ChannelClosedError(f"{self.name}: listener closed"))
+        for waiter in waiters:
+            waiter.set_exception(ChannelClosedError(f"{self.name}: listener closed"))
         me = getcurrent()
         deadline = time.monotonic() + max(grace, 0.0)
         self._wait_clients(deadline, me)
@@ -416,9 +417,9 @@ class NetListener:
         for client in left:
             client.channel.close()
         self._wait_clients(time.monotonic() + _CLOSE_AFTER_GRACE, me)
-        for fut in self._acceptors:
+        for acceptor in self._acceptors:
             try:
-                fut.result(_CLOSE_AFTER_GRACE)
+                acceptor.result(_CLOSE_AFTER_GRACE)
             except Exception:  # noqa: BLE001 - a stopped context ends its acceptor its own way
                 pass
 
