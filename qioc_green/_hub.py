@@ -399,6 +399,30 @@ def wait_fd_follow(ctx: Context, fd: int, events: int, waiter: Waiter, timeout: 
         watcher.close()
 
 
+def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
+    """Park ``waiter`` on an io watcher of its own hub that is kept between waits (no timeout).
+
+    Starting and stopping a kept watcher costs a fraction of making and closing one; the channel
+    keeps one per direction for the context that last waited (``Channel._park``).
+    """
+    watcher.start(waiter.fire, None)
+    try:
+        return waiter.park(None)
+    finally:
+        watcher.stop()
+
+
+def release_watcher(ctx: Context, watcher: Any) -> None:
+    """Free a kept (stopped) watcher in its own hub's thread; any thread, never blocks."""
+    if threading.get_ident() == ctx.thread_id:
+        watcher.close()
+        return
+    try:
+        ctx.schedule(watcher.close)
+    except ContextStoppedError:
+        pass  # the hub and its loop are gone; the stopped watcher goes with them
+
+
 def _traced_fire(tr: Callable[[int, int], None], fd: int, events: int, waiter: Waiter) -> None:
     tr(fd, events)
     waiter.fire(None)
