@@ -50,7 +50,7 @@ from greenlet import getcurrent
 from . import _hub
 from .address import parse_address
 from .channel_socket import SocketChannel
-from .errors import ChannelClosedError, ChannelError, ContextStoppedError
+from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ContextStoppedError
 from .future import Future
 from .threads import IOThreadPool
 
@@ -368,6 +368,10 @@ class NetListener:
         except (ChannelClosedError, ContextStoppedError):
             if not (ch.closed or self._closed or client.context.stopping):
                 self._handler_failed(peer)
+        except BrokenChannelError as exc:  # the peer's doing (reset, EOF mid-message): no traceback
+            with self._lock:
+                self.handler_errors += 1
+            log.warning("%s: client %s: %s", self.name, peer, exc)
         except Exception:
             self._handler_failed(peer)
         finally:
