@@ -32,6 +32,7 @@ The decisions
 
 from __future__ import annotations
 
+import errno
 import ssl
 import threading
 import time
@@ -70,6 +71,8 @@ class TLSChannel(Channel):
         self._out = bytearray()  # ciphertext the inner channel has not taken yet
         self._handshaken = False
         self._sent_close = False
+        self._plain = bytearray()  # plaintext already decrypted when close_notify was sent
+        self._flusher: Any = None  # the watch that pushes queued ciphertext in non-blocking mode
 
     @classmethod
     def client(cls, inner: Channel, ssl_context: ssl.SSLContext, server_hostname: str | None = None, *,
@@ -239,6 +242,11 @@ class TLSChannel(Channel):
 
     def _io_readinto(self, buf: memoryview, flags: int) -> int:
         with self._lock:
+            if self._plain:  # set aside by _send_close_notify
+                n = min(len(buf), len(self._plain))
+                buf[:n] = self._plain[:n]
+                del self._plain[:n]
+                return n
             while True:
                 try:
                     n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
@@ -246,18 +254,20 @@ class TLSChannel(Channel):
                     if self._outbio.pending or self._out:
                         self._push_out()
                     if self._in.eof:
-                        raise ConnectionResetError(
-                            104, f"tls: {self.peer} closed the connection without close_notify") from None
+                        raise self._truncated() from None
                     self._pull_in()  # BlockingIOError: the base loop parks on the inner channel
                     continue
                 except ssl.SSLZeroReturnError:
                     return 0  # close_notify: a clean EOF
                 except ssl.SSLEOFError:
-                    raise ConnectionResetError(
-                        104, f"tls: {self.peer} closed the connection without close_notify") from None
+                    raise self._truncated() from None
                 if self._outbio.pending:
                     self._push_out()
                 return n
+
+    def _truncated(self) -> OSError:
+        # EPROTO rather than ECONNRESET: the message must say what TLS knows (a truncation).
+        return OSError(errno.EPROTO, f"{self.peer} closed the connection without close_notify")
 
     def _io_readv(self, buffers: list[memoryview], max_fds: int, flags: int) -> tuple[int, list[int]]:
         if max_fds or flags:
@@ -286,14 +296,37 @@ class TLSChannel(Channel):
         return self._io_write(memoryview(joined))
 
     def _drain(self, deadline: float | None) -> None:
-        """Park (on the inner channel) until every queued byte of ciphertext has been written."""
+        """Park (on the inner channel) until every queued byte of ciphertext has been written.
+
+        In non-blocking mode it never parks: the plaintext is already accepted (the caller was
+        told so), so what the inner channel will not take now is pushed by a watch on the inner
+        channel, in the calling context, as soon as it is writable.
+        """
         while True:
             with self._lock:
                 if self._push_out():
                     return
-            if not self._blocking:
-                raise self._would_block("write")
+                if not self._blocking:
+                    if self._flusher is None:
+                        self._flusher = self._inner.add_watch(_OUT, self._flush_when_writable)
+                    return
             self._park(_OUT, deadline)
+
+    def _flush_when_writable(self, inner: Channel, cond: IOCondition) -> bool:
+        # Runs inside a hub: never wait.  The lock's holders never park, but do not even queue
+        # behind one: try again at the next readiness.
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            try:
+                done = self._push_out()
+            except (OSError, ChannelClosedError):
+                done = True  # the next write reports the broken channel
+            if done:
+                self._flusher = None
+            return not done
+        finally:
+            self._lock.release()
 
     def writev_full(self, buffers: Sequence[Any], fds: Sequence[int] = (), flags: WriteFlag = WriteFlag.NONE,
                     *, timeout: float | None = None) -> int:
@@ -326,10 +359,19 @@ class TLSChannel(Channel):
         if self._sent_close or not self._handshaken:
             return
         self._sent_close = True
+        # The stdlib's unwrap() calls SSL_shutdown() a second time, to read the peer's
+        # close_notify, and OpenSSL discards any application data that call meets (records in
+        # the incoming BIO, plaintext left in a record a short read did not take).  Reading goes
+        # on after our close_notify, so move both out of its way first and give them back after.
+        while self._ssl.pending():
+            self._plain += self._ssl.read(self._ssl.pending())
+        ciphertext = self._in.read()
         try:
             self._ssl.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
             pass  # it waits for the peer's close_notify; ours is in the BIO already
+        if ciphertext:
+            self._in.write(ciphertext)
 
     def shutdown(self, how: Shutdown = Shutdown.BOTH) -> None:
         """As the base, and for WRITE first sends close_notify and drains it, so it may park."""
