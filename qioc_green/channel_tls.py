@@ -243,10 +243,10 @@ class TLSChannel(Channel):
     def _io_readinto(self, buf: memoryview, flags: int) -> int:
         with self._lock:
             if self._plain:  # set aside by _send_close_notify
-                n = min(len(buf), len(self._plain))
-                buf[:n] = self._plain[:n]
-                del self._plain[:n]
-                return n
+                k = min(len(buf), len(self._plain))
+                buf[:k] = self._plain[:k]
+                del self._plain[:k]
+                return k
             while True:
                 try:
                     n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
