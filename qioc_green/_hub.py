@@ -405,11 +405,30 @@ def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
     Starting and stopping a kept watcher costs a fraction of making and closing one; the channel
     keeps one per direction for the context that last waited (``Channel._park``).
     """
+    # Waiter.park() without a timer, inlined: this is every wait of a busy server.
+    ctx = waiter.context
+    hub = ctx.hub
+    if waiter.greenlet is hub:
+        raise RuntimeError(f"cannot wait inside the hub of context {ctx.name} (a callback must not block)")
+    if ctx.stopping:
+        raise ContextStoppedError(f"context {ctx.name} is stopping")
+    parked = ctx.parked
+    parked.add(waiter)
     watcher.start(waiter.fire, None)
     try:
-        return waiter.park(None)
+        value = hub.switch()
+    except BaseException:
+        try:
+            waiter._token.pop()
+        except IndexError:
+            waiter._abandoned = True
+        raise
     finally:
         watcher.stop()
+        parked.discard(waiter)
+    if value is not None and isinstance(value, BaseException):
+        raise value
+    return value
 
 
 def release_watcher(ctx: Context, watcher: Any) -> None:
