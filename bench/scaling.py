@@ -279,11 +279,20 @@ def running(server: Server, mode: str, tls: tuple[str, str] | None) -> Iterator[
                     f.close()
 
 
+LOADGEN_CPUS: set[int] | None = None  # set by main(): where the load generator may run
+
+
+def _place_loadgen() -> None:
+    if LOADGEN_CPUS:
+        os.sched_setaffinity(0, LOADGEN_CPUS)
+
+
 def run_point(lg: LoadGen, server: Server, wl: Workload, port: int, pids: list[int], window: float,
               warmup: float) -> dict[str, Any]:
     if wl.kind == "echo":
         argv = lg.argv + ["echo", "127.0.0.1", str(port), str(wl.conns), str(window), "64", str(warmup)]
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_place_loadgen)
         time.sleep(warmup)  # the generator connects and warms up meanwhile; then the window starts
         c0, s0 = proc_counters(pids)
         time.sleep(window)
@@ -298,7 +307,7 @@ def run_point(lg: LoadGen, server: Server, wl: Workload, port: int, pids: list[i
     tls = "1" if wl.kind == "tls" else "0"
     argv = lg.argv + ["bulk", "127.0.0.1", str(port), str(wl.conns), str(wl.nbytes), tls]
     c0, s0 = proc_counters(pids)
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, preexec_fn=_place_loadgen)
     c1, s1 = proc_counters(pids)
     if p.returncode:
         raise RuntimeError(f"load generator failed on {server.label}/{wl.label}: {p.stderr[-1000:]}")
@@ -464,7 +473,14 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for scaling.json and .png")
     ap.add_argument("--python-loadgen", action="store_true", help="use the Python load generator even with cc")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per round")
+    ap.add_argument("--loadgen-anywhere", action="store_true",
+                    help="do not keep the load generator on the last CPU (away from pinned hub threads)")
     args = ap.parse_args()
+    global LOADGEN_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    # The load generator stands in for another machine: keep it off the CPU that pinned hub
+    # threads use (IOThreadPool pins to the first one), for every server alike.
+    LOADGEN_CPUS = None if args.loadgen_anywhere or len(cpus) < 2 else {cpus[-1]}
     rounds = args.rounds or (1 if args.quick else 3)
     window = args.window or (1.0 if args.quick else 3.0)
     warmup = 0.5
@@ -480,7 +496,8 @@ def main() -> int:
             print("(load generator built without TLS: TLS workloads skipped)")
         cert = make_cert(tmp) if any(w.kind == "tls" for w in wls) else None
         print(f"scaling: {len(srvs)} servers x {len(wls)} workloads, {rounds} rounds, {window} s windows, "
-              f"load generator {lg.kind}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}", flush=True)
+              f"load generator {lg.kind} on CPUs {sorted(LOADGEN_CPUS or cpus)}, {os.cpu_count()} CPUs, "
+              f"python {sys.version.split()[0]}", flush=True)
         for rnd in range(rounds):
             q = wait_quiet(args.quiet_wait)
             q["round"] = rnd
@@ -516,6 +533,7 @@ def main() -> int:
         print("NOTE: the machine was not quiet for every round; compare ratios, not absolute figures.")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     doc = {"when": stamp, "rounds": rounds, "window_s": window, "loadgen": lg.kind, "cpus": os.cpu_count(),
+           "loadgen_cpus": sorted(LOADGEN_CPUS or cpus),
            "python": sys.version, "machine": machine, "results": results, "targets": checks,
            "summary": [{"server": k[0], "workload": k[1], **v} for k, v in summary.items()]}
     jpath = os.path.join(args.out, "scaling.json")

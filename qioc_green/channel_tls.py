@@ -261,6 +261,14 @@ class TLSChannel(Channel):
                     return 0  # close_notify: a clean EOF
                 except ssl.SSLEOFError:
                     raise self._truncated() from None
+                # One SSL_read gives one record (16 KiB at most); take the other records that
+                # already arrived in the same call, rather than one base-loop turn each.
+                size = len(buf)
+                while n < size and self._in.pending:
+                    try:
+                        n += self._ssl.read(size - n, buf[n:])  # type: ignore[operator]
+                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        break  # the next call sees it again
                 if self._outbio.pending:
                     self._push_out()
                 return n
