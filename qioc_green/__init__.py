@@ -18,6 +18,7 @@ from .errors import (
     ChannelBusyError,
     ChannelClosedError,
     ChannelError,
+    ChannelTimeoutError,
     ContextStoppedError,
     NotSupportedError,
     UnexpectedEOF,
@@ -25,6 +26,7 @@ from .errors import (
 )
 from .future import Future
 from .net_listener import NetListener
+from .sync import Event, Queue, QueueClosed
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -37,8 +39,10 @@ __all__ = [
     "ChannelBusyError",
     "ChannelClosedError",
     "ChannelError",
+    "ChannelTimeoutError",
     "CommandChannel",
     "Context",
+    "Event",
     "ContextStoppedError",
     "Feature",
     "FileChannel",
@@ -49,6 +53,8 @@ __all__ = [
     "NetListener",
     "NotSupportedError",
     "NullChannel",
+    "Queue",
+    "QueueClosed",
     "ReadFlag",
     "Shutdown",
     "SocketAddress",

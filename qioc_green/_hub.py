@@ -181,19 +181,40 @@ class Context:
 
     # -- stopping -----------------------------------------------------------------------------
 
-    def wake_all_parked(self, exc: BaseException) -> None:
-        """Resume every greenlet parked in this context with ``exc``.  Any thread."""
+    def wake_all_parked(self, make_exc: Callable[[], BaseException]) -> None:
+        """Resume every greenlet parked in this context with an exception of its own
+        (``make_exc()``; a shared instance would mix their tracebacks).  Any thread."""
         for waiter in list(self.parked):
-            waiter.wake(exc)
+            waiter.wake(make_exc())
 
-    def destroy(self) -> None:
-        """Close the inbox and destroy the hub.  Must run in the context's own thread, last."""
-        assert self.in_own_thread()
-        for watch in list(self.watches):
-            watch.cancel()
+    def close_inbox(self) -> None:
+        """Refuse further ``schedule()`` calls (ContextStoppedError); what was accepted stays
+        queued and still runs.  Any thread."""
         with self._lock:
             self._dead = True
-            self._inbox.clear()
+
+    def destroy(self) -> None:
+        """Close the inbox and destroy the hub.  Must run in the context's own thread, last.
+
+        Work accepted before the inbox closed is not dropped: it runs here, outside the hub,
+        after ``stopping`` is set (a task start fails its future; a watch start drops its hold;
+        a delivery to a greenlet that can no longer run releases what it held).
+        """
+        assert self.in_own_thread()
+        self.stopping = True
+        for watch in list(self.watches):
+            watch.cancel()
+        self.close_inbox()
+        leftovers = list(self._inbox)
+        self._inbox.clear()
+        for fn, args in leftovers:
+            if getattr(fn, "__func__", None) is Waiter._deliver:
+                getattr(fn, "__self__")._orphan()  # noqa: B009
+                continue
+            try:
+                fn(*args)
+            except Exception:
+                self.hub.handle_error(fn, *sys.exc_info())
         self.set_yield_each_iteration(False)
         self._async.close()
         with _registry_lock:
@@ -201,7 +222,18 @@ class Context:
             _by_greenlet.pop(self._root, None)
         if getattr(_local, "context", None) is self:
             del _local.context
+            guard = getattr(_local, "guard", None)
+            if guard is not None:
+                guard.context = _DEAD
+                del _local.guard
         self.hub.destroy(destroy_loop=not self.loop.default)
+
+
+class _Dead:
+    _dead = True
+
+
+_DEAD: Any = _Dead()
 
 
 def current_context() -> Context:
@@ -219,7 +251,26 @@ def current_context() -> Context:
     _local.context = ctx
     if thread is threading.main_thread():
         _main_thread_context = ctx
+    else:
+        # A plain thread that waited once has a hub now: destroy it when the thread ends (its
+        # thread-local storage is cleared then, in that thread), or its loop's fds would leak.
+        _local.guard = _ThreadExitGuard(ctx)
     return ctx
+
+
+class _ThreadExitGuard:
+    __slots__ = ("context",)
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def __del__(self) -> None:
+        ctx = self.context
+        if not ctx._dead and ctx.in_own_thread():
+            try:
+                ctx.destroy()
+            except Exception:  # interpreter or thread teardown: nothing left to tell
+                pass
 
 
 def existing_context() -> Context | None:
@@ -289,13 +340,29 @@ def iohandler_context() -> Context:
 class Waiter:
     """One park of one greenlet, resumed exactly once by whichever party claims it first."""
 
-    __slots__ = ("context", "greenlet", "_token", "_abandoned")
+    __slots__ = ("context", "greenlet", "_token", "_abandoned", "orphan")
 
     def __init__(self, context: Context) -> None:
         self.context = context
         self.greenlet = getcurrent()
         self._token = [None]
         self._abandoned = False
+        # Called (once, by the party that won the token) if the greenlet can never run again
+        # because its context is gone: it releases what the park held (a slot, an fd hold).
+        self.orphan: Callable[[], None] | None = None
+
+    def withdraw(self) -> None:
+        """Give up a park that never happened (an error raised before switching to the hub),
+        after the waiter was already visible to wakers: no delivery may land later."""
+        try:
+            self._token.pop()
+        except IndexError:
+            self._abandoned = True
+
+    def _orphan(self) -> None:
+        fn, self.orphan = self.orphan, None
+        if fn is not None:
+            fn()
 
     @property
     def claimed(self) -> bool:
@@ -311,6 +378,9 @@ class Waiter:
         except IndexError:
             return False
         ctx = self.context
+        if ctx._dead:  # its thread has ended (its ident may even be reused): never switch
+            self._orphan()
+            return True
         if threading.get_ident() == ctx.thread_id:
             if getcurrent() is ctx.hub:
                 self.greenlet.switch(value)
@@ -320,7 +390,7 @@ class Waiter:
         try:
             ctx.schedule(self._deliver, value)
         except ContextStoppedError:
-            pass  # its thread is gone, and the greenlet with it
+            self._orphan()  # its thread is gone, and the greenlet with it
         return True
 
     def fire(self, value: Any = None) -> None:
@@ -344,10 +414,12 @@ class Waiter:
         ctx = self.context
         hub = ctx.hub
         if self.greenlet is hub:
+            self.withdraw()
             raise RuntimeError(
                 f"cannot wait inside the hub of context {ctx.name} (a callback must not block)"
             )
         if ctx.stopping:
+            self.withdraw()
             raise ContextStoppedError(f"context {ctx.name} is stopping")
         timer = None
         if timeout is not None:
@@ -409,8 +481,10 @@ def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
     ctx = waiter.context
     hub = ctx.hub
     if waiter.greenlet is hub:
+        waiter.withdraw()
         raise RuntimeError(f"cannot wait inside the hub of context {ctx.name} (a callback must not block)")
     if ctx.stopping:
+        waiter.withdraw()
         raise ContextStoppedError(f"context {ctx.name} is stopping")
     parked = ctx.parked
     parked.add(waiter)
@@ -507,6 +581,14 @@ def wait_fd_iohandler(
     """
     ioh = iohandler_context()
     watch = IohandlerWatch(fd, events, waiter, on_gone)
+    then = waiter.orphan
+
+    def orphaned() -> None:
+        ioh.schedule(watch.cancel)
+        if then is not None:
+            then()
+
+    waiter.orphan = orphaned
     ioh.schedule(watch.start, ioh)
     try:
         return waiter.park(timeout)

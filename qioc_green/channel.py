@@ -47,6 +47,8 @@ from .errors import (
     BrokenChannelError,
     ChannelBusyError,
     ChannelClosedError,
+    ChannelError,
+    ChannelTimeoutError,
     NotSupportedError,
     UnexpectedEOF,
     WouldBlock,
@@ -314,29 +316,41 @@ class Channel:
                 if ent[0] is ctx:
                     slot = self._slots[i]
                     waiter = _hub.Waiter(ctx)
-                    slot.append(waiter)
+                    slot.append(waiter)  # visible to wakers: every exit must withdraw or park
                     try:
                         if slot[0] is not waiter:
+                            waiter.withdraw()
                             direction = "read" if i == 0 else "write"
                             raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
                         if self._closed:
+                            waiter.withdraw()
                             raise ChannelClosedError(f"{self._name}: channel is closed")
+                        waiter.orphan = lambda: self._orphaned(slot, waiter)
                         return _hub.wait_watcher(ent[1], waiter)
                     finally:
-                        slot.remove(waiter)
+                        waiter.orphan = None
+                        try:
+                            slot.remove(waiter)
+                        except ValueError:
+                            pass  # released by an orphaning wake
         fd = self._io_fd(cond)
         if fd is None:
             return None
         ctx = _hub.current_context()  # looked up at every wait, never stored (semantics 1)
         slot = self._slots[0 if cond is _IN else 1]
         waiter = _hub.Waiter(ctx)
-        slot.append(waiter)
+        slot.append(waiter)  # from here on wakers can see it: every exit must withdraw or park
         try:
             if slot[0] is not waiter:
+                waiter.withdraw()
                 direction = "read" if cond is _IN else "write"
                 raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
             if self._closed:  # close() ran after our _enter but before it could see us
+                waiter.withdraw()
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            # If this greenlet's thread ends while it is parked, whoever wins the wake releases
+            # what this call holds: its slot and the operation's hold on the fd.
+            waiter.orphan = lambda: self._orphaned(slot, waiter)
             events = _hub.READ if cond is _IN else _hub.WRITE
             if self._follow and deadline is None and _hub.trace is None:
                 # First follow-mode wait in this direction: make the watcher to keep (above).
@@ -353,9 +367,28 @@ class Channel:
                 return _hub.wait_fd_iohandler(ctx, fd, events, waiter, timeout, self._leave)
             except TimeoutError:
                 direction = "readable" if cond is _IN else "writable"
-                raise TimeoutError(f"{self._name}: timed out waiting to be {direction}") from None
+                raise ChannelTimeoutError(f"{self._name}: timed out waiting to be {direction}") from None
         finally:
+            waiter.orphan = None
+            try:
+                slot.remove(waiter)
+            except ValueError:
+                pass
+
+    def _orphaned(self, slot: list[_hub.Waiter], waiter: _hub.Waiter) -> None:
+        try:
             slot.remove(waiter)
+        except ValueError:
+            return
+        self._leave()
+
+    def _park_counting(self, cond: IOCondition, deadline: float | None, done: int, expected: int | None) -> None:
+        """``_park`` inside a loop that has moved ``done`` bytes: errors carry that progress."""
+        try:
+            self._park(cond, deadline)
+        except ChannelError as exc:
+            exc.done, exc.expected = done, expected
+            raise
 
     # _park_first: wait for readability *before* trying a read that will most likely find nothing.
 
@@ -398,15 +431,19 @@ class Channel:
         TimeoutError after ``timeout``.  QEMU: ``qio_channel_wait()``.
         """
         cond = IOCondition(cond)
-        fd = self._io_fd(cond)
-        if fd is None:
-            return
         self._enter()
         try:
+            fd = self._io_fd(cond)
+            if fd is None:
+                return
             with self._wait_lock:
                 if self._wait_efd is None:
                     self._wait_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 efd = self._wait_efd
+            # close() sets the flag, then signals the eventfd; we made the eventfd, then read
+            # the flag: one of us sees the other.
+            if self._closed:
+                raise ChannelClosedError(f"{self._name}: channel is closed")
             poller = select.poll()
             poller.register(fd, select.POLLIN if cond is _IN else select.POLLOUT)
             poller.register(efd, select.POLLIN)
@@ -415,7 +452,7 @@ class Channel:
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: closed while waiting")
             if not ready:
-                raise TimeoutError(f"{self._name}: timed out waiting")
+                raise ChannelTimeoutError(f"{self._name}: timed out waiting")
         finally:
             self._leave()
 
@@ -555,7 +592,7 @@ class Channel:
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read", done, expected) from None
-                    self._park(_IN, deadline)
+                    self._park_counting(_IN, deadline, done, expected)
                     continue
                 except InterruptedError:
                     continue
@@ -652,7 +689,7 @@ class Channel:
                     if not self._blocking:
                         raise self._would_block("read", 0, n) from None
                     parked = True
-                    self._park(_IN, deadline)
+                    self._park_counting(_IN, deadline, 0, n)
                 except InterruptedError:
                     continue
                 except OSError as exc:
@@ -744,7 +781,7 @@ class Channel:
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("write", done, expected) from None
-                    self._park(_OUT, deadline)
+                    self._park_counting(_OUT, deadline, done, expected)
                     continue
                 except InterruptedError:
                     continue

@@ -81,12 +81,12 @@ class CommandChannel(Channel):
         return fd
 
     def _io_readinto(self, buf: memoryview, flags: int) -> int:
-        if self._rfd is None:
-            raise NotSupportedError(f"{self.name}: not open for reading")
-        return os.readv(self._rfd, [buf])
+        return self._io_readv([buf], 0, flags)[0]
 
     def _io_readv(self, buffers: list[memoryview], max_fds: int, flags: int) -> tuple[int, list[int]]:
         if self._rfd is None:
+            if self._proc.stdout is not None:
+                return 0, []  # shut down for reading: EOF
             raise NotSupportedError(f"{self.name}: not open for reading")
         return os.readv(self._rfd, buffers), []
 
@@ -96,17 +96,20 @@ class CommandChannel(Channel):
         return os.writev(self._wfd, buffers)
 
     def _io_shutdown(self, how: Shutdown) -> None:
-        # A pipe end can only be closed, and only when no greenlet is parked on it.
-        if how & Shutdown.WRITE and self._proc.stdin is not None:
+        # A pipe end can only be closed.  Closing its fd while a watcher or a syscall might
+        # still use the number would let the kernel reuse it, so /dev/null is put in its place
+        # with dup2(): the pipe end is released (the child sees EOF) and the number stays ours
+        # until _io_close.  Refused while a greenlet is parked on that end.
+        if how & Shutdown.WRITE and self._wfd is not None:
             if self._slots[1]:
                 raise ChannelBusyError(f"{self.name}: cannot shut down writing while a greenlet writes")
-            self._wfd = None
-            self._proc.stdin.close()
-        if how & Shutdown.READ and self._proc.stdout is not None:
+            fd, self._wfd = self._wfd, None
+            _release_pipe_end(fd)
+        if how & Shutdown.READ and self._rfd is not None:
             if self._slots[0]:
                 raise ChannelBusyError(f"{self.name}: cannot shut down reading while a greenlet reads")
-            self._rfd = None
-            self._proc.stdout.close()
+            fd, self._rfd = self._rfd, None
+            _release_pipe_end(fd)
 
     def _io_close(self) -> None:
         for f in (self._proc.stdin, self._proc.stdout):
@@ -131,14 +134,25 @@ class CommandChannel(Channel):
 
     def _reap(self) -> None:
         proc = self._proc
-        for action in (None, proc.terminate, proc.kill):
-            if action is not None and proc.poll() is None:
+        try:
+            for action in (None, proc.terminate, proc.kill):
+                if action is not None and proc.poll() is None:
+                    try:
+                        action()
+                    except ProcessLookupError:
+                        pass
+                if self.wait_exit(self._grace if action is not proc.kill else None):
+                    return
+        except BaseException:
+            # Interrupted while parked (a timeout, a kill, a stopping context): never leave the
+            # child running.  SIGKILL is immediate, so the blocking wait is short.
+            if proc.poll() is None:
                 try:
-                    action()
+                    proc.kill()
                 except ProcessLookupError:
                     pass
-            if self.wait_exit(self._grace if action is not proc.kill else None):
-                return
+                proc.wait()
+            raise
 
     def wait_exit(self, timeout: float | None = None) -> bool:
         """Park until the child exits (reaping it); False if still running after ``timeout``."""
@@ -163,3 +177,11 @@ class CommandChannel(Channel):
             return True
         finally:
             os.close(pidfd)
+
+
+def _release_pipe_end(fd: int) -> None:
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)

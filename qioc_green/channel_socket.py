@@ -120,6 +120,15 @@ class SocketChannel(Channel):
 
     def _connect(self, sockaddr: Any, deadline: float | None) -> None:
         err = self._sock.connect_ex(sockaddr)
+        # On a UNIX socket EAGAIN means "the listener's backlog is full", not "in progress":
+        # nothing is pending, so retry with a short back-off until the deadline.
+        backoff = 0.001
+        while err == errno.EAGAIN and self._family == socket.AF_UNIX:
+            if deadline is not None and time.monotonic() + backoff > deadline:
+                raise TimeoutError(f"{self.name}: timed out connecting (listen backlog full)")
+            _hub.sleep(backoff)
+            backoff = min(backoff * 2, 0.05)
+            err = self._sock.connect_ex(sockaddr)
         if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
             self._enter()
             try:

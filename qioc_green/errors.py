@@ -54,6 +54,10 @@ class NotSupportedError(ChannelError, io.UnsupportedOperation):
     """The channel kind lacks the feature the call needs (``Feature.FD_PASS``, ``SEEKABLE``, ...)."""
 
 
+class ChannelTimeoutError(ChannelError, TimeoutError):
+    """A call's ``timeout=`` ran out; ``done`` says how far it got.  Also a builtin TimeoutError."""
+
+
 class ContextStoppedError(ChannelError):
     """The context (IOThread) the caller was parked in is stopping; the wait was abandoned."""
 
@@ -66,5 +70,6 @@ __all__ = [
     "ChannelBusyError",
     "WouldBlock",
     "NotSupportedError",
+    "ChannelTimeoutError",
     "ContextStoppedError",
 ]

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from typing import Any, Generic, TypeVar
 
 from gevent._hub_local import get_hub_if_exists
+from greenlet import GreenletExit
 
 from . import _hub
+from .errors import ContextStoppedError
 
 T = TypeVar("T")
 
@@ -127,10 +130,22 @@ class Future(Generic[T]):
 
 
 def run_into(fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Run ``fn`` in the calling greenlet and complete ``fut`` with its outcome."""
+    """Run ``fn`` in the calling greenlet and complete ``fut`` with its outcome.
+
+    A task killed (GreenletExit) does not hand GreenletExit to whoever waits for it, which would
+    make a waiting greenlet exit quietly: the future fails with ContextStoppedError when its
+    context is stopping, CancelledError otherwise.
+    """
     try:
         value = fn(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - every outcome goes to the future
+    except GreenletExit:
+        ctx = _hub.existing_context()
+        if ctx is not None and ctx.stopping:
+            fut.set_exception(ContextStoppedError(f"context {ctx.name} stopped; task killed"))
+        else:
+            fut.set_exception(CancelledError("task killed"))
+        raise
+    except BaseException as exc:  # every outcome goes to the future
         fut.set_exception(exc)
         if not isinstance(exc, Exception):
             raise

@@ -86,20 +86,33 @@ class IOThread:
 
     @staticmethod
     def _wind_down(ctx: _hub.Context, grace: float = 1.0) -> None:
-        # Let the greenlets woken with ContextStoppedError run their handlers; each round of
-        # sleep(0) lets the hub run one loop iteration.
+        # We were switched to from inside the hub (the stop request's callback): first let the
+        # hub finish that batch of inbox work.  Then let the greenlets woken with
+        # ContextStoppedError run their handlers (each sleep(0) is one loop iteration); tasks
+        # of spawn() still alive once nothing is parked (busy in gevent.sleep, say) are killed
+        # and their futures fail with ContextStoppedError.  ``grace`` bounds the whole.
+        def stopped() -> ContextStoppedError:
+            return ContextStoppedError(f"context {ctx.name} is stopping")
+
+        gevent.sleep(0)
         deadline = time.monotonic() + grace
         while (ctx.parked or ctx.tasks) and time.monotonic() < deadline:
-            ctx.wake_all_parked(ContextStoppedError(f"context {ctx.name} is stopping"))
-            gevent.sleep(0.001 if ctx.tasks else 0)
+            ctx.wake_all_parked(stopped)
+            gevent.sleep(0)
             if ctx.tasks and not ctx.parked:
                 gevent.killall(list(ctx.tasks), timeout=max(deadline - time.monotonic(), 0.01))
+        # Refuse new work, then run what was accepted meanwhile before the hub goes.
+        ctx.close_inbox()
+        for _ in range(100):
+            if not ctx._inbox:
+                break
+            gevent.sleep(0)
         ctx.destroy()
 
     def _begin_stop(self) -> None:
         ctx = self.context
         ctx.stopping = True
-        ctx.wake_all_parked(ContextStoppedError(f"iothread {self.name} stopped"))
+        ctx.wake_all_parked(lambda: ContextStoppedError(f"iothread {self.name} stopped"))
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Wake every greenlet parked in this thread with ContextStoppedError, then join it.
@@ -136,15 +149,16 @@ class IOThreadPool:
     """``n`` IOThreads, started on creation; ``.contexts``, ``next_context()`` (round-robin).
 
     ``pin``: pin every hub thread of the pool to one CPU and yield once per loop iteration, so
-    hub threads take turns instead of convoying on the GIL (see the design notes).  None (the
-    default) turns it on where measurements here showed it wins: more than one thread.
+    hub threads take turns instead of convoying on the GIL (see the design notes).  Off by
+    default: it also confines whatever those threads start (worker threads, child processes)
+    and stops GIL-releasing work (TLS, file I/O) from overlapping on two CPUs.
     """
 
     def __init__(self, n: int, *, name: str = "iothread", pin: bool | None = None, cpu: int | None = None) -> None:
         if n < 1:
             raise ValueError("an IOThreadPool needs at least one thread")
         if pin is None:
-            pin = n > 1
+            pin = False
         if pin and cpu is None:
             cpu = min(os.sched_getaffinity(0))
         self.pinned = bool(pin)

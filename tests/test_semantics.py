@@ -382,3 +382,18 @@ def test_stopping_an_iothread_wakes_parked_greenlets(follow):
     assert len(results) == 2 and all("stop" in r for r in results)
     for ch in (a, b, c, d):
         ch.close()
+
+
+def test_a_plain_thread_that_waited_leaves_no_hub_behind():
+    # A thread that is not an IOThread gets a hub on its first wait; when the thread ends its
+    # hub is destroyed with it (the leak check around every test counts the loop's fds).
+    a, b = SocketChannel.socketpair()
+    b.set_follow_coroutine_ctx(True)
+    got = []
+    with a, b:
+        t = threading.Thread(target=lambda: got.append(b.read_all(2)))
+        t.start()
+        assert _wait_for(lambda: b._slots[0])
+        a.write_all(b"ok")
+        t.join(5)
+    assert got == [b"ok"]

@@ -1,0 +1,40 @@
+# qioc_green: every target creates .venv and installs what it needs.
+#   make test   run the test suite          make lint   ruff and mypy
+#   make demo   the main job (see README)    make bench  the benchmarks (long; prints tables)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEV    := $(VENV)/.installed-dev
+BENCH  := $(VENV)/.installed-bench
+
+.PHONY: all test lint demo bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEV): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,lint]'
+	touch $@
+
+$(BENCH): $(DEV)
+	$(BIN)/python -m pip install -q -e '.[test,lint,bench]'
+	touch $@
+
+test: $(DEV)
+	$(BIN)/python -m pytest
+
+lint: $(DEV)
+	$(BIN)/ruff check qioc_green tests examples bench
+	$(BIN)/mypy
+
+demo: $(DEV)
+	$(BIN)/python examples/demo.py
+
+bench: $(BENCH)
+	$(BIN)/python bench/channel_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
