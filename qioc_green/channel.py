@@ -355,7 +355,8 @@ class Channel:
             if self._follow and deadline is None and _hub.trace is None:
                 # First follow-mode wait in this direction: make the watcher to keep (above).
                 i = 0 if cond is _IN else 1
-                if self._wcache[i] is None:
+                ent = self._wcache[i]
+                if ent is None or ent[0]._dead:  # none yet, or its hub is gone (IOThread stopped)
                     watcher = ctx.loop.io(fd, events)
                     self._wcache[i] = (ctx, watcher)
                     return _hub.wait_watcher(watcher, waiter)
