@@ -64,17 +64,14 @@ def servers(selected: list[str] | None) -> list[Server]:
         Server("uvloop", s + ["uvloop"]),
         Server("threads", s + ["threads"]),
         Server("gevent 2 procs", s + ["gevent", "--reuse-port"], procs=2),
-        # Variants for the design questions (not in the default set; --servers picks them).
-        Server("qioc 2T nopin", s + ["qioc", "--iothreads", "2", "--pin", "off"], iothreads=2, family="qioc-nopin"),
-        Server("qioc 4T nopin", s + ["qioc", "--iothreads", "4", "--pin", "off"], iothreads=4, family="qioc-nopin"),
         Server("qioc 1T pin", s + ["qioc", "--iothreads", "1", "--pin", "on"], iothreads=1, family="qioc-pin"),
         Server("qioc 2T pin", s + ["qioc", "--iothreads", "2", "--pin", "on"], iothreads=2, family="qioc-pin"),
         Server("qioc 4T pin", s + ["qioc", "--iothreads", "4", "--pin", "on"], iothreads=4, family="qioc-pin"),
         Server("qioc 2T reuseport", s + ["qioc", "--iothreads", "2", "--reuse-port"], iothreads=2,
                family="qioc-reuseport"),
     ]
-    default = ["qioc 1T", "qioc 2T", "qioc 4T", "qioc 2T iohandler", "gevent 1 hub", "asyncio", "uvloop",
-               "threads", "gevent 2 procs"]
+    default = ["qioc 1T", "qioc 2T", "qioc 4T", "qioc 2T pin", "qioc 4T pin", "qioc 2T iohandler",
+               "gevent 1 hub", "asyncio", "uvloop", "threads", "gevent 2 procs"]
     want = selected or default
     by_label = {x.label: x for x in out}
     unknown = [w for w in want if w not in by_label]
@@ -396,21 +393,25 @@ def targets(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         m = summary.get((server, wl))
         return m["rate"][0] if m else None
 
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "MISSED"
+
     out = []
     g = rate("gevent 1 hub", "echo C=64")
-    for srv, goal in (("qioc 1T", 1.2), ("qioc 2T", 1.2)):
+    for srv in ("qioc 1T", "qioc 2T pin", "qioc 2T"):
         q = rate(srv, "echo C=64")
         if g and q:
-            out.append(f"echo C=64: {srv} / gevent 1 hub = {q / g:.2f}x (target >= {goal}x): "
-                       f"{'MET' if q / g >= goal else 'MISSED'}")
-    q2, q4 = rate("qioc 2T", "echo C=64"), rate("qioc 4T", "echo C=64")
-    if q2 and q4:
-        out.append(f"echo C=64: qioc 4T / qioc 2T = {q4 / q2:.2f}x (target: no worse, >= ~0.95x): "
-                   f"{'MET' if q4 / q2 >= 0.95 else 'MISSED'}")
-    for wl in ("tls x1", "tls x4"):
-        t1, t2 = rate("qioc 1T", wl), rate("qioc 2T", wl)
-        if t1 and t2:
-            out.append(f"{wl}: qioc 2T / qioc 1T = {t2 / t1:.2f}x (target >= 1.3x): {'MET' if t2 / t1 >= 1.3 else 'MISSED'}")
+            out.append(f"echo C=64: {srv} / gevent 1 hub = {q / g:.2f}x (target >= 1.2x): {verdict(q / g >= 1.2)}")
+    for two, four in (("qioc 2T pin", "qioc 4T pin"), ("qioc 2T", "qioc 4T")):
+        q2, q4 = rate(two, "echo C=64"), rate(four, "echo C=64")
+        if q2 and q4:
+            out.append(f"echo C=64: {four} / {two} = {q4 / q2:.2f}x (target: no worse; >= 0.95x): "
+                       f"{verdict(q4 / q2 >= 0.95)}")
+    for wl in ("tls x4", "tls x1"):
+        for two in ("qioc 2T", "qioc 2T pin"):
+            t1, t2 = rate("qioc 1T", wl), rate(two, wl)
+            if t1 and t2:
+                out.append(f"{wl}: {two} / qioc 1T = {t2 / t1:.2f}x (target >= 1.3x): {verdict(t2 / t1 >= 1.3)}")
     return out
 
 
@@ -429,13 +430,13 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, wl in enumerate(echo):
         c = colors[i % len(colors)]
-        for family, style in (("qioc", "-o"), ("qioc-nopin", ":s"), ("qioc-pin", "--^")):
+        for family, style in (("qioc", "-o"), ("qioc-pin", "--^"), ("qioc-iohandler", "x"), ("qioc-reuseport", "+")):
             pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
                    if s.family == family and (s.label, wl.label) in summary]
             if pts:
                 pts.sort(key=lambda p: p[0] or 0)
                 xs = [p[0] for p in pts]
-                axes[0].plot(xs, [p[1]["rate"][0] / 1e3 for p in pts], style, color=c, label=f"qioc_green {family[5:] or ''} {wl.label}")
+                axes[0].plot(xs, [p[1]["rate"][0] / 1e3 for p in pts], style, color=c, label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
                 axes[1].plot(xs, [p[1]["cpu_per"][0] for p in pts], style, color=c, label=f"qioc_green {wl.label}")
         for j, s in enumerate(x for x in srvs if x.iothreads is None):
             m = summary.get((s.label, wl.label))
@@ -470,7 +471,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, help="seconds measured per echo point (default 3; 1 with --quick)")
     ap.add_argument("--servers", nargs="+", metavar="LABEL", help="server labels to run (default: the standard set)")
     ap.add_argument("--workloads", nargs="+", metavar="LABEL", help='e.g. "echo C=64" "tls x4"')
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for scaling.json and .png")
+    ap.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for scaling.json and .png")
     ap.add_argument("--python-loadgen", action="store_true", help="use the Python load generator even with cc")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per round")
     ap.add_argument("--loadgen-anywhere", action="store_true",
