@@ -285,7 +285,7 @@ class TLSChannel(Channel):
     def _io_write(self, buf: memoryview) -> int:
         with self._lock:
             if self._sent_close:
-                raise BrokenPipeError(32, "tls: close_notify already sent")
+                raise OSError(errno.ESHUTDOWN, "close_notify already sent (shut down for writing)")
             if self._out and not self._push_out():
                 raise BlockingIOError(11, "tls: ciphertext still queued")
             n = self._ssl.write(buf[:_MAX_PLAIN])

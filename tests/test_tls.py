@@ -289,3 +289,11 @@ def test_two_iothreads_decrypt_at_once(certs):
         for c, s in pairs:
             c.close()
             s.close()
+
+
+def test_write_after_shutdown_write_says_so(certs):
+    c, s = tls_pair(certs)
+    with c, s:
+        c.shutdown(Shutdown.WRITE)
+        with pytest.raises(BrokenChannelError, match="close_notify already sent"):
+            c.write_all(b"late")
