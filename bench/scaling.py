@@ -294,7 +294,12 @@ def run_point(lg: LoadGen, server: Server, wl: Workload, port: int, pids: list[i
         c0, s0 = proc_counters(pids)
         time.sleep(window)
         c1, s1 = proc_counters(pids)
-        out, err = p.communicate(timeout=window + warmup + 60)
+        try:
+            out, err = p.communicate(timeout=window + warmup + 60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
         if p.returncode:
             raise RuntimeError(f"load generator failed on {server.label}/{wl.label}: {err[-1000:]}")
         r = json.loads(out)

@@ -327,6 +327,7 @@ class NetListener:
                 fut.set_result(ch)
                 return
             elif self._handler is None:
+                self.accepted += 1
                 self._pending.append(ch)
                 return
             else:

@@ -405,3 +405,17 @@ def test_clients_queue_until_a_handler_is_set():
         lst.set_client_handler(lambda ch: ch.write_all(ch.read_all(5, timeout=5)), current_context())
         assert c.read_all(5, timeout=5) == b"early"
         c.close()
+
+
+def test_a_handler_set_to_none_leaves_clients_for_wait_client():
+    with NetListener() as lst:
+        (addr,) = lst.open("tcp:127.0.0.1:0")
+        lst.set_client_handler(echo_once)
+        assert talk(addr) == b"ping"
+        lst.set_client_handler(None)
+        c = SocketChannel.connect(addr, follow=True)
+        assert wait_until(lambda: lst.stats["accepted"] == 2)  # accepted, held for wait_client
+        with lst.wait_client(timeout=5) as ch:
+            c.write_all(b"held")
+            assert ch.read_all(4, timeout=5) == b"held"
+        c.close()
