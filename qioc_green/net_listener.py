@@ -218,7 +218,7 @@ class NetListener:
                 self._policy = policy
             pending, self._pending = self._pending, []
         for ch in pending:
-            self._dispatch(ch, None)
+            self._dispatch(ch, None, counted=True)
         if fn is not None:
             self._start_acceptors()
 
@@ -315,27 +315,31 @@ class NetListener:
                 backoff = 0.0
             self._dispatch(ch, own)
 
-    def _dispatch(self, ch: SocketChannel, own: _hub.Context | None) -> None:
-        """Give a new client to a wait_client() caller, or to the handler, or refuse it."""
+    def _dispatch(self, ch: SocketChannel, own: _hub.Context | None, counted: bool = False) -> None:
+        """Give a new client to a wait_client() caller, or to the handler, or refuse it.
+
+        ``counted``: a client held for wait_client() and handed on now, already in ``accepted``.
+        """
         ch.set_follow_coroutine_ctx(True)
         with self._lock:
             if self._closed:
                 refuse = True
             elif self._client_waiters:
                 fut = self._client_waiters.pop(0)
-                self.accepted += 1
+                self.accepted += not counted
                 fut.set_result(ch)
                 return
             elif self._handler is None:
-                self.accepted += 1
+                self.accepted += not counted
                 self._pending.append(ch)
                 return
             else:
                 refuse = self.max_clients is not None and len(self._clients) >= self.max_clients
             if refuse:
                 self.refused += 1
+                self.accepted -= counted
             else:
-                self.accepted += 1
+                self.accepted += not counted
                 ctx = own if own is not None else self._policy(ch, self._contexts)
                 client = _Client(ch, ctx)
                 self._clients.add(client)

@@ -405,6 +405,13 @@ def test_clients_queue_until_a_handler_is_set():
         lst.set_client_handler(lambda ch: ch.write_all(ch.read_all(5, timeout=5)), current_context())
         assert c.read_all(5, timeout=5) == b"early"
         c.close()
+        lst.set_client_handler(None)
+        d = SocketChannel.connect(addr, follow=True)
+        assert wait_until(lambda: lst.stats["accepted"] == 2)  # held: no handler
+        lst.set_client_handler(lambda ch: ch.write_all(b"late"), current_context())
+        assert d.read_all(4, timeout=5) == b"late"
+        d.close()
+        assert lst.stats["accepted"] == 2  # counted once
 
 
 def test_a_handler_set_to_none_leaves_clients_for_wait_client():
