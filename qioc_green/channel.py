@@ -92,6 +92,8 @@ class Feature(IntFlag):
     SEEKABLE = 32
 
 
+_tls = _hub._local
+_NO_READ_FLAGS: Any = 0  # read()'s default: a plain 0 costs nothing to test or pass on
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
 # Plain ints for the hot paths: IntFlag arithmetic costs a Python call per operation.
@@ -312,7 +314,10 @@ class Channel:
             i = 0 if cond is _IN else 1
             ent = self._wcache[i]
             if ent is not None and _hub.trace is None:
-                ctx = _hub.current_context()
+                try:
+                    ctx = _tls.context  # current_context(), inlined (it exists: ent was made here)
+                except AttributeError:
+                    ctx = _hub.current_context()
                 if ent[0] is ctx:
                     slot = self._slots[i]
                     waiter = _hub.Waiter(ctx)
@@ -532,15 +537,18 @@ class Channel:
         finally:
             self._leave()
 
-    def read(self, n: int, *, flags: ReadFlag = ReadFlag.NONE, timeout: float | None = None) -> bytes:
+    def read(self, n: int, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> bytes:
         """Read up to ``n`` bytes; ``b""`` at EOF.  May park."""
         if flags:
             self._check_read_flags(0, flags)
+            flags = int(flags)  # type: ignore[assignment]
         if n <= 0:
             return b""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._enter()
+        self._holds.append(None)  # _enter(), inlined: this is a server's every request
         try:
+            if self._closed:
+                raise ChannelClosedError(f"{self._name}: channel is closed")
             parked = False
             if self._wrote:
                 self._wrote = False
@@ -549,7 +557,7 @@ class Channel:
                     parked = True
             while True:
                 try:
-                    data = self._io_read(n, int(flags))
+                    data = self._io_read(n, flags)
                     self._rd_parked = parked and len(data) < n
                     return data
                 except BlockingIOError:
