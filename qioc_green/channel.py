@@ -570,7 +570,10 @@ class Channel:
                 except OSError as exc:
                     raise self._broken(exc, "read") from exc
         finally:
-            self._leave()
+            holds = self._holds  # _leave(), inlined
+            holds.pop()
+            if not holds:
+                self._finalize()
 
     def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None,
                    done: int = 0) -> tuple[bool, list[int]]:
@@ -827,7 +830,10 @@ class Channel:
             except OSError as exc:
                 raise self._broken(exc, "write", 0, len(data)) from exc
         finally:
-            self._leave()
+            holds = self._holds  # _leave(), inlined
+            holds.pop()
+            if not holds:
+                self._finalize()
         if n < len(data):
             self._writev_all((data,), (), 0, timeout, done=n)
 
