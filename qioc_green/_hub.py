@@ -488,7 +488,12 @@ def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
         raise ContextStoppedError(f"context {ctx.name} is stopping")
     parked = ctx.parked
     parked.add(waiter)
-    watcher.start(waiter.fire, None)
+    # Readiness switches straight into the greenlet (a C callable: no Python frame in the hub)
+    # without claiming the token; the greenlet claims it on the way out.  If another party
+    # (close, wake_read, a stopping context) claimed it first, its delivery is dropped: we are
+    # awake already, and what it carried is seen by the next operation (a closed channel, a
+    # stopping context refuse the next park).  Either way the greenlet resumes exactly once.
+    watcher.start(waiter.greenlet.switch, _READY)
     try:
         value = hub.switch()
     except BaseException:
@@ -500,9 +505,22 @@ def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
     finally:
         watcher.stop()
         parked.discard(waiter)
+    if value is _READY:
+        try:
+            waiter._token.pop()
+        except IndexError:
+            waiter._abandoned = True
+        return None
     if value is not None and isinstance(value, BaseException):
         raise value
     return value
+
+
+class _Ready:
+    __slots__ = ()
+
+
+_READY: Any = _Ready()
 
 
 def release_watcher(ctx: Context, watcher: Any) -> None:
