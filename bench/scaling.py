@@ -504,6 +504,46 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
     return True
 
 
+def report(results: list[dict[str, Any]], machine: list[dict[str, Any]], srvs: list[Server], wls: list[Workload],
+           out: str, meta: dict[str, Any], *, final: bool = True) -> None:
+    """Table, target checks, JSON and PNG from the results so far (``final=False``: JSON only)."""
+    summary = summarize(results)
+    checks = targets(summary)
+    doc = {"when": datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), **meta, "cpus": os.cpu_count(),
+           "python": sys.version, "complete": final, "machine": machine, "results": results, "targets": checks,
+           "summary": [{"server": k[0], "workload": k[1], **v} for k, v in summary.items()]}
+    jpath = os.path.join(out, "scaling.json")
+    with open(jpath, "w") as f:
+        json.dump(doc, f, indent=1)
+    if not final:
+        return
+    print()
+    print(print_table(summary, srvs, wls))
+    for line in checks:
+        print(line)
+    if not all(m["quiet"] for m in machine):
+        print("NOTE: the machine was not quiet for every round; compare ratios, not absolute figures.")
+    ppath = os.path.join(out, "scaling.png")
+    if plot(summary, srvs, wls, ppath):
+        print(f"wrote {jpath} and {ppath}")
+    else:
+        print(f"wrote {jpath}")
+
+
+def from_json(path: str, out: str) -> int:
+    """Summarize a scaling.json again (a run stopped early keeps the rounds it finished)."""
+    with open(path) as f:
+        doc = json.load(f)
+    labels = list(dict.fromkeys(r["server"] for r in doc["results"]))
+    wl_labels = list(dict.fromkeys(r["workload"] for r in doc["results"] if "error" not in r))
+    srvs = [s for s in servers(labels)]
+    wls = [w for w in workloads(False, None) if w.label in wl_labels]
+    meta = {k: doc[k] for k in ("rounds", "window_s", "loadgen", "loadgen_cpus") if k in doc}
+    os.makedirs(out, exist_ok=True)
+    report(doc["results"], doc["machine"], srvs, wls, out, meta)
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--py-loadgen":
         return py_loadgen(sys.argv[2:])
@@ -516,9 +556,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for scaling.json and .png")
     ap.add_argument("--python-loadgen", action="store_true", help="use the Python load generator even with cc")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per round")
+    ap.add_argument("--from-json", metavar="FILE", help="only summarize a scaling.json again (table, checks, plot)")
     ap.add_argument("--loadgen-anywhere", action="store_true",
                     help="do not keep the load generator on the last CPU (away from pinned hub threads)")
     args = ap.parse_args()
+    if args.from_json:
+        return from_json(args.from_json, args.out)
     global LOADGEN_CPUS
     cpus = sorted(os.sched_getaffinity(0))
     # The load generator stands in for another machine: keep it off the CPU that pinned hub
@@ -566,28 +609,10 @@ def main() -> int:
                     except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
                         print(f"  {srv.label:<19} {kind}: FAILED: {exc}", flush=True)
                         results.append({"server": srv.label, "workload": kind, "round": rnd, "error": str(exc)})
-    summary = summarize(results)
-    table = print_table(summary, srvs, wls)
-    print()
-    print(table)
-    checks = targets(summary)
-    for line in checks:
-        print(line)
-    if not all(m["quiet"] for m in machine):
-        print("NOTE: the machine was not quiet for every round; compare ratios, not absolute figures.")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    doc = {"when": stamp, "rounds": rounds, "window_s": window, "loadgen": lg.kind, "cpus": os.cpu_count(),
-           "loadgen_cpus": sorted(LOADGEN_CPUS or cpus),
-           "python": sys.version, "machine": machine, "results": results, "targets": checks,
-           "summary": [{"server": k[0], "workload": k[1], **v} for k, v in summary.items()]}
-    jpath = os.path.join(args.out, "scaling.json")
-    with open(jpath, "w") as f:
-        json.dump(doc, f, indent=1)
-    ppath = os.path.join(args.out, "scaling.png")
-    if plot(summary, srvs, wls, ppath):
-        print(f"wrote {jpath} and {ppath}")
-    else:
-        print(f"wrote {jpath}")
+            report(results, machine, srvs, wls, args.out, {"rounds": rnd + 1, "window_s": window, "loadgen": lg.kind,
+                                                            "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)}, final=False)
+    report(results, machine, srvs, wls, args.out, {"rounds": rounds, "window_s": window, "loadgen": lg.kind,
+                                                    "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)})
     return 0
 
 
