@@ -1,6 +1,9 @@
-"""QEMU live-migration stream, sans-IO: a parser (``stream``) and a summary fold (``summary``).
+"""QEMU live-migration stream: a sans-IO parser (``stream``) and summary fold (``summary``).
 
-Nothing here touches a socket, a file or a clock; the receiver program drives these with channels.
+Those two touch no socket, file or clock, and are all this package exports. ``receiver`` is the
+thin glue that drives them with qioc_green channels (used by ``examples/migration_receiver.py``),
+and ``qemu`` starts QEMU processes and talks QMP for the demo, the tests and the benchmark; both
+are imported by name, never from here, so importing the parser pulls in no I/O.
 """
 
 from .stream import (

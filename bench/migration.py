@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Benchmark the migration stream receiver against a real QEMU 7.2 (never part of the tests).
+
+A paused VM whose guest RAM is a file of random bytes (1 GiB by default, so every page is a
+normal page) migrates from a real QEMU with max-bandwidth raised, in one run, interleaved,
+``--rounds`` times (the order rotates each round), into:
+
+* the receiver (``examples/migration_receiver.py``), parsing on the fly (summary, no files);
+* a plain Python sink: a blocking socket and ``recv_into`` a 1 MiB buffer until EOF;
+* ``socat -u -b 1048576 TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
+* a destination QEMU directly, and through the receiver with ``--forward``;
+
+and a saved stream of the same VM is parsed from a file by the receiver, beside a plain Python
+read of that file. A fresh source QEMU serves each migration (7.2 will not migrate a VM twice).
+
+Timing: a live migration runs from the ``migrate`` command to the ``completed`` event of the
+QEMU that finishes last (the source for the sinks, the destination for direct/forward), using
+the timestamps QEMU puts on its events; throughput is the stream's bytes over that time. The
+file parse uses the receiver's own elapsed time (from its JSON), so interpreter start-up does
+not count. Medians are reported, with each round's figure. Processes are killed by pid and the
+big files (under ``--tmp``, /tmp by default) are deleted at the end.
+
+    python bench/migration.py [--mem-mib 1024] [--rounds 3] [--json bench/out/migration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import psutil
+
+from migration.qemu import Qemu, available
+
+RECEIVER = os.path.join(ROOT, "examples", "migration_receiver.py")
+TIMEOUT = 300.0
+
+PLAIN_SINK = """
+import socket, sys, time
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(1)
+print(f"listening on tcp:127.0.0.1:{l.getsockname()[1]}", flush=True)
+c, _ = l.accept()
+buf = bytearray(1 << 20)
+n = 0
+while k := c.recv_into(buf):
+    n += k
+print(n, time.process_time(), flush=True)
+"""
+
+PLAIN_READ = """
+import sys, time
+buf = bytearray(1 << 20)
+n = 0
+t0 = time.monotonic()
+with open(sys.argv[1], "rb", buffering=0) as f:
+    while k := f.readinto(buf):
+        n += k
+print(n, time.monotonic() - t0, flush=True)
+"""
+
+
+def first_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("listening on "):
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"sink did not start: {line!r}")
+    return line.removeprefix("listening on ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    """Until a socket on 127.0.0.1:port is in LISTEN state (socat cannot tell us)."""
+    want = f"0100007F:{port:04X}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            for line in f:
+                cols = line.split()
+                if len(cols) > 3 and cols[1] == want and cols[3] == "0A":
+                    return
+        time.sleep(0.005)  # nothing to wait on but the child's progress
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: str) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.mem = f"{args.mem_mib}M"
+        self.ram_file = os.path.join(tmp, "ram.bin")
+        self.stream = os.path.join(tmp, "stream.mig")
+
+    def source(self) -> Qemu:
+        return Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
+                    timeout=60, name="source")
+
+    def make_ram(self) -> None:
+        chunk = 64 << 20
+        with open(self.ram_file, "wb") as f:
+            f.writelines(os.urandom(chunk) for _ in range((self.args.mem_mib << 20) // chunk))
+
+    # -- live into sinks ---------------------------------------------------------------------------
+
+    def start_sink(self, kind: str) -> tuple[subprocess.Popen[str], str]:
+        if kind == "receiver":
+            proc = subprocess.Popen(
+                [sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                 "--json", os.path.join(self.tmp, "rx.json"), *self.args.receiver_args.split()],
+                stdout=subprocess.PIPE, text=True)
+            return proc, first_line(proc)
+        if kind == "plain":
+            proc = subprocess.Popen([sys.executable, "-c", PLAIN_SINK], stdout=subprocess.PIPE,
+                                    text=True)
+            return proc, first_line(proc)
+        if kind == "socat":
+            port = free_port()
+            proc = subprocess.Popen(
+                ["socat", "-u", "-b", str(1 << 20), f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                 "STDOUT"],
+                stdout=subprocess.DEVNULL, text=True)
+            wait_listening(port)
+            return proc, f"tcp:127.0.0.1:{port}"
+        raise AssertionError(kind)
+
+    def live_sink(self, kind: str) -> dict[str, Any]:
+        proc, addr = self.start_sink(kind)
+        try:
+            with self.source() as src:
+                c0 = _cpu(src.pid)
+                t0 = time.time()
+                src.migrate(addr)
+                info = src.wait_migration(TIMEOUT)
+                seconds = src.completed_at - t0
+                src_cpu = _cpu(src.pid) - c0
+            out, _ = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{kind} sink exited {proc.returncode}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        nbytes = _stream_bytes(info)
+        sink_cpu = None
+        if kind == "receiver":
+            with open(os.path.join(self.tmp, "rx.json")) as f:
+                d = json.load(f)
+            if not d["complete"]:
+                raise RuntimeError(f"receiver: {d.get('error')}")
+            nbytes = d["bytes_total"]
+            sink_cpu = d["cpu_s"]
+        elif kind == "plain":
+            sink_cpu = float(out.split()[-1])
+        return {"s": seconds, "bytes": nbytes, "gbs": nbytes / seconds / 1e9,
+                "qemu_total_ms": info.get("total-time"), "source_cpu_s": src_cpu,
+                "sink_cpu_s": sink_cpu}
+
+    # -- live into a destination -------------------------------------------------------------------
+
+    def live_dest(self, mode: str) -> dict[str, Any]:
+        proc = None
+        extra = ("-mem-prealloc",) if self.args.prealloc else ()
+        with Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
+                  extra=extra, name="dest") as dst:
+            target = dst.listen()
+            dst_c0 = _cpu(dst.pid)
+            try:
+                if mode == "forward":
+                    proc = subprocess.Popen(
+                        [sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                         "--forward", target, "--json", os.path.join(self.tmp, "fwd.json")],
+                        stdout=subprocess.PIPE, text=True)
+                    target = first_line(proc)
+                with self.source() as src:
+                    c0 = _cpu(src.pid)
+                    t0 = time.time()
+                    src.migrate(target)
+                    info = src.wait_migration(TIMEOUT)
+                    dst.wait_migration(TIMEOUT)
+                    seconds = max(dst.completed_at, src.completed_at) - t0
+                    src_cpu = _cpu(src.pid) - c0
+                dst_cpu = _cpu(dst.pid) - dst_c0
+                relay_cpu = None
+                if proc is not None:
+                    proc.communicate(timeout=60)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"receiver --forward exited {proc.returncode}")
+                    with open(os.path.join(self.tmp, "fwd.json")) as f:
+                        relay_cpu = json.load(f)["cpu_s"]
+            finally:
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        nbytes = _stream_bytes(info)
+        return {"s": seconds, "bytes": nbytes, "gbs": nbytes / seconds / 1e9,
+                "qemu_total_ms": info.get("total-time"), "source_cpu_s": src_cpu,
+                "dest_cpu_s": dst_cpu, "sink_cpu_s": relay_cpu}
+
+    # -- from a file -------------------------------------------------------------------------------
+
+    def capture(self) -> int:
+        proc = subprocess.Popen([sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                                 "--save", self.stream], stdout=subprocess.PIPE, text=True)
+        try:
+            addr = first_line(proc)
+            with self.source() as src:
+                src.migrate(addr)
+                src.wait_migration(TIMEOUT)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        return os.path.getsize(self.stream)
+
+    def parse_file(self) -> dict[str, Any]:
+        out = os.path.join(self.tmp, "file.json")
+        subprocess.run([sys.executable, RECEIVER, f"file:{self.stream}", "--quiet",
+                        "--json", out], check=True, timeout=TIMEOUT)
+        with open(out) as f:
+            d = json.load(f)
+        return {"s": d["elapsed_s"], "bytes": d["bytes_total"],
+                "gbs": d["bytes_total"] / d["elapsed_s"] / 1e9}
+
+    def read_file(self) -> dict[str, Any]:
+        r = subprocess.run([sys.executable, "-c", PLAIN_READ, self.stream], check=True,
+                           timeout=TIMEOUT, capture_output=True, text=True)
+        n, s = r.stdout.split()
+        return {"s": float(s), "bytes": int(n), "gbs": int(n) / float(s) / 1e9}
+
+
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def _stream_bytes(info: dict[str, Any]) -> int:
+    return int(info["ram"]["transferred"])
+
+
+LABELS = {
+    "receiver": "live -> receiver (parsing)",
+    "plain": "live -> Python recv_into sink",
+    "socat": "live -> socat -b 1M > /dev/null",
+    "direct": "live -> destination QEMU",
+    "forward": "live -> receiver --forward -> dest",
+    "parse-file": "file -> receiver (parsing)",
+    "read-file": "file -> Python readinto",
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="Benchmark the migration receiver against QEMU.")
+    p.add_argument("--mem-mib", type=int, default=1024, help="guest RAM in MiB (default 1024)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tmp", default="/tmp", help="where the big files go (deleted at the end)")
+    p.add_argument("--json", default=os.path.join(HERE, "out", "migration.json"))
+    p.add_argument("--skip-forward", action="store_true")
+    p.add_argument("--no-prealloc", dest="prealloc", action="store_false",
+                   help="do not start destinations with -mem-prealloc (then the first touch "
+                        "of their RAM, which varies several-fold run to run on this VM, is "
+                        "inside the timed window)")
+    p.add_argument("--sinks", default="receiver,plain,socat",
+                   help="live sinks to run, comma-separated (default: all three)")
+    p.add_argument("--receiver-args", default="",
+                   help="extra receiver options for the 'receiver' sink (for experiments)")
+    args = p.parse_args()
+    if not available() or shutil.which("socat") is None:
+        print("needs qemu-system-x86_64 and socat", file=sys.stderr)
+        return 2
+    if args.mem_mib % 64:
+        p.error("--mem-mib must be a multiple of 64")
+
+    load_before = os.getloadavg()
+    print(f"migration benchmark: {args.mem_mib} MiB random guest RAM, {args.rounds} rounds, "
+          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f}, python "
+          f"{sys.version.split()[0]}")
+    tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    try:
+        b = Bench(args, tmp)
+        b.make_ram()
+        size = b.capture()
+        print(f"stream size {size} bytes")
+        sinks = [k for k in args.sinks.split(",") if k]
+        dests = [] if args.skip_forward else ["direct", "forward"]
+        for r in range(args.rounds):
+            rot = r % len(sinks)
+            for kind in sinks[rot:] + sinks[:rot]:
+                results[kind].append(b.live_sink(kind))
+            for mode in (dests[r % 2:] + dests[: r % 2]) if dests else []:
+                results[mode].append(b.live_dest(mode))
+            for kind in (("parse-file", "read-file") if r % 2 == 0
+                         else ("read-file", "parse-file")):
+                results[kind].append(b.parse_file() if kind == "parse-file" else b.read_file())
+            print(f"round {r + 1}: " + ", ".join(
+                f"{k} {v[-1]['gbs']:.2f}" for k, v in results.items() if v), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: statistics.median(x["gbs"] for x in v) for k, v in results.items() if v}
+    ratios = {}
+    for a, b_ in (("receiver", "plain"), ("socat", "plain"), ("parse-file", "read-file"),
+                  ("forward", "direct")):
+        if a in med and b_ in med:
+            ratios[f"{a}/{b_}"] = med[a] / med[b_]
+    targets = {}
+    if "receiver/plain" in ratios:
+        targets["receiver >= 0.9x plain sink"] = ratios["receiver/plain"] >= 0.9
+    if "forward/direct" in ratios:
+        targets["forward >= 0.8x direct"] = ratios["forward/direct"] >= 0.8
+    load_after = os.getloadavg()
+
+    print()
+    print(f"{'what':<38} {'median GB/s':>11}  {'CPU s/GiB':>9}   rounds (GB/s)")
+    for k, v in results.items():
+        if v:
+            runs = " ".join(f"{x['gbs']:.2f}" for x in v)
+            cpus = [x["sink_cpu_s"] / (x["bytes"] / 2**30) for x in v
+                    if x.get("sink_cpu_s") is not None]
+            cpu = f"{statistics.median(cpus):.2f}" if cpus else "-"
+            print(f"{LABELS[k]:<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
+    print()
+    for name, value in ratios.items():
+        print(f"{name:<24} {value:.2f}x")
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'MISSED'}")
+    for k in ("direct", "forward"):
+        if results[k]:
+            per = [(x["source_cpu_s"] + x["dest_cpu_s"] + (x["sink_cpu_s"] or 0))
+                   / (x["bytes"] / 2**30) for x in results[k]]
+            print(f"CPU s/GiB, all processes, {k}: {statistics.median(per):.2f}")
+    print("(CPU s/GiB: the receiver's or sink's own; socat's is not measured)")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"params": {"mem_mib": args.mem_mib, "rounds": args.rounds,
+                              "dest_mem_prealloc": args.prealloc,
+                              "stream_bytes": size, "cpus": os.cpu_count(),
+                              "loadavg_before": load_before, "loadavg_after": load_after,
+                              "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                   "results": results, "median_gbs": med, "ratios": ratios,
+                   "targets": targets}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,886 @@
+"""An NBD server over qioc_green channels: the thin glue between ``protocol.ServerConnection``,
+a channel, and an export (a file or memory).
+
+How one connection runs (all of it in the one IOThread its handler was started in)
+-------------------------------------------------------------------------------------
+* **The reader** is the handler greenlet itself. It reads from the channel, feeds the protocol
+  machine and acts on each event. Options are answered inline (the handshake is strictly one
+  option at a time). In transmission a WRITE payload arrives as ``WriteData`` views into the
+  bytes just received; the reader writes them to the export at once (``os.pwritev``: no copy,
+  and the GIL is released while the kernel copies), so no payload is ever held whole.
+* **Request greenlets**, at most ``max_requests`` per connection (a ``gevent.pool.Pool``; when it
+  is full the reader parks, and the client's requests wait in the socket: back-pressure),
+  serve everything else: READ, FLUSH and FUA (``fdatasync`` in a worker thread: the hub keeps
+  serving other requests meanwhile), TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS. Many requests are
+  in flight at once and may complete in any order, as the protocol allows.
+* **One writer greenlet** writes replies. The channel allows one parked writer per direction
+  (QEMU's send mutex), so request greenlets never write: they append their reply's buffers to
+  a queue, and the writer sends whatever has gathered with one ``writev`` (small replies batch).
+* **Memory is bounded** per connection: READ payloads are reserved against ``reply_budget``
+  bytes before their greenlet starts and released when written (the reader parks while the
+  budget is spent); the reader holds one receive buffer; the protocol holds at most one option.
+
+Errors: a request the export refuses gets the protocol's error reply; a peer that breaks the
+protocol, or goes away, ends its own connection with one log line. Nothing here touches other
+connections: each has its own greenlets and channel, and exports are shared only through
+positional I/O (file) or a lock held for a copy (memory).
+
+``Acceptor`` is a small stand-in for ``qioc_green.NetListener`` with the same shape
+(``open``, ``set_client_handler(fn, contexts=)``, ``close``), so swapping is a few lines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import itertools
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+
+import qioc_green
+from qioc_green import (
+    BrokenChannelError,
+    Channel,
+    ChannelClosedError,
+    ChannelError,
+    ContextStoppedError,
+    Shutdown,
+    SocketChannel,
+)
+
+from . import protocol as p
+from .protocol import NEED_DATA, PAUSED
+
+log = logging.getLogger("nbd.server")
+
+__all__ = [
+    "Acceptor",
+    "Export",
+    "FileExport",
+    "MemoryExport",
+    "NBDServer",
+    "parse_size",
+]
+
+READ_SIZE = 256 * 1024  # bytes asked of the channel per read
+MAX_REPLY_BATCH = 256  # buffers per writev (IOV_MAX is 1024)
+CONTEXT_ID = 1  # our id for base:allocation
+_HOLE_ZERO = p.StateFlag.HOLE | p.StateFlag.ZERO
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class ExportError(Exception):
+    """A request failed in the backend; ``errno`` is the NBD error to answer with."""
+
+    def __init__(self, nbd_errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = nbd_errno
+
+
+def _nbd_errno(exc: BaseException) -> int:
+    """The NBD error for an OS failure (the spec's short list; EIO for anything else)."""
+    if isinstance(exc, ChannelError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return p.Errno.ENOSPC
+    if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+        return p.Errno.EPERM
+    if code == errno.ENOMEM:
+        return p.Errno.ENOMEM
+    if code in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return p.Errno.ENOTSUP
+    return p.Errno.EIO
+
+
+def parse_size(text: str) -> int:
+    """``"256M"``, ``"1G"``, ``"4096"``: a size in bytes (binary suffixes K, M, G, T)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    for i, suffix in enumerate("KMGT", 1):
+        if text.endswith(suffix):
+            scale = 1024 ** i
+            text = text[:-1]
+            break
+    size = int(text) * scale
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports
+
+
+class Export:
+    """What a connection serves. Methods may be called from any IOThread at once; none parks
+    except ``flush`` (and ``write`` with ``fua``), which park the calling greenlet only."""
+
+    def __init__(self, name: str, size: int, *, readonly: bool = False, description: str = "") -> None:
+        self.name = name
+        self.size = size
+        self.readonly = readonly
+        self.description = description
+
+    @property
+    def flags(self) -> int:
+        tf = p.TransmissionFlag
+        flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA | tf.CAN_MULTI_CONN | tf.SEND_CACHE | tf.SEND_DF
+        if self.readonly:
+            flags |= tf.READ_ONLY
+        else:
+            flags |= tf.SEND_TRIM | tf.SEND_WRITE_ZEROES | tf.SEND_FAST_ZERO
+        return int(flags)
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def trim(self, offset: int, length: int) -> None:
+        pass
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        raise NotImplementedError
+
+    def cache(self, offset: int, length: int) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` of base:allocation from ``offset``, covering at most ``length``."""
+        return [(length, 0)]
+
+    def close(self) -> None:
+        pass
+
+
+def _sync_in_thread(fd: int) -> None:
+    """fdatasync without stalling the hub: a worker thread does it, the caller's greenlet parks."""
+    qioc_green.run_in_thread(os.fdatasync, fd, name="nbd-fdatasync").result()
+
+
+class FileExport(Export):
+    """A regular file (or block device): positional I/O, fdatasync, holes by SEEK_DATA/SEEK_HOLE."""
+
+    def __init__(self, name: str, path: str, *, readonly: bool = False, description: str = "") -> None:
+        self.path = path
+        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        super().__init__(name, size, readonly=readonly, description=description or path)
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        # os.pread allocates without zeroing and releases the GIL while the kernel copies.
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # the file shrank under us, or a short read: keep going
+            buf = bytearray(data)
+            while len(buf) < length:
+                more = os.pread(self.fd, length - len(buf), offset + len(buf))
+                if not more:
+                    buf += bytes(length - len(buf))
+                    break
+                buf += more
+            return buf
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwritev(self.fd, [view], offset)
+            view = view[n:]
+            offset += n
+
+    def flush(self) -> None:
+        _sync_in_thread(self.fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        if _fallocate(self.fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+
+    def trim(self, offset: int, length: int) -> None:
+        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)  # advisory
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        if may_trim and self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        if self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        if fast:
+            raise ExportError(p.Errno.ENOTSUP, "no fast way to zero this range")
+        zeroes = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            self.write(offset, memoryview(zeroes)[:n])
+            offset += n
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        end = min(offset + length, self.size)
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end and len(out) < 1024:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: a hole to the end
+                    data = end
+                elif exc.errno == errno.EINVAL:  # the filesystem cannot tell: all data
+                    out.append((end - pos, 0))
+                    break
+                else:
+                    raise
+            if data > pos:
+                n = min(data, end) - pos
+                out.append((n, _HOLE_ZERO))
+                pos += n
+                continue
+            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            n = min(hole, end) - pos
+            out.append((n, 0))
+            pos += n
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class MemoryExport(Export):
+    """RAM, sparse: 64 KiB pages made on first write; unwritten pages read as zeroes and are
+    reported as holes (as ``nbdkit memory``). A lock guards the page table for copies."""
+
+    PAGE = 64 * 1024
+
+    def __init__(self, name: str, size: int, *, description: str = "") -> None:
+        super().__init__(name, size, description=description or f"{size} bytes of memory")
+        self._pages: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    def _spans(self, offset: int, length: int) -> Iterable[tuple[int, int, int, int]]:
+        """(page index, offset in page, bytes, position in the request)."""
+        page = self.PAGE
+        pos = 0
+        while pos < length:
+            idx, off = divmod(offset + pos, page)
+            n = min(page - off, length - pos)
+            yield idx, off, n, pos
+            pos += n
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        out = bytearray(length)
+        with self._lock:
+            for idx, off, n, pos in self._spans(offset, length):
+                pg = self._pages.get(idx)
+                if pg is not None:
+                    out[pos:pos + n] = pg[off:off + n]
+        return out
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        with self._lock:
+            for idx, off, n, pos in self._spans(offset, len(view)):
+                pg = self._pages.get(idx)
+                if pg is None:
+                    if not any(view[pos:pos + n]):
+                        continue  # zeroes onto a hole stay a hole
+                    pg = self._pages[idx] = bytearray(self.PAGE)
+                pg[off:off + n] = view[pos:pos + n]
+
+    def _drop(self, offset: int, length: int) -> None:
+        with self._lock:
+            for idx, off, n, _pos in self._spans(offset, length):
+                pg = self._pages.get(idx)
+                if pg is None:
+                    continue
+                if n == self.PAGE:
+                    del self._pages[idx]
+                else:
+                    pg[off:off + n] = bytes(n)
+
+    def trim(self, offset: int, length: int) -> None:
+        self._drop(offset, length)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        self._drop(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        with self._lock:
+            for idx, _off, n, _pos in self._spans(offset, length):
+                flags = 0 if idx in self._pages else _HOLE_ZERO
+                if out and out[-1][1] == flags:
+                    out[-1] = (out[-1][0] + n, flags)
+                else:
+                    if len(out) >= 1024:
+                        break
+                    out.append((n, flags))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One connection
+
+
+class _Hangup(Exception):
+    """End this connection now (the reason is logged once)."""
+
+
+class _Session:
+    """One client connection, from greeting to close. Runs in its handler greenlet's thread."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, server: NBDServer, channel: Channel) -> None:
+        self.server = server
+        self.ch = channel
+        self.id = next(self._ids)
+        self.proto = p.ServerConnection(max_payload=server.max_payload)
+        self.export: Export | None = None
+        # transmission
+        self.pool = gevent.pool.Pool(server.max_requests)
+        self.replies: deque[tuple[list[Any], int]] = deque()
+        self.wake_writer = gevent.event.Event()
+        self.room = gevent.event.Event()  # set when the writer released budget
+        self.reserved = 0  # READ payload bytes reserved and not yet written
+        self.closing = False
+        self.writer: gevent.Greenlet | None = None
+        self.write_error: BaseException | None = None
+        self.pending_write: tuple[p.Request, int, str] | None = None  # WRITE awaiting its data
+
+    @property
+    def name(self) -> str:
+        return self.ch.name
+
+    # -- the handler ------------------------------------------------------------------------
+    def run(self) -> None:
+        graceful = False
+        try:
+            self._send([p.Greeting()])
+            self._loop()
+            graceful = True
+        except _Hangup as exc:
+            log.warning("%s: %s; closing", self.name, exc)
+        except p.RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s; closing", self.name, exc)
+        except p.LocalProtocolError as exc:  # a bug here: say so, but keep serving others
+            log.error("%s: internal error: %s; closing", self.name, exc)
+        except (ChannelClosedError, ContextStoppedError):
+            log.info("%s: closed by the server", self.name)
+        except BrokenChannelError as exc:
+            log.warning("%s: client went away: %s", self.name, exc)
+        except ssl.SSLError as exc:
+            log.warning("%s: TLS failed: %s; closing", self.name, exc)
+        finally:
+            self._wind_down(graceful)
+
+    def _wind_down(self, graceful: bool) -> None:
+        if self.writer is None:
+            return
+        # After DISC or EOF, requests already started finish and are answered; after an error
+        # the spec says hang up, so they are dropped.
+        try:
+            if graceful:
+                self.pool.join(timeout=self.server.grace)
+            else:
+                self.ch.close()
+        finally:
+            self.pool.kill(block=False)
+            self.closing = True
+            self.wake_writer.set()
+            self.writer.join(timeout=self.server.grace)
+            if not self.writer.dead:
+                self.ch.close()
+                self.writer.kill(block=True, timeout=1)
+
+    def _send(self, events: Sequence[p.Event]) -> None:
+        """Handshake phase only (no writer greenlet yet): write replies at once."""
+        bufs: list[Any] = []
+        for ev in events:
+            bufs += self.proto.send_iov(ev)
+        self.ch.writev_all(bufs)
+
+    def _loop(self) -> None:
+        proto = self.proto
+        ch = self.ch
+        while True:
+            ev = proto.next_event()
+            if ev is NEED_DATA:
+                if self.write_error is not None:
+                    return
+                proto.receive_data(ch.read(READ_SIZE))
+                continue
+            cls = type(ev)
+            if cls is p.WriteData:
+                self._write_data(ev)  # type: ignore[arg-type]
+            elif cls is p.Request:
+                if not self._request(ev):  # type: ignore[arg-type]
+                    return
+            elif cls is p.Closed:
+                return
+            elif ev is PAUSED:
+                raise p.LocalProtocolError("an option was left unanswered")
+            elif cls is p.TLSUpgrade:
+                self._start_tls()
+                ch = self.ch  # from now on the bytes are TLS records
+            elif cls is p.ClientFlags:
+                pass
+            else:
+                if not self._option(ev):  # type: ignore[arg-type]
+                    return
+
+    # -- handshake -----------------------------------------------------------------------------
+    def _find(self, name: str) -> Export | None:
+        exports = self.server.exports
+        if name in exports:
+            return exports[name]
+        if name == "" and exports:
+            return next(iter(exports.values()))  # the default export
+        return None
+
+    def _option(self, ev: p.Event) -> bool:
+        """Answer one option; False to hang up."""
+        proto = self.proto
+        server = self.server
+        rep = p.Rep
+        if (server.tls_required and not proto.tls_active
+                and not isinstance(ev, (p.OptStartTLS, p.OptAbort))):
+            if isinstance(ev, p.OptExportName) or (isinstance(ev, p.OptInvalid)
+                                                   and ev.option == p.Opt.EXPORT_NAME):
+                raise _Hangup("EXPORT_NAME before TLS, which this server requires")
+            self._send([p.OptionError(rep.ERR_TLS_REQD, "TLS is required")])
+            return True
+        if isinstance(ev, p.OptList):
+            entries: list[p.Event] = [p.ServerEntry(e.name, e.description)
+                                      for e in server.exports.values()]
+            self._send(entries + [p.Ack()])
+        elif isinstance(ev, (p.OptInfo, p.OptGo)):
+            export = self._find(ev.name)
+            if export is None:
+                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {ev.name!r}")])
+                return True
+            out: list[p.Event] = [p.ExportInfo(export.size, export.flags)]
+            if p.Info.NAME in ev.requests:
+                out.append(p.ExportName(export.name))
+            if p.Info.DESCRIPTION in ev.requests and export.description:
+                out.append(p.ExportDescription(export.description[:p.MAX_STRING]))
+            out += [p.BlockSize(1, 4096, server.max_payload), p.Ack()]
+            self._send(out)
+            if isinstance(ev, p.OptGo):
+                self._enter_transmission(export)
+        elif isinstance(ev, p.OptExportName):
+            export = self._find(ev.name)
+            if export is None:
+                raise _Hangup(f"EXPORT_NAME for unknown export {ev.name!r}")
+            self._send([p.ExportInfo(export.size, export.flags)])
+            self._enter_transmission(export)
+        elif isinstance(ev, p.OptStructuredReply):
+            self._send([p.Ack()])
+        elif isinstance(ev, (p.OptListMetaContext, p.OptSetMetaContext)):
+            if not proto.structured:
+                self._send([p.OptionError(rep.ERR_INVALID, "negotiate structured replies first")])
+            elif self._find(ev.name) is None:
+                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {ev.name!r}")])
+            else:
+                listing = isinstance(ev, p.OptListMetaContext)
+                if listing:
+                    want = not ev.queries or any(q in ("base:", p.BASE_ALLOCATION) for q in ev.queries)
+                else:
+                    want = p.BASE_ALLOCATION in ev.queries
+                ctx = [p.MetaContext(0 if listing else CONTEXT_ID, p.BASE_ALLOCATION)] if want else []
+                self._send(ctx + [p.Ack()])
+        elif isinstance(ev, p.OptStartTLS):
+            if server.tls_context is None:
+                self._send([p.OptionError(rep.ERR_UNSUP, "this server has no TLS")])
+            elif proto.tls_active:
+                self._send([p.OptionError(rep.ERR_INVALID, "TLS is already active")])
+            else:
+                self._send([p.Ack()])  # next_event() now gives TLSUpgrade
+        elif isinstance(ev, p.OptAbort):
+            try:
+                self._send([p.Ack()])
+            except BrokenChannelError:
+                pass  # the spec lets the client hang up without waiting for this
+            return False
+        elif isinstance(ev, p.OptUnknown):
+            self._send([p.OptionError(rep.ERR_UNSUP, f"option {ev.option} is not supported")])
+        elif isinstance(ev, p.OptInvalid):
+            if ev.option == p.Opt.EXPORT_NAME:
+                raise _Hangup(f"malformed EXPORT_NAME: {ev.reason}")
+            self._send([p.OptionError(rep.ERR_INVALID, ev.reason[:p.MAX_STRING])])
+        else:
+            raise p.LocalProtocolError(f"unexpected event {ev!r}")
+        return True
+
+    def _start_tls(self) -> None:
+        from qioc_green.channel_tls import TLSChannel
+
+        if self.proto.take_trailing_data():
+            raise _Hangup("client sent data before the STARTTLS reply")
+        assert self.server.tls_context is not None
+        tls = TLSChannel.server(self.ch, self.server.tls_context)
+        tls.handshake()
+        self.ch = tls
+        self.proto.tls_started()
+
+    def _enter_transmission(self, export: Export) -> None:
+        self.export = export
+        self.writer = gevent.spawn(self._write_loop)
+
+    # -- transmission: the reader's part ---------------------------------------------------------
+    def _request(self, req: p.Request) -> bool:
+        cmd = req.command
+        if cmd == p.Cmd.DISC:
+            return False
+        err = self.proto.check_request(req)
+        if cmd == p.Cmd.WRITE:
+            self.pending_write = (req, err, "refused" if err else "")
+            return True
+        if err:
+            self._reply(req.cookie, err, None, self._why(req, err))
+            return True
+        if cmd == p.Cmd.READ:
+            self._reserve(req.length)
+            self.pool.spawn(self._do, req, req.length)
+        else:
+            self.pool.spawn(self._do, req, 0)
+        return True
+
+    @staticmethod
+    def _why(req: p.Request, err: int) -> str:
+        what = p._name(p.Cmd, req.command)
+        if err == p.Errno.EPERM:
+            return f"{what} on a read-only export"
+        return f"{what} at {req.offset} of {req.length} bytes refused ({p._name(p.Errno, err)})"
+
+    def _write_data(self, ev: p.WriteData) -> None:
+        assert self.pending_write is not None
+        req, err, msg = self.pending_write
+        if not err and ev.data:
+            try:
+                assert self.export is not None
+                self.export.write(ev.offset, ev.data)
+            except (OSError, ExportError) as exc:
+                err, msg = self._failure(exc)
+                self.pending_write = (req, err, msg)
+        if not ev.last:
+            return
+        self.pending_write = None
+        if not err and req.flags & p.CmdFlag.FUA:
+            self.pool.spawn(self._do, req, 0)  # the flush parks; the reader goes on
+        else:
+            self._reply(req.cookie, err, None, msg)
+
+    def _reserve(self, n: int) -> None:
+        budget = self.server.reply_budget
+        while self.reserved and self.reserved + n > budget:
+            self.room.clear()
+            self.room.wait()
+            if self.write_error is not None:
+                raise BrokenChannelError(f"{self.name}: {self.write_error}")
+        self.reserved += n
+
+    @staticmethod
+    def _failure(exc: BaseException) -> tuple[int, str]:
+        if isinstance(exc, ExportError):
+            return exc.errno, str(exc)
+        return _nbd_errno(exc), (getattr(exc, "strerror", None) or str(exc))[:200]
+
+    # -- transmission: request greenlets ---------------------------------------------------------
+    def _do(self, req: p.Request, reserved: int) -> None:
+        try:
+            self._serve(req, reserved)
+        except (ChannelClosedError, ContextStoppedError, gevent.GreenletExit):
+            pass  # the connection is ending; its reader reports why
+        except Exception:  # noqa: BLE001 - a bug must not take the server down
+            log.exception("%s: request %s failed", self.name, req)
+            self.ch.close()
+
+    def _serve(self, req: p.Request, reserved: int) -> None:
+        export = self.export
+        assert export is not None
+        cmd, flags = req.command, req.flags
+        data = None
+        err, msg = 0, ""
+        try:
+            if cmd == p.Cmd.READ:
+                data = export.read(req.offset, req.length)
+            elif cmd == p.Cmd.WRITE or cmd == p.Cmd.FLUSH:  # a WRITE here is FUA: its flush
+                export.flush()
+            elif cmd == p.Cmd.BLOCK_STATUS:
+                self._block_status(req)
+                return
+            elif cmd == p.Cmd.TRIM:
+                export.trim(req.offset, req.length)
+            elif cmd == p.Cmd.WRITE_ZEROES:
+                export.zero(req.offset, req.length, may_trim=not flags & p.CmdFlag.NO_HOLE,
+                            fast=bool(flags & p.CmdFlag.FAST_ZERO))
+            elif cmd == p.Cmd.CACHE:
+                export.cache(req.offset, req.length)
+            if flags & p.CmdFlag.FUA and cmd in (p.Cmd.TRIM, p.Cmd.WRITE_ZEROES):
+                export.flush()
+        except (OSError, ExportError, ChannelError) as exc:
+            if isinstance(exc, (ChannelClosedError, ContextStoppedError)):
+                raise
+            err, msg = self._failure(exc)
+            data = None
+        self._reply(req.cookie, err, data, msg, reserved)
+
+    def _block_status(self, req: p.Request) -> None:
+        assert self.export is not None
+        try:
+            extents = self.export.extents(req.offset, req.length)
+        except OSError as exc:
+            err, msg = self._failure(exc)
+            self._reply(req.cookie, err, None, msg)
+            return
+        if self.write_error is not None or self.proto.phase == "ERROR":
+            return
+        if req.flags & p.CmdFlag.REQ_ONE:
+            extents = extents[:1]
+        chunk = p.BlockStatusChunk(req.cookie, CONTEXT_ID, tuple(p.Extent(*e) for e in extents), done=True)
+        self._queue(self.proto.send_iov(chunk), 0)
+
+    def _reply(self, cookie: int, err: int, data: Any, msg: str, reserved: int = 0) -> None:
+        if self.write_error is not None or self.proto.phase == "ERROR":
+            return
+        self._queue(self.proto.reply_iov(cookie, err, data if not err else None, msg), reserved)
+
+    def _queue(self, bufs: list[Any], reserved: int) -> None:
+        self.replies.append((bufs, reserved))
+        self.wake_writer.set()
+
+    # -- transmission: the writer -------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        replies = self.replies
+        ch = self.ch
+        try:
+            while True:
+                if not replies:
+                    if self.closing:
+                        return
+                    self.wake_writer.clear()
+                    self.wake_writer.wait()
+                    continue
+                bufs: list[Any] = []
+                released = 0
+                while replies and len(bufs) < MAX_REPLY_BATCH:
+                    b, n = replies.popleft()
+                    bufs += b
+                    released += n
+                ch.writev_all(bufs)
+                if released:
+                    self.reserved -= released
+                    self.room.set()
+        except (ChannelError, OSError) as exc:
+            self.write_error = exc
+            if not isinstance(exc, (ChannelClosedError, ContextStoppedError)):
+                log.warning("%s: cannot send replies: %s; closing", self.name, exc)
+            replies.clear()
+            self.room.set()
+            self.ch.close()  # wakes the reader
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+class NBDServer:
+    """Exports by name, and the policy every connection follows. ``serve(channel)`` is the
+    client handler: it runs one connection to its end (parks; call it in a handler greenlet)."""
+
+    def __init__(self, exports: Sequence[Export], *, max_requests: int = 16,
+                 reply_budget: int = 64 * 1024 * 1024, max_payload: int = p.MAX_PAYLOAD,
+                 tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
+                 grace: float = 5.0, unix_sndbuf: int = 4 * 1024 * 1024) -> None:
+        self.exports: dict[str, Export] = {}
+        for e in exports:
+            if e.name in self.exports:
+                raise ValueError(f"export {e.name!r} given twice")
+            self.exports[e.name] = e
+        self.max_requests = max_requests
+        self.reply_budget = max(reply_budget, max_payload)
+        self.max_payload = max_payload
+        self.tls_context = tls_context
+        self.tls_required = tls_required
+        if tls_required and tls_context is None:
+            raise ValueError("TLS required but no TLS credentials given")
+        self.grace = grace
+        self.unix_sndbuf = unix_sndbuf
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._channels: set[Channel] = set()
+
+    def serve(self, channel: Channel) -> None:
+        """Run one connection to its end. Parks. Never raises for the client's faults."""
+        channel.set_follow_coroutine_ctx(True)
+        channel.set_name(f"nbd-server-{next(self._ids)}")
+        sock = getattr(channel, "socket", None)
+        if self.unix_sndbuf and isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+            # A UNIX socket's default send buffer (208 KiB) is smaller than one 256 KiB READ
+            # reply, so every reply took two wake-ups; measured here with nbdcopy: +10-20 %.
+            # (TCP is left to the kernel's autotuning, which a fixed SO_SNDBUF would turn off.)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.unix_sndbuf)
+            except OSError:
+                pass
+        with self._lock:
+            self._channels.add(channel)
+        try:
+            _Session(self, channel).run()
+        finally:
+            with self._lock:
+                self._channels.discard(channel)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._channels)
+
+    def disconnect_all(self) -> None:
+        """Ask every connection to end: their reads see EOF, so requests already received are
+        answered first (the graceful stop). Thread-safe; never switches."""
+        with self._lock:
+            channels = list(self._channels)
+        for ch in channels:
+            try:
+                ch.shutdown(Shutdown.READ)
+            except ChannelError:
+                ch.close()
+
+    def close_all(self) -> None:
+        """Close every connection now (their greenlets see ChannelClosedError). Thread-safe."""
+        with self._lock:
+            channels = list(self._channels)
+        for ch in channels:
+            ch.close()
+
+    def close(self) -> None:
+        for e in self.exports.values():
+            e.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepting clients (a stand-in for qioc_green.NetListener)
+
+
+class Acceptor:
+    """Listening sockets; each accepted client is handed to ``handler(channel)`` as a greenlet in
+    a context chosen round-robin from ``contexts``; the channel is closed when the handler returns.
+
+    The accept loops run as greenlets in ``accept_context`` (default: the iohandler context).
+    The shape is ``NetListener``'s, so the program can switch to it unchanged.
+    """
+
+    def __init__(self, name: str = "nbd") -> None:
+        self.name = name
+        self._listeners: list[SocketChannel] = []
+        self._handler: Callable[[Channel], Any] | None = None
+        self._contexts: list[qioc_green.Context] = []
+        self._rr = itertools.count()
+        self._loops: list[Any] = []
+        self._clients: set[Any] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def open(self, addr: str) -> list[str]:
+        """Listen on ``addr`` (QEMU spelling); return the bound addresses (port 0 resolved)."""
+        chans = SocketChannel.listen_all(addr)
+        for ch in chans:
+            ch.set_follow_coroutine_ctx(True)
+        self._listeners += chans
+        return [ch.local_address for ch in chans]
+
+    def set_client_handler(self, fn: Callable[[Channel], Any], *,
+                           contexts: Iterable[qioc_green.Context] | Any = None,
+                           accept_context: qioc_green.Context | None = None) -> None:
+        self._handler = fn
+        if contexts is None:
+            self._contexts = [qioc_green.current_context()]
+        elif hasattr(contexts, "contexts"):
+            self._contexts = list(contexts.contexts)
+        else:
+            self._contexts = list(contexts)
+        # As NetListener: accept in the iohandler context, so accepting never depends on the
+        # opening thread running its hub.
+        ctx = accept_context or qioc_green.iohandler_context()
+        for lst in self._listeners:
+            self._loops.append(ctx.spawn(self._accept_loop, lst))
+
+    def _accept_loop(self, lst: SocketChannel) -> None:
+        while not self._closed:
+            try:
+                ch = lst.accept()
+            except (ChannelClosedError, ContextStoppedError):
+                return
+            except BrokenChannelError as exc:  # EMFILE and friends: back off, keep listening
+                log.warning("%s: accept failed: %s", lst.name, exc)
+                gevent.sleep(0.1)
+                continue
+            ctx = self._contexts[next(self._rr) % len(self._contexts)]
+            try:
+                fut = ctx.spawn(self._run_client, ch)
+            except ContextStoppedError:
+                ch.close()
+                continue
+            with self._lock:
+                self._clients.add(fut)
+            fut.add_done_callback(self._client_done)
+
+    def _client_done(self, fut: Any) -> None:
+        with self._lock:
+            self._clients.discard(fut)
+
+    def _run_client(self, ch: Channel) -> None:
+        try:
+            assert self._handler is not None
+            self._handler(ch)
+        finally:
+            ch.close()
+
+    def close(self, grace: float | None = 5.0) -> None:
+        """Stop accepting; wait up to ``grace`` seconds for running handlers. Parks."""
+        self._closed = True
+        for lst in self._listeners:
+            lst.close()
+        for fut in self._loops:
+            try:
+                fut.result(timeout=5)
+            except Exception:  # noqa: BLE001 - the loop's own error was logged
+                pass
+        with self._lock:
+            clients = list(self._clients)
+        for fut in clients:
+            try:
+                fut.result(timeout=grace)
+            except Exception:  # noqa: BLE001
+                pass
