@@ -167,6 +167,12 @@ class TLSChannel(Channel):
             inner._leave()
         return True
 
+    def _push_out_quietly(self) -> None:
+        try:
+            self._push_out()
+        except (OSError, ChannelClosedError):
+            pass
+
     def _pull_in(self) -> None:
         """Feed the incoming BIO with what the inner channel has.  Lock held.
 
@@ -208,17 +214,21 @@ class TLSChannel(Channel):
                     except ssl.SSLWantReadError:
                         done = False
                     except ssl.SSLCertVerificationError as exc:
-                        self._push_out()  # the alert, best effort
+                        self._push_out_quietly()  # the alert, best effort
                         raise BrokenChannelError(
                             f"{self._name}: certificate verification of {self.peer} failed: "
                             f"{exc.verify_message or exc.reason}"
                         ) from exc
                     except ssl.SSLError as exc:
-                        self._push_out()
+                        self._push_out_quietly()
                         raise BrokenChannelError(
                             f"{self._name}: tls handshake with {self.peer} failed: {exc.reason or exc}"
                         ) from exc
-                    if not self._push_out():
+                    try:
+                        pushed = self._push_out()
+                    except OSError as exc:
+                        raise self._broken(exc, "tls handshake") from exc
+                    if not pushed:
                         want = _OUT
                     elif done:
                         self._handshaken = True
@@ -312,8 +322,11 @@ class TLSChannel(Channel):
         """
         while True:
             with self._lock:
-                if self._push_out():
-                    return
+                try:
+                    if self._push_out():
+                        return
+                except OSError as exc:  # translated here: this is not one of the base's loops
+                    raise self._broken(exc, "tls write") from exc
                 if not self._blocking:
                     if self._flusher is None:
                         self._flusher = self._inner.add_watch(_OUT, self._flush_when_writable)

@@ -297,3 +297,14 @@ def test_write_after_shutdown_write_says_so(certs):
         c.shutdown(Shutdown.WRITE)
         with pytest.raises(BrokenChannelError, match="close_notify already sent"):
             c.write_all(b"late")
+
+
+def test_shutdown_after_the_peer_vanished_is_a_channel_error(certs):
+    c, s = tls_pair(certs)
+    with c:
+        s.inner.close()  # the peer's socket is gone: our close_notify meets EPIPE or a reset
+        s.close()
+        with pytest.raises(BrokenChannelError):
+            for _ in range(100):  # the first sends may still be taken by the kernel
+                c.write_all(b"x" * 65536)
+            c.shutdown(Shutdown.WRITE)
