@@ -12,6 +12,7 @@ from .channel_buffer import BufferChannel, NullChannel
 from .channel_command import CommandChannel
 from .channel_file import FileChannel
 from .channel_socket import SocketChannel
+from .channel_tls import TLSChannel
 from .errors import (
     BrokenChannelError,
     ChannelBusyError,
@@ -24,6 +25,7 @@ from .errors import (
     WouldBlock,
 )
 from .future import Future
+from .net_listener import NetListener
 from .sync import Event, Queue, QueueClosed
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
@@ -48,6 +50,7 @@ __all__ = [
     "IOCondition",
     "IOThread",
     "IOThreadPool",
+    "NetListener",
     "NotSupportedError",
     "NullChannel",
     "Queue",
@@ -56,6 +59,7 @@ __all__ = [
     "Shutdown",
     "SocketAddress",
     "SocketChannel",
+    "TLSChannel",
     "Task",
     "UnexpectedEOF",
     "Watch",

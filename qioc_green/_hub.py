@@ -471,6 +471,69 @@ def wait_fd_follow(ctx: Context, fd: int, events: int, waiter: Waiter, timeout: 
         watcher.close()
 
 
+def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
+    """Park ``waiter`` on an io watcher of its own hub that is kept between waits (no timeout).
+
+    Starting and stopping a kept watcher costs a fraction of making and closing one; the channel
+    keeps one per direction for the context that last waited (``Channel._park``).
+    """
+    # Waiter.park() without a timer, inlined: this is every wait of a busy server.
+    ctx = waiter.context
+    hub = ctx.hub
+    if waiter.greenlet is hub:
+        waiter.withdraw()
+        raise RuntimeError(f"cannot wait inside the hub of context {ctx.name} (a callback must not block)")
+    if ctx.stopping:
+        waiter.withdraw()
+        raise ContextStoppedError(f"context {ctx.name} is stopping")
+    parked = ctx.parked
+    parked.add(waiter)
+    # Readiness switches straight into the greenlet (a C callable: no Python frame in the hub)
+    # without claiming the token; the greenlet claims it on the way out.  If another party
+    # (close, wake_read, a stopping context) claimed it first, its delivery is dropped: we are
+    # awake already, and what it carried is seen by the next operation (a closed channel, a
+    # stopping context refuse the next park).  Either way the greenlet resumes exactly once.
+    watcher.start(waiter.greenlet.switch, _READY)
+    try:
+        value = hub.switch()
+    except BaseException:
+        try:
+            waiter._token.pop()
+        except IndexError:
+            waiter._abandoned = True
+        raise
+    finally:
+        watcher.stop()
+        parked.discard(waiter)
+    if value is _READY:
+        try:
+            waiter._token.pop()
+        except IndexError:
+            waiter._abandoned = True
+        return None
+    if value is not None and isinstance(value, BaseException):
+        raise value
+    return value
+
+
+class _Ready:
+    __slots__ = ()
+
+
+_READY: Any = _Ready()
+
+
+def release_watcher(ctx: Context, watcher: Any) -> None:
+    """Free a kept (stopped) watcher in its own hub's thread; any thread, never blocks."""
+    if threading.get_ident() == ctx.thread_id:
+        watcher.close()
+        return
+    try:
+        ctx.schedule(watcher.close)
+    except ContextStoppedError:
+        pass  # the hub and its loop are gone; the stopped watcher goes with them
+
+
 def _traced_fire(tr: Callable[[int, int], None], fd: int, events: int, waiter: Waiter) -> None:
     tr(fd, events)
     waiter.fire(None)

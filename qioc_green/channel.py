@@ -92,6 +92,8 @@ class Feature(IntFlag):
     SEEKABLE = 32
 
 
+_tls = _hub._local
+_NO_READ_FLAGS: Any = 0  # read()'s default: a plain 0 costs nothing to test or pass on
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
 # Plain ints for the hot paths: IntFlag arithmetic costs a Python call per operation.
@@ -159,6 +161,12 @@ class Channel:
         self._watches: set[Watch] = set()
         self._wait_efd: int | None = None
         self._wait_lock = threading.Lock()
+        # Follow-mode watcher kept between waits, per direction: (context, watcher) or None.
+        # Only the context's own thread starts/stops it; it is released in _finalize.
+        self._wcache: list[Any] = [None, None]
+        # Read prediction (see _park_first): the last read parked, and a write came after it.
+        self._rd_parked = False
+        self._wrote = False
 
     # -- hooks for channel kinds ---------------------------------------------------------------
 
@@ -279,6 +287,12 @@ class Channel:
         if efd is not None:
             os.close(efd)
         self._io_close()
+        # The cached watchers are stopped (nobody holds the channel, so nobody is parked);
+        # each is freed by its own hub.
+        for i, ent in enumerate(self._wcache):
+            if ent is not None:
+                self._wcache[i] = None
+                _hub.release_watcher(ent[0], ent[1])
 
     def _broken(self, exc: OSError, what: str, done: int = 0, expected: int | None = None) -> Exception:
         if self._closed:
@@ -294,6 +308,36 @@ class Channel:
 
     def _park(self, cond: IOCondition, deadline: float | None) -> Any:
         """Park the calling greenlet until ``cond`` may be ready, or it is woken.  Holds taken."""
+        if deadline is None and self._follow:
+            # The hot path (a server's handler): follow on, no deadline, and a watcher kept on
+            # this very hub from the last wait in this direction.  Same steps as below, fewer.
+            i = 0 if cond is _IN else 1
+            ent = self._wcache[i]
+            if ent is not None and _hub.trace is None:
+                try:
+                    ctx = _tls.context  # current_context(), inlined (it exists: ent was made here)
+                except AttributeError:
+                    ctx = _hub.current_context()
+                if ent[0] is ctx:
+                    slot = self._slots[i]
+                    waiter = _hub.Waiter(ctx)
+                    slot.append(waiter)  # visible to wakers: every exit must withdraw or park
+                    try:
+                        if slot[0] is not waiter:
+                            waiter.withdraw()
+                            direction = "read" if i == 0 else "write"
+                            raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
+                        if self._closed:
+                            waiter.withdraw()
+                            raise ChannelClosedError(f"{self._name}: channel is closed")
+                        waiter.orphan = lambda: self._orphaned(slot, waiter)
+                        return _hub.wait_watcher(ent[1], waiter)
+                    finally:
+                        waiter.orphan = None
+                        try:
+                            slot.remove(waiter)
+                        except ValueError:
+                            pass  # released by an orphaning wake
         fd = self._io_fd(cond)
         if fd is None:
             return None
@@ -312,8 +356,16 @@ class Channel:
             # If this greenlet's thread ends while it is parked, whoever wins the wake releases
             # what this call holds: its slot and the operation's hold on the fd.
             waiter.orphan = lambda: self._orphaned(slot, waiter)
-            timeout = None if deadline is None else deadline - time.monotonic()
             events = _hub.READ if cond is _IN else _hub.WRITE
+            if self._follow and deadline is None and _hub.trace is None:
+                # First follow-mode wait in this direction: make the watcher to keep (above).
+                i = 0 if cond is _IN else 1
+                ent = self._wcache[i]
+                if ent is None or ent[0]._dead:  # none yet, or its hub is gone (IOThread stopped)
+                    watcher = ctx.loop.io(fd, events)
+                    self._wcache[i] = (ctx, watcher)
+                    return _hub.wait_watcher(watcher, waiter)
+            timeout = None if deadline is None else deadline - time.monotonic()
             try:
                 if self._follow:
                     return _hub.wait_fd_follow(ctx, fd, events, waiter, timeout)
@@ -343,6 +395,16 @@ class Channel:
         except ChannelError as exc:
             exc.done, exc.expected = done, expected
             raise
+
+    # _park_first: wait for readability *before* trying a read that will most likely find nothing.
+
+    # A request/response peer has nothing to say between our reply and its next request, so the
+    # read that follows a write nearly always meets EAGAIN, and raising and catching that costs
+    # more than the syscall (PERF-NOTES: the lean loop waits first, then reads once).  The
+    # prediction, inlined in read(), readinto() and read_all(): the previous read on this channel
+    # had to park, and a write came since.  A stream that keeps data queued never parks, so it
+    # keeps trying first, and a read that fills the caller's whole buffer after parking ends the
+    # guess.  A wrong guess costs one loop iteration (the watcher fires at once on a ready fd).
 
     def yield_(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Park the calling greenlet until ``cond`` (IN or OUT) may be ready, or until woken.
@@ -452,12 +514,21 @@ class Channel:
         deadline = _deadline(timeout)
         self._enter()
         try:
+            parked = False
+            if self._wrote:
+                self._wrote = False
+                if self._rd_parked and self._blocking:
+                    self._park(_IN, deadline)  # see _park_first
+                    parked = True
             while True:
                 try:
-                    return self._io_readinto(view, int(flags))
+                    got = self._io_readinto(view, int(flags))
+                    self._rd_parked = parked and got < len(view)
+                    return got
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read") from None
+                    parked = True
                     self._park(_IN, deadline)
                 except InterruptedError:
                     continue
@@ -466,27 +537,43 @@ class Channel:
         finally:
             self._leave()
 
-    def read(self, n: int, *, flags: ReadFlag = ReadFlag.NONE, timeout: float | None = None) -> bytes:
+    def read(self, n: int, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> bytes:
         """Read up to ``n`` bytes; ``b""`` at EOF.  May park."""
-        self._check_read_flags(0, flags)
+        if flags:
+            self._check_read_flags(0, flags)
+            flags = int(flags)  # type: ignore[assignment]
         if n <= 0:
             return b""
-        deadline = _deadline(timeout)
-        self._enter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._holds.append(None)  # _enter(), inlined: this is a server's every request
         try:
+            if self._closed:
+                raise ChannelClosedError(f"{self._name}: channel is closed")
+            parked = False
+            if self._wrote:
+                self._wrote = False
+                if self._rd_parked and self._blocking:
+                    self._park(_IN, deadline)  # see _park_first
+                    parked = True
             while True:
                 try:
-                    return self._io_read(n, int(flags))
+                    data = self._io_read(n, flags)
+                    self._rd_parked = parked and len(data) < n
+                    return data
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read") from None
+                    parked = True
                     self._park(_IN, deadline)
                 except InterruptedError:
                     continue
                 except OSError as exc:
                     raise self._broken(exc, "read") from exc
         finally:
-            self._leave()
+            holds = self._holds  # _leave(), inlined
+            holds.pop()
+            if not holds:
+                self._finalize()
 
     def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None,
                    done: int = 0) -> tuple[bool, list[int]]:
@@ -599,13 +686,21 @@ class Channel:
         try:
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            parked = False
+            if self._wrote:
+                self._wrote = False
+                if self._rd_parked and self._blocking:
+                    self._park(_IN, deadline)  # see _park_first
+                    parked = True
             while True:
                 try:
                     data = self._io_read(n, 0)
+                    self._rd_parked = parked
                     break
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read", 0, n) from None
+                    parked = True
                     self._park_counting(_IN, deadline, 0, n)
                 except InterruptedError:
                     continue
@@ -641,6 +736,7 @@ class Channel:
         self._check_write(fds, flags)
         views = _views(buffers)
         deadline = _deadline(timeout)
+        self._wrote = True
         self._enter()
         try:
             while True:
@@ -678,6 +774,7 @@ class Channel:
     def _writev_all(self, buffers: Sequence[Buffer], fds: Sequence[int], flags: int, timeout: float | None,
                     done: int = 0) -> None:
         """The one write loop; the first ``done`` bytes are already written."""
+        self._wrote = True
         views = _views(buffers)
         expected = sum(len(v) for v in views)
         deadline = _deadline(timeout)
@@ -721,6 +818,7 @@ class Channel:
         # Fast path: one send usually takes it all.
         if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")
+        self._wrote = True
         self._holds.append(None)
         try:
             if self._closed:
@@ -732,7 +830,10 @@ class Channel:
             except OSError as exc:
                 raise self._broken(exc, "write", 0, len(data)) from exc
         finally:
-            self._leave()
+            holds = self._holds  # _leave(), inlined
+            holds.pop()
+            if not holds:
+                self._finalize()
         if n < len(data):
             self._writev_all((data,), (), 0, timeout, done=n)
 

@@ -1,0 +1,427 @@
+"""TLSChannel: TLS over any channel, with the stdlib's ``ssl.MemoryBIO`` and ``SSLObject``.
+QEMU: ``io/channel-tls.c``.
+
+The facts
+---------
+* An ``SSLObject`` never touches a socket: ciphertext goes in through an incoming MemoryBIO and
+  comes out of an outgoing one.  Its calls never block; they raise ``SSLWantReadError`` when a
+  record is incomplete.  They release the GIL while the cipher runs, which is what lets two
+  IOThreads decrypt and encrypt at the same time.
+* OpenSSL's ``SSL`` object is not safe for two threads at once, yet a reader and a writer may use
+  this channel from two IOThreads (DESIGN semantic 3).
+
+The decisions
+-------------
+* **One lock around the TLS state, never held while parked.**  Each hook takes the lock, does
+  only non-blocking work (feed the BIO from the inner channel's non-blocking read hook, run the
+  cipher, push ciphertext with the inner's non-blocking write hook), and releases it.  A hook that
+  would have to wait raises ``BlockingIOError`` *after* releasing the lock; the base class's one
+  loop then parks, and parking is forwarded to the inner channel (``_park`` below), so the wait
+  happens on the hub the inner channel's follow flag says (DESIGN semantic 6; QEMU 9.1's fix for
+  NBD+TLS in an iothread).  The follow flag itself is the inner channel's: this channel has none.
+* **Ciphertext that the inner channel would not take** stays in ``_out`` and goes first at the
+  next write; every write call of this class drains it before returning (parking on the inner
+  channel if needed), so a write that returned has handed all its ciphertext to the kernel.
+  Readers push what the cipher wants to send (TLS 1.3 key updates) the same non-blocking way.
+* **close()** sends close_notify best effort (it never parks, as every close), then closes the
+  inner channel, which wakes whoever is parked on it.  ``shutdown(Shutdown.WRITE)`` sends
+  close_notify, drains it (may park) and half-closes the inner channel; reading goes on until the
+  peer's close_notify, which reads as EOF.  An EOF from the inner channel without close_notify
+  is a truncation attack as far as TLS knows: it raises BrokenChannelError.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .channel import Channel, Feature, IOCondition, Shutdown, WriteFlag
+from .errors import BrokenChannelError, ChannelClosedError, NotSupportedError
+
+_IN = IOCondition.IN
+_OUT = IOCondition.OUT
+_CHUNK = 256 * 1024  # ciphertext read from the inner channel at once
+_MAX_PLAIN = 16 * 1024 * 16  # plaintext encrypted per hook call (16 records)
+
+
+class TLSChannel(Channel):
+    """A TLS session over ``inner``; build with ``client()`` or ``server()``, then ``handshake()``.
+
+    Features: SHUTDOWN.  Follow flag and blocking mode are the inner channel's.  The inner
+    channel belongs to this one from then on (closing this closes it).
+    """
+
+    kind = "tls"
+
+    def __init__(self, inner: Channel, ssl_context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None, name: str | None = None) -> None:
+        super().__init__(name=name or f"tls-{inner.name}", features=Feature.SHUTDOWN)
+        self._inner = inner
+        self._server_side = server_side
+        self._hostname = server_hostname
+        self._in = ssl.MemoryBIO()
+        self._outbio = ssl.MemoryBIO()
+        self._ssl = ssl_context.wrap_bio(self._in, self._outbio, server_side=server_side,
+                                         server_hostname=server_hostname)
+        self._lock = threading.Lock()
+        self._out = bytearray()  # ciphertext the inner channel has not taken yet
+        self._handshaken = False
+        self._sent_close = False
+        self._plain = bytearray()  # plaintext already decrypted when close_notify was sent
+        self._flusher: Any = None  # the watch that pushes queued ciphertext in non-blocking mode
+
+    @classmethod
+    def client(cls, inner: Channel, ssl_context: ssl.SSLContext, server_hostname: str | None = None, *,
+               name: str | None = None) -> TLSChannel:
+        """A client session over ``inner``; ``server_hostname`` is checked against the
+        certificate when the context says so.  Never switches (the handshake is ``handshake()``).
+        QEMU: ``qio_channel_tls_new_client()``."""
+        return cls(inner, ssl_context, server_side=False, server_hostname=server_hostname, name=name)
+
+    @classmethod
+    def server(cls, inner: Channel, ssl_context: ssl.SSLContext, *, name: str | None = None) -> TLSChannel:
+        """A server session over ``inner``.  Never switches.  QEMU: ``qio_channel_tls_new_server()``."""
+        return cls(inner, ssl_context, server_side=True, name=name)
+
+    # -- what is the inner channel's -------------------------------------------------------------
+
+    @property
+    def inner(self) -> Channel:
+        return self._inner
+
+    @property
+    def follow_coroutine_ctx(self) -> bool:
+        return self._inner.follow_coroutine_ctx
+
+    def set_follow_coroutine_ctx(self, enabled: bool) -> None:
+        """Sets the inner channel's flag: waits are the inner channel's (DESIGN semantic 6)."""
+        self._inner.set_follow_coroutine_ctx(enabled)
+
+    def set_blocking(self, enabled: bool) -> None:
+        super().set_blocking(enabled)
+        self._inner.set_blocking(enabled)
+
+    def wake_read(self) -> None:
+        self._inner.wake_read()
+
+    def _park(self, cond: IOCondition, deadline: float | None) -> Any:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        try:
+            self._inner.yield_(cond, timeout=timeout)
+        except ChannelClosedError:
+            raise ChannelClosedError(f"{self._name}: channel closed while waiting") from None
+
+    def _io_fd(self, cond: IOCondition) -> int | None:
+        return self._inner._io_fd(cond)
+
+    @property
+    def peer(self) -> str:
+        """Who the peer is, for messages: the server name if one was given, else its address."""
+        if self._hostname:
+            return self._hostname
+        return str(getattr(self._inner, "remote_address", self._inner.name))
+
+    @property
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._ssl.cipher()
+
+    @property
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._ssl.getpeercert(binary_form)
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject:
+        return self._ssl
+
+    # -- moving ciphertext (lock held, never parks) ----------------------------------------------
+
+    def _push_out(self) -> bool:
+        """Move the BIO's ciphertext to ``_out`` and write what the inner channel takes.
+
+        Returns True when nothing is left.  Lock held.
+        """
+        if self._outbio.pending:
+            self._out += self._outbio.read()
+        inner = self._inner
+        out = self._out
+        if not out:
+            return True
+        inner._enter()
+        try:
+            while out:
+                try:
+                    n = inner._io_write(memoryview(out))
+                except BlockingIOError:
+                    return False
+                except InterruptedError:
+                    continue
+                del out[:n]
+        finally:
+            inner._leave()
+        return True
+
+    def _push_out_quietly(self) -> None:
+        try:
+            self._push_out()
+        except (OSError, ChannelClosedError):
+            pass
+
+    def _pull_in(self) -> None:
+        """Feed the incoming BIO with what the inner channel has.  Lock held.
+
+        Raises BlockingIOError when it has nothing; marks EOF when it is at EOF.
+        """
+        inner = self._inner
+        inner._enter()
+        try:
+            while True:
+                try:
+                    data = inner._io_read(_CHUNK, 0)
+                    break
+                except InterruptedError:
+                    continue
+        finally:
+            inner._leave()
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    # -- handshake -------------------------------------------------------------------------------
+
+    def handshake(self, timeout: float | None = None) -> None:
+        """Run the TLS handshake to its end.  May park (on the inner channel).
+
+        Raises BrokenChannelError naming the peer when verification fails or the peer breaks
+        off, TimeoutError after ``timeout``.  QEMU: ``qio_channel_tls_handshake()``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._enter()
+        try:
+            while True:
+                want: IOCondition | None = None
+                with self._lock:
+                    try:
+                        self._ssl.do_handshake()
+                        done = True
+                    except ssl.SSLWantReadError:
+                        done = False
+                    except ssl.SSLCertVerificationError as exc:
+                        self._push_out_quietly()  # the alert, best effort
+                        raise BrokenChannelError(
+                            f"{self._name}: certificate verification of {self.peer} failed: "
+                            f"{exc.verify_message or exc.reason}"
+                        ) from exc
+                    except ssl.SSLError as exc:
+                        self._push_out_quietly()
+                        raise BrokenChannelError(
+                            f"{self._name}: tls handshake with {self.peer} failed: {exc.reason or exc}"
+                        ) from exc
+                    try:
+                        pushed = self._push_out()
+                    except OSError as exc:
+                        raise self._broken(exc, "tls handshake") from exc
+                    if not pushed:
+                        want = _OUT
+                    elif done:
+                        self._handshaken = True
+                        return
+                    else:
+                        try:
+                            self._pull_in()
+                            if self._in.eof:
+                                raise BrokenChannelError(
+                                    f"{self._name}: {self.peer} closed the connection during the tls handshake")
+                        except BlockingIOError:
+                            want = _IN
+                        except OSError as exc:
+                            raise self._broken(exc, "tls handshake") from exc
+                if want is not None:
+                    self._park(want, deadline)
+        finally:
+            self._leave()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _io_readinto(self, buf: memoryview, flags: int) -> int:
+        with self._lock:
+            if self._plain:  # set aside by _send_close_notify
+                k = min(len(buf), len(self._plain))
+                buf[:k] = self._plain[:k]
+                del self._plain[:k]
+                return k
+            while True:
+                try:
+                    n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
+                except ssl.SSLWantReadError:
+                    if self._outbio.pending or self._out:
+                        self._push_out()
+                    if self._in.eof:
+                        raise self._truncated() from None
+                    self._pull_in()  # BlockingIOError: the base loop parks on the inner channel
+                    continue
+                except ssl.SSLZeroReturnError:
+                    return 0  # close_notify: a clean EOF
+                except ssl.SSLEOFError:
+                    raise self._truncated() from None
+                # One SSL_read gives one record (16 KiB at most); take the other records that
+                # already arrived in the same call, rather than one base-loop turn each.
+                size = len(buf)
+                while n < size and self._in.pending:
+                    try:
+                        n += self._ssl.read(size - n, buf[n:])  # type: ignore[operator]
+                    except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                        break  # the next call sees it again
+                if self._outbio.pending:
+                    self._push_out()
+                return n
+
+    def _truncated(self) -> OSError:
+        # EPROTO rather than ECONNRESET: the message must say what TLS knows (a truncation).
+        return OSError(errno.EPROTO, f"{self.peer} closed the connection without close_notify")
+
+    def _io_readv(self, buffers: list[memoryview], max_fds: int, flags: int) -> tuple[int, list[int]]:
+        if max_fds or flags:
+            raise NotSupportedError(f"{self._name}: tls channels pass neither fds nor MSG_PEEK")
+        return self._io_readinto(buffers[0], 0), []
+
+    def _io_write(self, buf: memoryview) -> int:
+        with self._lock:
+            if self._sent_close:
+                raise OSError(errno.ESHUTDOWN, "close_notify already sent (shut down for writing)")
+            if self._out and not self._push_out():
+                raise BlockingIOError(11, "tls: ciphertext still queued")
+            n = self._ssl.write(buf[:_MAX_PLAIN])
+            self._push_out()  # what the inner channel does not take now goes first next time
+            return n
+
+    def _io_writev(self, buffers: list[memoryview], fds: Sequence[int], flags: int) -> int:
+        if len(buffers) == 1:
+            return self._io_write(buffers[0])
+        # Join small buffers into one record's worth rather than one record per buffer.
+        joined = bytearray()
+        for b in buffers:
+            joined += b
+            if len(joined) >= _MAX_PLAIN:
+                break
+        return self._io_write(memoryview(joined))
+
+    def _drain(self, deadline: float | None) -> None:
+        """Park (on the inner channel) until every queued byte of ciphertext has been written.
+
+        In non-blocking mode it never parks: the plaintext is already accepted (the caller was
+        told so), so what the inner channel will not take now is pushed by a watch on the inner
+        channel, in the calling context, as soon as it is writable.
+        """
+        while True:
+            with self._lock:
+                try:
+                    if self._push_out():
+                        return
+                except OSError as exc:  # translated here: this is not one of the base's loops
+                    raise self._broken(exc, "tls write") from exc
+                if not self._blocking:
+                    if self._flusher is None:
+                        self._flusher = self._inner.add_watch(_OUT, self._flush_when_writable)
+                    return
+            self._park(_OUT, deadline)
+
+    def _flush_when_writable(self, inner: Channel, cond: IOCondition) -> bool:
+        # Runs inside a hub: never wait.  The lock's holders never park, but do not even queue
+        # behind one: try again at the next readiness.
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            try:
+                done = self._push_out()
+            except (OSError, ChannelClosedError):
+                done = True  # the next write reports the broken channel
+            if done:
+                self._flusher = None
+            return not done
+        finally:
+            self._lock.release()
+
+    def writev_full(self, buffers: Sequence[Any], fds: Sequence[int] = (), flags: WriteFlag = WriteFlag.NONE,
+                    *, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        n = super().writev_full(buffers, fds, flags, timeout=timeout)
+        self._enter()
+        try:
+            self._drain(deadline)
+        finally:
+            self._leave()
+        return n
+
+    def writev_full_all(self, buffers: Sequence[Any], fds: Sequence[int] = (),
+                        flags: WriteFlag = WriteFlag.NONE, *, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        super().writev_full_all(buffers, fds, flags, timeout=timeout)
+        self._enter()
+        try:
+            self._drain(deadline)
+        finally:
+            self._leave()
+
+    def write_all(self, data: Any, *, timeout: float | None = None) -> None:
+        self.writev_full_all((data,), timeout=timeout)
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def _send_close_notify(self) -> None:
+        """Queue close_notify (lock held).  Idempotent."""
+        if self._sent_close or not self._handshaken:
+            return
+        self._sent_close = True
+        # The stdlib's unwrap() calls SSL_shutdown() a second time, to read the peer's
+        # close_notify, and OpenSSL discards any application data that call meets (records in
+        # the incoming BIO, plaintext left in a record a short read did not take).  Reading goes
+        # on after our close_notify, so move both out of its way first and give them back after.
+        while self._ssl.pending():
+            self._plain += self._ssl.read(self._ssl.pending())
+        ciphertext = self._in.read()
+        try:
+            self._ssl.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass  # it waits for the peer's close_notify; ours is in the BIO already
+        if ciphertext:
+            self._in.write(ciphertext)
+
+    def shutdown(self, how: Shutdown = Shutdown.BOTH) -> None:
+        """As the base, and for WRITE first sends close_notify and drains it, so it may park."""
+        how = Shutdown(how)
+        self._enter()
+        try:
+            if how & Shutdown.WRITE:
+                with self._lock:
+                    self._send_close_notify()
+                self._drain(None)
+            self._inner.shutdown(how)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        """Send close_notify (best effort, never parks), close this channel and the inner one."""
+        if not self._closed and self._handshaken:
+            acquired = self._lock.acquire(timeout=1.0)  # holders never park, so this is short
+            if acquired:
+                try:
+                    self._send_close_notify()
+                    try:
+                        self._push_out()
+                    except (OSError, ChannelClosedError):
+                        pass
+                finally:
+                    self._lock.release()
+        super().close()
+        self._inner.close()
+
+
+__all__ = ["TLSChannel"]
