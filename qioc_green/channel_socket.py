@@ -116,7 +116,9 @@ class SocketChannel(Channel):
             except BaseException:
                 ch.close()
                 raise
-        raise BrokenChannelError(f"socket-{sa}: connect failed: {last}") from last
+        if len(targets) == 1 and last is not None:
+            raise last  # it already names the channel and the reason
+        raise BrokenChannelError(f"{name or f'socket-{sa}'}: connect failed on every address: {last}") from last
 
     def _connect(self, sockaddr: Any, deadline: float | None) -> None:
         err = self._sock.connect_ex(sockaddr)

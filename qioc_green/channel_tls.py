@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .channel import Channel, Feature, IOCondition, Shutdown, WriteFlag
-from .errors import BrokenChannelError, ChannelClosedError, NotSupportedError
+from .errors import BrokenChannelError, ChannelClosedError, ChannelError, NotSupportedError
 
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
@@ -401,7 +401,12 @@ class TLSChannel(Channel):
         try:
             if how & Shutdown.WRITE:
                 with self._lock:
-                    self._send_close_notify()
+                    try:
+                        self._send_close_notify()
+                    except ChannelError:
+                        raise
+                    except OSError as exc:  # the peer already hung up: translate, as everywhere
+                        raise self._broken(exc, "tls shutdown") from exc
                 self._drain(None)
             self._inner.shutdown(how)
         finally:
