@@ -30,7 +30,7 @@ import gevent
 import gevent.event
 
 import qioc_green
-from nbdlib.server import Export, FileExport, MemoryExport, NBDServer, make_listener, parse_size
+from nbdlib.server import Export, FileExport, MemoryExport, NBDServer, parse_size
 
 
 def _export(spec: str) -> tuple[str, str, bool]:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             e.close()
         return 1
     pool = qioc_green.IOThreadPool(args.iothreads, name="nbd-iothread", pin=args.pin)
-    acceptor = make_listener("nbd")
+    acceptor = qioc_green.NetListener("nbd")
     try:
         for addr in args.listen:
             for bound in acceptor.open(addr):

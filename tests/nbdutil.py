@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 
 import qioc_green
-from nbdlib.server import Export, NBDServer, make_listener
+from nbdlib.server import Export, NBDServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -161,12 +161,12 @@ def nbdkit(sock: str, *plugin: str) -> Iterator[int]:
 
 
 class InProcessServer:
-    """Our server in this process: exports, an IOThreadPool and an Acceptor on a UNIX socket."""
+    """Our server in this process: exports, an IOThreadPool and a NetListener on a UNIX socket."""
 
     def __init__(self, exports: list[Export], sock: str, iothreads: int = 2, **kw: Any) -> None:
         self.server = NBDServer(exports, **kw)
         self.pool = qioc_green.IOThreadPool(iothreads, name="srv-iothread")
-        self.acceptor = make_listener("nbd-test")
+        self.acceptor = qioc_green.NetListener("nbd-test")
         self.sock = sock
         self.address = self.acceptor.open(f"unix:{sock}")[0]
         self.acceptor.set_client_handler(self.server.serve, contexts=self.pool)

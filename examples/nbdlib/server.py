@@ -25,8 +25,7 @@ protocol, or goes away, ends its own connection with one log line. Nothing here 
 connections: each has its own greenlets and channel, and exports are shared only through
 positional I/O (file) or a lock held for a copy (memory).
 
-``Acceptor`` is a small stand-in for ``qioc_green.NetListener`` with the same shape
-(``open``, ``set_client_handler(fn, contexts=)``, ``close``), so swapping is a few lines.
+Accepting is ``qioc_green.NetListener``'s: ``NBDServer.serve(channel)`` is its client handler.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import gevent
@@ -56,7 +55,6 @@ from qioc_green import (
     ChannelError,
     ContextStoppedError,
     Shutdown,
-    SocketChannel,
 )
 
 from . import protocol as p
@@ -65,8 +63,6 @@ from .protocol import NEED_DATA, PAUSED
 log = logging.getLogger("nbd.server")
 
 __all__ = [
-    "Acceptor",
-    "make_listener",
     "Export",
     "FileExport",
     "MemoryExport",
@@ -790,108 +786,3 @@ class NBDServer:
             e.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# Accepting clients (a stand-in for qioc_green.NetListener)
-
-
-def make_listener(name: str = "nbd") -> Any:
-    """``qioc_green.NetListener`` where the library has it, else ``Acceptor`` (the same shape:
-    ``open``, ``set_client_handler(fn, contexts=)``, ``close(grace)``). Checked against the
-    listener of the srv branch; drop ``Acceptor`` once NetListener is in main."""
-    listener = getattr(qioc_green, "NetListener", None)
-    if listener is not None:
-        return listener(name=name)
-    return Acceptor(name)
-
-
-class Acceptor:
-    """Listening sockets; each accepted client is handed to ``handler(channel)`` as a greenlet in
-    a context chosen round-robin from ``contexts``; the channel is closed when the handler returns.
-
-    The accept loops run as greenlets in ``accept_context`` (default: the iohandler context).
-    The shape is ``NetListener``'s, so the program can switch to it unchanged.
-    """
-
-    def __init__(self, name: str = "nbd") -> None:
-        self.name = name
-        self._listeners: list[SocketChannel] = []
-        self._handler: Callable[[Channel], Any] | None = None
-        self._contexts: list[qioc_green.Context] = []
-        self._rr = itertools.count()
-        self._loops: list[Any] = []
-        self._clients: set[Any] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def open(self, addr: str) -> list[str]:
-        """Listen on ``addr`` (QEMU spelling); return the bound addresses (port 0 resolved)."""
-        chans = SocketChannel.listen_all(addr)
-        for ch in chans:
-            ch.set_follow_coroutine_ctx(True)
-        self._listeners += chans
-        return [ch.local_address for ch in chans]
-
-    def set_client_handler(self, fn: Callable[[Channel], Any], *,
-                           contexts: Iterable[qioc_green.Context] | Any = None,
-                           accept_context: qioc_green.Context | None = None) -> None:
-        self._handler = fn
-        if contexts is None:
-            self._contexts = [qioc_green.current_context()]
-        elif hasattr(contexts, "contexts"):
-            self._contexts = list(contexts.contexts)
-        else:
-            self._contexts = list(contexts)
-        # As NetListener: accept in the iohandler context, so accepting never depends on the
-        # opening thread running its hub.
-        ctx = accept_context or qioc_green.iohandler_context()
-        for lst in self._listeners:
-            self._loops.append(ctx.spawn(self._accept_loop, lst))
-
-    def _accept_loop(self, lst: SocketChannel) -> None:
-        while not self._closed:
-            try:
-                ch = lst.accept()
-            except (ChannelClosedError, ContextStoppedError):
-                return
-            except BrokenChannelError as exc:  # EMFILE and friends: back off, keep listening
-                log.warning("%s: accept failed: %s", lst.name, exc)
-                gevent.sleep(0.1)
-                continue
-            ctx = self._contexts[next(self._rr) % len(self._contexts)]
-            try:
-                fut = ctx.spawn(self._run_client, ch)
-            except ContextStoppedError:
-                ch.close()
-                continue
-            with self._lock:
-                self._clients.add(fut)
-            fut.add_done_callback(self._client_done)
-
-    def _client_done(self, fut: Any) -> None:
-        with self._lock:
-            self._clients.discard(fut)
-
-    def _run_client(self, ch: Channel) -> None:
-        try:
-            assert self._handler is not None
-            self._handler(ch)
-        finally:
-            ch.close()
-
-    def close(self, grace: float | None = 5.0) -> None:
-        """Stop accepting; wait up to ``grace`` seconds for running handlers. Parks."""
-        self._closed = True
-        for lst in self._listeners:
-            lst.close()
-        for fut in self._loops:
-            try:
-                fut.result(timeout=5)
-            except Exception:  # noqa: BLE001 - the loop's own error was logged
-                pass
-        with self._lock:
-            clients = list(self._clients)
-        for fut in clients:
-            try:
-                fut.result(timeout=grace)
-            except Exception:  # noqa: BLE001
-                pass
