@@ -35,6 +35,7 @@ demo: $(DEV)
 
 bench: $(BENCH)
 	$(BIN)/python bench/channel_overhead.py
+	$(BIN)/python bench/scaling.py --quick
 	$(BIN)/python bench/migration.py
 	$(BIN)/python bench/nbd.py
 
