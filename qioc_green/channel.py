@@ -483,21 +483,27 @@ class Channel:
         QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
-        views = _views(buffers)
-        deadline = _deadline(timeout)
+        result: tuple[int, list[int]] = self._retry(_IN, "read", _deadline(timeout),
+                                                    self._io_readv, _views(buffers), max_fds, int(flags))
+        return result
+
+    def _retry(self, cond: IOCondition, what: str, deadline: float | None, hook: Callable[..., Any],
+               *args: Any) -> Any:
+        """The one shape of a single operation: hold the fd, try the hook, park on EAGAIN (or
+        raise WouldBlock), retry on EINTR, translate any other OSError."""
         self._enter()
         try:
             while True:
                 try:
-                    return self._io_readv(views, max_fds, int(flags))
+                    return hook(*args)
                 except BlockingIOError:
                     if not self._blocking:
-                        raise self._would_block("read") from None
-                    self._park(_IN, deadline)
+                        raise self._would_block(what) from None
+                    self._park(cond, deadline)
                 except InterruptedError:
                     continue
                 except OSError as exc:
-                    raise self._broken(exc, "read") from exc
+                    raise self._broken(exc, what) from exc
         finally:
             self._leave()
 
@@ -734,24 +740,9 @@ class Channel:
         BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_writev_full()``.
         """
         self._check_write(fds, flags)
-        views = _views(buffers)
-        deadline = _deadline(timeout)
         self._wrote = True
-        self._enter()
-        try:
-            while True:
-                try:
-                    return self._io_writev(views, fds, int(flags))
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("write") from None
-                    self._park(_OUT, deadline)
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, "write") from exc
-        finally:
-            self._leave()
+        n: int = self._retry(_OUT, "write", _deadline(timeout), self._io_writev, _views(buffers), fds, int(flags))
+        return n
 
     def writev(self, buffers: Sequence[Buffer], *, timeout: float | None = None) -> int:
         """``writev_full`` without fds.  May park; may be partial."""

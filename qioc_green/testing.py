@@ -20,7 +20,7 @@ from typing import Any
 import gevent
 
 from . import _hub
-from .channel import Channel, IOCondition
+from .channel import Channel, IOCondition, _advance
 from .errors import WouldBlock
 from .threads import IOThread
 
@@ -41,13 +41,7 @@ def _write_all_nonblocking(ch: Channel, buffers: Sequence[bytes]) -> None:
         except WouldBlock:
             ch.yield_(IOCondition.OUT)
             continue
-        while n:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        views = _advance(views, n)
 
 
 def _read_all_nonblocking(ch: Channel, buffers: Sequence[bytearray]) -> None:
@@ -60,13 +54,7 @@ def _read_all_nonblocking(ch: Channel, buffers: Sequence[bytearray]) -> None:
             continue
         if n == 0:
             raise EOFError("eof before all data was read")
-        while n:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        views = _advance(views, n)
 
 
 def run_pattern(writer: Channel, reader: Channel, *, blocking: bool = True, placement: str = "one-hub",
