@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from polling import poll_pause
+
 QEMU = "qemu-system-x86_64"
 
 
@@ -40,7 +42,7 @@ class _Qmp:
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise CaptureError("QMP socket never appeared") from None
-                time.sleep(0.02)  # polling for a child's socket to exist, not ordering events
+                poll_pause(0.02)  # polling for a child's socket to exist, not ordering events
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
 
@@ -145,7 +147,7 @@ def capture(
                         raise CaptureError(f"migration {status}: {info}")
                     if time.monotonic() > deadline:
                         raise CaptureError(f"migration not completed in {timeout}s: {info}")
-                    time.sleep(0.02)  # polling QEMU's status, as a QMP client does
+                    poll_pause(0.02)  # polling QEMU's status, as a QMP client does
             finally:
                 qmp.close()
             sink.join(max(0.1, deadline - time.monotonic()))

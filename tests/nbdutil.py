@@ -18,6 +18,7 @@ import psutil
 
 import qioc_green
 from nbdlib.server import Export, NBDServer
+from polling import poll_pause
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -148,7 +149,7 @@ def nbdkit(sock: str, *plugin: str) -> Iterator[int]:
         while not (os.path.exists(pidfile) and os.path.getsize(pidfile)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("nbdkit did not start: " + proc.stderr.read().decode()[-500:])  # type: ignore[union-attr]
-            time.sleep(0.01)  # polling for a file nbdkit writes when ready: no ordering guessed
+            poll_pause(0.01)  # polling for a file nbdkit writes when ready: no ordering guessed
         yield proc.pid
     finally:
         proc.terminate()

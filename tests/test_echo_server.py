@@ -11,7 +11,9 @@ import sys
 import time
 
 import pytest
+
 from certs import make_certs
+from polling import poll_pause
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "echo_server.py")
 ROOT = os.path.dirname(os.path.dirname(EXAMPLE))
@@ -165,7 +167,7 @@ def test_max_clients_and_idle_timeout(server_factory):
                 pass
         refused += 1
         assert time.monotonic() < deadline, "never served again"
-        time.sleep(0.01)
+        poll_pause(0.01)
     rc, out, _ = srv.stop()
     assert rc == 0
     assert f"{refused} refused" in out and "1 idle closed" in out

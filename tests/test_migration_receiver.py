@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from migration.stream import NEED_DATA, RamPages, StreamParser
+from polling import poll_pause
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,7 +169,7 @@ def wait_for_file(path: Path, size: int | None = None) -> None:
     deadline = time.monotonic() + WAIT
     while not (path.exists() and (size is None or path.stat().st_size == size)):
         assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)  # observing a file another process writes: nothing to wait on
+        poll_pause(0.01)  # observing a file another process writes: nothing to wait on
 
 
 def test_sigterm_keeps_what_was_received(receivers, tmp_path):

@@ -16,12 +16,12 @@ import threading
 from collections import deque
 
 import pytest
-from nbdutil import InProcessServer, pattern
 
 import qioc_green
 from nbdlib import protocol as p
 from nbdlib.client import Client, GreenLock, NBDError, parse_uri
 from nbdlib.server import FileExport, MemoryExport
+from nbdutil import InProcessServer, pattern
 from qioc_green import sync
 
 MiB = 1 << 20

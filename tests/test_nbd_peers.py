@@ -13,10 +13,10 @@ import signal
 import sys
 
 import pytest
-from nbdutil import COPY, ENV, nbdkit, qemu_nbd, run, server_proc, tcp_uri, unix_uri
 
 import qioc_green
 from nbdlib.client import Client
+from nbdutil import COPY, ENV, nbdkit, qemu_nbd, run, server_proc, tcp_uri, unix_uri
 from peers import need
 
 MiB = 1 << 20

@@ -11,11 +11,11 @@ import ssl
 import subprocess
 
 import pytest
-from nbdutil import InProcessServer, run, server_proc, stop_pid, unix_uri
 
 import qioc_green
 from nbdlib.client import Client
 from nbdlib.server import MemoryExport
+from nbdutil import InProcessServer, run, server_proc, stop_pid, unix_uri
 from peers import need
 
 pytest.importorskip("qioc_green.channel_tls")

@@ -12,6 +12,7 @@ import time
 import gevent
 import pytest
 
+from polling import poll_pause
 from qioc_green import (
     BrokenChannelError,
     ChannelBusyError,
@@ -69,7 +70,7 @@ def _wait_for(pred, timeout=5.0):
     while time.monotonic() < deadline:
         if pred():
             return True
-        time.sleep(0.0005)  # polling another thread's state from a plain thread: bounded
+        poll_pause(0.0005)  # polling another thread's state from a plain thread: bounded
     return False
 
 

@@ -9,8 +9,8 @@ import threading
 
 import gevent
 import pytest
-from certs import client_context, make_certs, server_context
 
+from certs import client_context, make_certs, server_context
 from peers import need
 from qioc_green import (
     BrokenChannelError,
