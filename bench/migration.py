@@ -186,7 +186,14 @@ class Bench:
             target = dst.listen()
             dst_c0 = _cpu(dst.pid)
             try:
-                if mode == "forward":
+                if mode == "socat-forward":  # a C relay: what forwarding costs without Python
+                    port = _free_port()
+                    proc = subprocess.Popen(
+                        ["socat", "-b", "1048576", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr",
+                         "TCP:" + target.removeprefix("tcp:")])
+                    _wait_listening(proc.pid, port)
+                    target = f"tcp:127.0.0.1:{port}"
+                elif mode == "forward":
                     proc = subprocess.Popen(
                         [sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
                          "--forward", target, "--json", os.path.join(self.tmp, "fwd.json")],
@@ -202,7 +209,9 @@ class Bench:
                     src_cpu = _cpu(src.pid) - c0
                 dst_cpu = _cpu(dst.pid) - dst_c0
                 relay_cpu = None
-                if proc is not None:
+                if proc is not None and mode == "socat-forward":
+                    proc.wait(60)
+                elif proc is not None:
                     proc.communicate(timeout=60)
                     if proc.returncode != 0:
                         raise RuntimeError(f"receiver --forward exited {proc.returncode}")
@@ -255,6 +264,26 @@ def _cpu(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(pid: int, port: int, timeout: float = 10.0) -> None:
+    """Until process ``pid`` listens on ``port`` (asked of the kernel: a probe connection
+    would become socat's one and only client)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.Process(pid).net_connections("tcp")):
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"socat never listened on {port}")
+
+
 def _stream_bytes(info: dict[str, Any]) -> int:
     return int(info["ram"]["transferred"])
 
@@ -265,6 +294,7 @@ LABELS = {
     "socat": "live -> socat -b 1M > /dev/null",
     "direct": "live -> destination QEMU",
     "forward": "live -> receiver --forward -> dest",
+    "socat-forward": "live -> socat relay -> dest",
     "parse-file": "file -> receiver (parsing)",
     "read-file": "file -> Python readinto",
 }
@@ -304,12 +334,12 @@ def main() -> int:
         size = b.capture()
         print(f"stream size {size} bytes")
         sinks = [k for k in args.sinks.split(",") if k]
-        dests = [] if args.skip_forward else ["direct", "forward"]
+        dests = [] if args.skip_forward else ["direct", "forward", "socat-forward"]
         for r in range(args.rounds):
             rot = r % len(sinks)
             for kind in sinks[rot:] + sinks[:rot]:
                 results[kind].append(b.live_sink(kind))
-            for mode in (dests[r % 2:] + dests[: r % 2]) if dests else []:
+            for mode in (dests[r % len(dests):] + dests[: r % len(dests)]) if dests else []:
                 results[mode].append(b.live_dest(mode))
             for kind in (("parse-file", "read-file") if r % 2 == 0
                          else ("read-file", "parse-file")):
@@ -322,7 +352,7 @@ def main() -> int:
     med = {k: statistics.median(x["gbs"] for x in v) for k, v in results.items() if v}
     ratios = {}
     for a, b_ in (("receiver", "plain"), ("socat", "plain"), ("parse-file", "read-file"),
-                  ("forward", "direct")):
+                  ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward")):
         if a in med and b_ in med:
             ratios[f"{a}/{b_}"] = med[a] / med[b_]
     targets = {}
