@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import sys
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -31,6 +32,20 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     ctx.load_cert_chain(args.tls[0], args.tls[1])
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
+
+
+def serve_blocking(sock: Any, mode: str) -> None:
+    """The baselines' connection loop in plain blocking calls (gevent's socket or a thread's):
+    echo every read back, or discard a bulk stream."""
+    if mode == "echo":
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            sock.sendall(data)
+    buf = bytearray(BUF)
+    while sock.recv_into(buf):
+        pass
 
 
 def ready(port: int) -> None:
@@ -117,16 +132,7 @@ def run_gevent(args: argparse.Namespace) -> None:
             g = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
             g.load_cert_chain(args.tls[0], args.tls[1])
             sock = g.wrap_socket(sock, server_side=True)
-        if args.mode == "echo":
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                sock.sendall(data)
-        else:
-            buf = bytearray(BUF)
-            while sock.recv_into(buf):
-                pass
+        serve_blocking(sock, args.mode)
 
     from gevent import socket as gsocket
 
@@ -202,16 +208,7 @@ def run_threads(args: argparse.Namespace) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if sctx is not None:
                 sock = sctx.wrap_socket(sock, server_side=True)
-            if args.mode == "echo":
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            else:
-                buf = bytearray(BUF)
-                while sock.recv_into(buf):
-                    pass
+            serve_blocking(sock, args.mode)
 
     class Server(socketserver.ThreadingTCPServer):
         daemon_threads = True
