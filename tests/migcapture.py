@@ -165,3 +165,202 @@ def capture(
             listener.close()
             if proc.returncode not in (0, -9) and err:
                 raise CaptureError(f"qemu exited {proc.returncode}: {err.decode(errors='replace')}")
+
+
+# -- QEMU 10: several connections, file: migrations, qemu.qmp ---------------------------------
+#
+# Kept apart from the 7.2 helpers above (which speak QMP by hand) so they carry over as they
+# are: they drive QMP with qemu.qmp's blocking client and take the QEMU command to run.
+
+
+def pattern_ram(size: int, page_size: int = 4096) -> bytes:
+    """Guest RAM that compresses well but is not zero: page ``i`` repeats a line naming ``i``,
+    except every 7th page (from the 4th) is zero, so a stream has normal and zero pages."""
+    pages = []
+    zero = bytes(page_size)
+    for i in range(size // page_size):
+        if i % 7 == 3:
+            pages.append(zero)
+        else:
+            line = f"qioc_green test page {i:08d}\n".encode()
+            pages.append((line * (page_size // len(line) + 1))[:page_size])
+    return b"".join(pages)
+
+
+class Source:
+    """A paused QEMU source (``-S``, no devices of its own) with QMP over a private UNIX socket.
+
+    ``qemu``: the argv prefix (``peers.need_qemu10()``). ``ram_file`` backs guest RAM
+    (``share=off``), so its bytes are what the pages hold. ``capabilities`` and ``parameters``
+    are set before ``migrate``. Bounded by ``timeout``; the process is killed by its pid on exit.
+    """
+
+    def __init__(self, qemu: Sequence[str], *, machine: str = "q35", mem: str = "16M",
+                 ram_file: str | None = None, capabilities: Sequence[str] = (),
+                 parameters: dict[str, object] | None = None, extra_args: Sequence[str] = (),
+                 timeout: float = 60.0) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.deadline = time.monotonic() + timeout
+        self._tmp = tempfile.TemporaryDirectory(prefix="qmig10-")
+        qmp_path = os.path.join(self._tmp.name, "qmp.sock")
+        argv = [*qemu, "-accel", "tcg", "-m", mem, "-nodefaults", "-display", "none", "-S",
+                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        mopts = machine
+        if ram_file is not None:
+            ram_id = "ram" if machine == "none" else "pc.ram"
+            argv += ["-object",
+                     f"memory-backend-file,id={ram_id},size={mem},mem-path={ram_file},share=off"]
+            mopts += f",memory-backend={ram_id}"
+        argv += ["-machine", mopts, *extra_args]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        self.qmp: QEMUMonitorProtocol | None = None
+        try:
+            while not os.path.exists(qmp_path):
+                if self.proc.poll() is not None or time.monotonic() > self.deadline:
+                    raise CaptureError(f"QEMU did not start: {self._stderr()}")
+                poll_pause(0.02)  # polling for a child's socket to exist, not ordering events
+            self.qmp = QEMUMonitorProtocol(qmp_path)
+            self.qmp.connect()
+            if capabilities:
+                self.qmp.cmd("migrate-set-capabilities", capabilities=[
+                    {"capability": c, "state": True} for c in capabilities])
+            self.qmp.cmd("migrate-set-parameters",
+                         **{"max-bandwidth": 107374182400, **(parameters or {})})
+        except BaseException:
+            self.close()
+            raise
+
+    def _stderr(self) -> str:
+        self.proc.kill()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            err = b""
+        return (err or b"").decode(errors="replace").strip()
+
+    def migrate(self, uri: str) -> None:
+        """Start the migration (QMP ``migrate`` returns at once)."""
+        assert self.qmp is not None
+        self.qmp.cmd("migrate", uri=uri)
+
+    def wait_completed(self) -> dict:
+        """Poll ``query-migrate`` until completed; raise CaptureError if it fails or times out."""
+        assert self.qmp is not None
+        while True:
+            info = self.qmp.cmd("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "completed":
+                return info  # type: ignore[return-value]
+            if status in ("failed", "cancelled"):
+                raise CaptureError(f"migration {status}: {info}")
+            if time.monotonic() > self.deadline:
+                raise CaptureError(f"migration not completed in time: {info}")
+            poll_pause(0.02)  # polling QEMU's status, as a QMP client does
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _multi_sink(listener: socket.socket, count: int, out: list[bytes | None],
+                errors: list[OSError]) -> None:
+    """Accept ``count`` connections; read each in its own thread to EOF into out[k] (accept order)."""
+    readers = []
+
+    def read(conn: socket.socket, k: int) -> None:
+        try:
+            with conn:
+                parts = []
+                while data := conn.recv(1 << 20):
+                    parts.append(data)
+                out[k] = b"".join(parts)
+        except OSError as exc:
+            errors.append(exc)
+
+    try:
+        for k in range(count):
+            conn, _ = listener.accept()
+            t = threading.Thread(target=read, args=(conn, k), name=f"sink-{k}", daemon=True)
+            t.start()
+            readers.append(t)
+    except OSError as exc:
+        errors.append(exc)
+    for t in readers:
+        t.join()
+
+
+def capture_connections(qemu: Sequence[str], connections: int, *, timeout: float = 60.0,
+                        **source: object) -> list[bytes]:
+    """Migrate a paused QEMU to a loopback sink that takes ``connections`` connections (the main
+    channel and the multifd ones) and return each one's bytes, in the order they were accepted."""
+    with Source(qemu, timeout=timeout, **source) as src:  # type: ignore[arg-type]
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(connections)
+            listener.settimeout(timeout)
+            out: list[bytes | None] = [None] * connections
+            errors: list[OSError] = []
+            sink = threading.Thread(target=_multi_sink, args=(listener, connections, out, errors),
+                                    name="sink", daemon=True)
+            sink.start()
+            src.migrate(f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+            src.wait_completed()
+            sink.join(max(0.1, src.deadline - time.monotonic()))
+            if sink.is_alive():
+                raise CaptureError("sink did not see every connection end")
+            if errors:
+                raise CaptureError(f"sink failed: {errors[0]!r}")
+            return [b or b"" for b in out]
+        finally:
+            listener.close()
+
+
+def capture_file(qemu: Sequence[str], path: str, *, uri_options: str = "", timeout: float = 60.0,
+                 **source: object) -> None:
+    """Migrate a paused QEMU to ``file:path`` (``uri_options`` such as ``,offset=4096``)."""
+    with Source(qemu, timeout=timeout, **source) as src:  # type: ignore[arg-type]
+        src.migrate(f"file:{path}{uri_options}")
+        src.wait_completed()
+
+
+# A capture of several connections in one file (tests/data/*.conns.gz): gzip of b"QIOCMIG\x01",
+# be32 count, then per connection (in accept order) be64 length and its bytes.
+_CONNS_MAGIC = b"QIOCMIG\x01"
+
+
+def pack_connections(conns: Sequence[bytes]) -> bytes:
+    parts = [_CONNS_MAGIC, len(conns).to_bytes(4, "big")]
+    for data in conns:
+        parts += [len(data).to_bytes(8, "big"), data]
+    return b"".join(parts)
+
+
+def unpack_connections(blob: bytes) -> list[bytes]:
+    if blob[:8] != _CONNS_MAGIC:
+        raise ValueError("not a connections capture (magic)")
+    count = int.from_bytes(blob[8:12], "big")
+    out, pos = [], 12
+    for _ in range(count):
+        n = int.from_bytes(blob[pos : pos + 8], "big")
+        out.append(blob[pos + 8 : pos + 8 + n])
+        pos += 8 + n
+    if pos != len(blob) or any(len(c) == 0 for c in out):
+        raise ValueError("connections capture is cut or has trailing bytes")
+    return out
