@@ -11,6 +11,7 @@ fresh, large capture (random guest RAM) under /tmp.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -201,6 +202,10 @@ class Source:
                  timeout: float = 60.0) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
+        # qemu.qmp's blocking client runs the calling thread's asyncio loop, making one if the
+        # thread has none, and leaves it open: give it one of ours, closed in close().
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         self.deadline = time.monotonic() + timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="qmig10-")
         qmp_path = os.path.join(self._tmp.name, "qmp.sock")
@@ -270,6 +275,9 @@ class Source:
         except subprocess.TimeoutExpired:
             pass
         self._tmp.cleanup()
+        if not self._loop.is_closed():
+            asyncio.set_event_loop(None)
+            self._loop.close()
 
     def __enter__(self) -> Source:
         return self
