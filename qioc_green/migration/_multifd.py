@@ -396,6 +396,7 @@ class MultifdParser:
         if self._done:
             return NEED_DATA
         have = self._in.available()
+        end = self._in.offset + have  # where the channel ended
         state = self._state
         if state == self._st_header and have == 0:
             self._done = True
@@ -403,7 +404,7 @@ class MultifdParser:
         if self._ram is not None or self._dev is not None:
             size = self._ram.payload if self._ram is not None else self._dev[2]  # type: ignore[index]
             raise self._err(f"channel ends inside the payload of the packet at offset {self._at} "
-                            f"({have} of {size} bytes)", self._in.offset)
+                            f"({have} of {size} bytes)", end)
         if state == self._st_init:
             what, size = "the init packet", INIT_PACKET_SIZE
         elif state == self._st_header:
@@ -414,7 +415,7 @@ class MultifdParser:
             have += _HDR_SIZE
             size += _HDR_SIZE
         raise self._err(f"channel ends inside {what} at offset {self._at} ({have} of {size} "
-                        f"bytes)", self._in.offset)
+                        f"bytes)", end)
 
     # -- states -------------------------------------------------------------------------------
 
