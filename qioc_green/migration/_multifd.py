@@ -56,15 +56,25 @@ is :class:`MultifdChannels`.
 
 from __future__ import annotations
 
-import enum
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
 
 from ._multifd_compress import COMPRESSIONS, DecompressError, Decompressor, decompressor_for
+from ._multifd_events import (
+    NEED_BLOCKS,
+    NEED_DATA,
+    ChannelEnd,
+    ChannelInit,
+    DeviceStatePacket,
+    Event,
+    MultifdError,
+    Need,
+    RamPacket,
+    SyncPacket,
+)
 
 __all__ = [
     "INIT_PACKET_SIZE",
@@ -74,6 +84,7 @@ __all__ = [
     "ChannelEnd",
     "ChannelInit",
     "DeviceStatePacket",
+    "Event",
     "MultifdChannels",
     "MultifdError",
     "MultifdParser",
@@ -110,32 +121,6 @@ _RAM = struct.Struct(">IIIQI")  # pages_alloc, normal_pages, next_packet_size, p
 _DEV = struct.Struct(">256sII")
 
 
-class MultifdError(ValueError):
-    """A multifd channel sent what QEMU never sends (or what we refuse).
-
-    ``channel`` names the channel, ``offset`` is the offset in it; the message starts with both.
-    """
-
-    def __init__(self, channel: str, offset: int, message: str) -> None:
-        super().__init__(f"{channel}: offset {offset}: {message}")
-        self.channel = channel
-        self.offset = offset
-
-
-class _Need(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-    NEED_BLOCKS = "NEED_BLOCKS"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
-#: next_event(): feed more input.
-NEED_DATA: Final = _Need.NEED_DATA
-#: next_event(): call set_blocks() with the main stream's RAM blocks, then ask again.
-NEED_BLOCKS: Final = _Need.NEED_BLOCKS
-
-
 def check_page_size(page_size: int) -> int:
     """Return page_size if QEMU could use it for RAM pages (4 KiB..64 KiB, a power of two)."""
     if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
@@ -162,74 +147,6 @@ def sniff_channel(first: bytes | bytearray | memoryview, name: str = "channel") 
         return "multifd"
     raise MultifdError(name, 0, f"first bytes 0x{magic:08x} are neither a main stream "
                                 f"(QEVM, 0x5145564d) nor a multifd channel (0x11223344)")
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelInit:
-    """The init packet: which channel this is, and of which source (``uuid``, 16 bytes)."""
-
-    channel_id: int
-    uuid: bytes
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class RamPacket:
-    """One RAM packet's pages of ``block``: ``normal`` offsets with their bytes, ``zero`` offsets
-    that are zero pages (no bytes). Page ``i``'s bytes are ``data[i*page_size:(i+1)*page_size]``,
-    decompressed. ``offset`` is the channel offset of the packet header."""
-
-    block: str
-    normal: tuple[int, ...]
-    zero: tuple[int, ...]
-    data: memoryview
-    page_size: int
-    packet_num: int
-    compression: str
-    offset: int
-
-    def iov(self) -> list[memoryview]:
-        """The normal pages as views, in the order of ``normal``."""
-        d, p = self.data, self.page_size
-        return [d[i : i + p] for i in range(0, len(self.normal) * p, p)]
-
-    def pages(self) -> Iterator[tuple[int, memoryview]]:
-        """Yield ``(block_offset, page_view)`` for each normal page."""
-        return zip(self.normal, self.iov())
-
-
-@dataclass(frozen=True, slots=True)
-class SyncPacket:
-    """A SYNC packet: this channel's side of one synchronisation (the main stream has a
-    MULTIFD_FLUSH, or an EOS, for each)."""
-
-    packet_num: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStatePacket:
-    """A device-state packet (VFIO sends these with x-migration-multifd-transfer)."""
-
-    idstr: str
-    instance_id: int
-    data: bytes
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelEnd:
-    """The channel ended cleanly, between packets."""
-
-    offset: int
-    packets: int
-    syncs: int
-
-
-Event = ChannelInit | RamPacket | SyncPacket | DeviceStatePacket | ChannelEnd
 
 
 class _RamHeader(NamedTuple):
@@ -360,7 +277,7 @@ class MultifdParser:
         if len(view):
             self._in.chunks.append(view)
 
-    def next_event(self) -> Event | Literal[_Need.NEED_DATA, _Need.NEED_BLOCKS]:
+    def next_event(self) -> Event | Literal[Need.NEED_DATA, Need.NEED_BLOCKS]:
         """The next event, NEED_DATA or NEED_BLOCKS. Raises MultifdError (again on each call)."""
         if self._pending:
             return self._pending.popleft()
@@ -392,7 +309,7 @@ class MultifdParser:
     def _err(self, message: str, offset: int | None = None) -> MultifdError:
         return MultifdError(self.name, self._at if offset is None else offset, message)
 
-    def _at_close(self) -> Event | Literal[_Need.NEED_DATA]:
+    def _at_close(self) -> Event | Literal[Need.NEED_DATA]:
         if self._done:
             return NEED_DATA
         have = self._in.available()
@@ -419,7 +336,7 @@ class MultifdParser:
 
     # -- states -------------------------------------------------------------------------------
 
-    def _st_init(self) -> Event | None | _Need:
+    def _st_init(self) -> Event | None | Need:
         buf = self._in.take(INIT_PACKET_SIZE)
         if buf is None:
             return NEED_DATA
@@ -434,7 +351,7 @@ class MultifdParser:
         self._state = self._st_header
         return ChannelInit(cid, self.uuid, version)
 
-    def _st_header(self) -> Event | None | _Need:
+    def _st_header(self) -> Event | None | Need:
         self._at = self._in.offset
         buf = self._in.take(_HDR_SIZE)
         if buf is None:
@@ -450,7 +367,7 @@ class MultifdParser:
         self._state = self._st_dev if flags & FLAG_DEVICE_STATE else self._st_ram
         return None
 
-    def _st_dev(self) -> Event | None | _Need:
+    def _st_dev(self) -> Event | None | Need:
         if self._dev is None:
             buf = self._in.take(_DEV_SIZE - _HDR_SIZE)
             if buf is None:
@@ -479,7 +396,7 @@ class MultifdParser:
         self._state = self._st_header
         return DeviceStatePacket(idstr, instance_id, bytes(data), self._at)
 
-    def _st_ram(self) -> Event | None | _Need:
+    def _st_ram(self) -> Event | None | Need:
         if self._ram is None:
             buf = self._in.take(self.packet_size - _HDR_SIZE)
             if buf is None:

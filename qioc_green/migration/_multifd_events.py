@@ -1,0 +1,117 @@
+"""The events and errors of the multifd channel parser (``_multifd.py``), h11's ``_events``."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "NEED_BLOCKS",
+    "NEED_DATA",
+    "ChannelEnd",
+    "ChannelInit",
+    "DeviceStatePacket",
+    "Event",
+    "MultifdError",
+    "Need",
+    "RamPacket",
+    "SyncPacket",
+]
+
+
+class MultifdError(ValueError):
+    """A multifd channel sent what QEMU never sends (or what we refuse).
+
+    ``channel`` names the channel, ``offset`` is the offset in it; the message starts with both.
+    """
+
+    def __init__(self, channel: str, offset: int, message: str) -> None:
+        super().__init__(f"{channel}: offset {offset}: {message}")
+        self.channel = channel
+        self.offset = offset
+
+
+class Need(enum.Enum):
+    """The two things next_event() can ask for instead of an event."""
+
+    NEED_DATA = "NEED_DATA"
+    NEED_BLOCKS = "NEED_BLOCKS"
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+#: next_event(): feed more input.
+NEED_DATA: Final = Need.NEED_DATA
+#: next_event(): call set_blocks() with the main stream's RAM blocks, then ask again.
+NEED_BLOCKS: Final = Need.NEED_BLOCKS
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInit:
+    """The init packet: which channel this is, and of which source (``uuid``, 16 bytes)."""
+
+    channel_id: int
+    uuid: bytes
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamPacket:
+    """One RAM packet's pages of ``block``: ``normal`` offsets with their bytes, ``zero`` offsets
+    that are zero pages (no bytes). Page ``i``'s bytes are ``data[i*page_size:(i+1)*page_size]``,
+    decompressed. ``offset`` is the channel offset of the packet header."""
+
+    block: str
+    normal: tuple[int, ...]
+    zero: tuple[int, ...]
+    data: memoryview
+    page_size: int
+    packet_num: int
+    compression: str
+    offset: int
+
+    def iov(self) -> list[memoryview]:
+        """The normal pages as views, in the order of ``normal``."""
+        d, p = self.data, self.page_size
+        return [d[i : i + p] for i in range(0, len(self.normal) * p, p)]
+
+    def pages(self) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(block_offset, page_view)`` for each normal page."""
+        return zip(self.normal, self.iov())
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPacket:
+    """A SYNC packet: this channel's side of one synchronisation (the main stream has a
+    MULTIFD_FLUSH, or an EOS, for each)."""
+
+    packet_num: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatePacket:
+    """A device-state packet (VFIO sends these with x-migration-multifd-transfer)."""
+
+    idstr: str
+    instance_id: int
+    data: bytes
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelEnd:
+    """The channel ended cleanly, between packets."""
+
+    offset: int
+    packets: int
+    syncs: int
+
+
+Event = ChannelInit | RamPacket | SyncPacket | DeviceStatePacket | ChannelEnd
