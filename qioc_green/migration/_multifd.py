@@ -49,7 +49,8 @@ view of it (no copy) until the caller reuses that buffer; one cut by chunk ends 
 
 *Errors* are :class:`MultifdError` (a ``ValueError``) naming the channel (``multifd channel 2``
 once its init packet has said so, the caller's name before) and the offset in that channel:
-``multifd channel 1: offset 2752: page offset 0x1000000 is past block 'pc.ram' (size 0x1000000)``.
+``multifd channel 1: offset 2752: normal page offset 0x1000000 is past block 'pc.ram' (size
+0x1000000)``.
 Misuse (feeding after close) is a ``RuntimeError``. What spans channels (ids, UUIDs, how many)
 is :class:`MultifdChannels`.
 """
@@ -278,7 +279,11 @@ class MultifdParser:
             self._in.chunks.append(view)
 
     def next_event(self) -> Event | Literal[Need.NEED_DATA, Need.NEED_BLOCKS]:
-        """The next event, NEED_DATA or NEED_BLOCKS. Raises MultifdError (again on each call)."""
+        """The next event, NEED_DATA or NEED_BLOCKS. Raises MultifdError (again on each call).
+
+        After NEED_DATA the parser holds no view of any fed buffer; after NEED_BLOCKS it still
+        may (the held packet's bytes): call set_blocks() and ask again before reusing them.
+        """
         if self._pending:
             return self._pending.popleft()
         if self._error is not None:
