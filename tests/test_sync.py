@@ -186,6 +186,22 @@ def test_lock_timeouts_and_non_blocking():
         lock.release()
 
 
+def test_lock_hand_off_to_a_waiter_that_is_leaving_is_passed_on():
+    # Deterministic: the kill is scheduled before release() hands the lock over, so the waiter
+    # leaves (GreenletExit-like Broken) after it was handed the lock: it must pass it on.
+    lock = Lock()
+    lock.acquire()
+    g = gevent.spawn(lock.acquire, True, 10)
+    gevent.sleep(0)  # g parks in acquire()
+    g.kill(Broken, block=False)
+    lock.release()
+    g.join(5)
+    assert isinstance(g.exception, Broken)
+    assert not lock.locked()
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
 def test_lock_hand_off_is_never_lost_when_a_waiter_times_out_at_once():
     # A waiter leaving by its timeout while release() hands it the lock must pass it on:
     # whatever the interleaving, the lock ends free and nobody is left waiting for ever.
