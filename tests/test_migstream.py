@@ -1,7 +1,7 @@
-"""The sans-IO migration stream parser (examples/migration) against real QEMU 7.2 streams.
+"""The sans-IO migration stream parser (qioc_green.migration) against real QEMU streams.
 
 The captures in tests/data (see make_streams.py there) make these run without QEMU; the tests at
-the end that make fresh captures need QEMU (``peers.need``). Run with ``PYTHONPATH=examples``.
+the end that make fresh captures need QEMU (``peers.need``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migration import stream as ms
-from migration.stream import (
+import qioc_green.migration as ms
+from qioc_green.migration import (
     NEED_DATA,
     Command,
     Configuration,
@@ -39,11 +39,11 @@ from migration.stream import (
     StreamEnd,
     StreamHeader,
     StreamParser,
+    Summary,
     VmDescription,
     ZeroPages,
     expand_pages,
 )
-from migration.summary import Summary
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -479,18 +479,51 @@ def test_multifd_flush_record():
     assert pages(got) == pages(events)
 
 
-def test_commands():
+def commands_of(name):
+    """The commands of a real capture, as (number, name, data length), and the parse error."""
+    p = StreamParser()
+    p.feed(load(name))
+    got = []
+    try:
+        while (ev := p.next_event()) is not NEED_DATA:
+            if isinstance(ev, Command):
+                got.append((ev.command, ev.name, len(ev.data)))
+        p.close()
+    except MigrationStreamError as exc:
+        return got, exc
+    return got, None
+
+
+def test_command_numbers_against_streams_qemu_wrote():
+    """The command table, checked against what real QEMUs sent (tests/data/make_streams.py),
+    never against a copy of it: QEMU 7.2 with return-path (relayed to a real destination),
+    7.2 with postcopy, and 10.0 with return-path on its own machine type."""
+    got, err = commands_of("cmd-return-path-7.2")
+    assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4)] and err is None
+    got, err = commands_of("cmd-return-path-10.0")
+    assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (11, "SWITCHOVER_START", 0)]
+    assert err is None
+    data = load("cmd-postcopy-7.2")
+    got, err = commands_of("cmd-postcopy-7.2")
+    assert got[:3] == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (3, "POSTCOPY_ADVISE", 16)]
+    discards = [c for c in got[3:] if c[0] == 6]
+    assert discards and all(c[1] == "POSTCOPY_RAM_DISCARD" for c in discards)
+    # PACKAGED (7): a be32 size, then that many bytes of a stream of their own, which QEMU
+    # opens with POSTCOPY_LISTEN (4) and closes with POSTCOPY_RUN (5), both without data.
+    assert err is not None and "PACKAGED command (postcopy device state, " in str(err)
+    at = err.offset
+    cmd, length, size = struct.unpack_from(">xHHI", data, at)
+    assert (data[at], cmd, length) == (0x08, 7, 4)
+    package = data[at + 9 : at + 9 + size]
+    assert len(package) == size
+    assert package[:5] == b"\x08\x00\x04\x00\x00"  # POSTCOPY_LISTEN
+    assert package[-5:] == b"\x08\x00\x05\x00\x00"  # POSTCOPY_RUN
+    assert str(err) == f"offset {at}: PACKAGED command (postcopy device state, {size} bytes) is not supported"
+
+
+def test_command_errors():
     data = load("none")
     start = first(parse([data]), SectionStart).offset
-    cmds = (b"\x08\x00\x01\x00\x00"                         # OPEN_RETURN_PATH
-            + b"\x08\x00\x02\x00\x04\x00\x00\x00\x01"       # PING 1
-            + b"\x08\x00\x03\x00\x10" + bytes(16))          # POSTCOPY_ADVISE
-    events = parse([data[:start] + cmds + data[start:]])
-    got = [(e.name, e.data, e.offset) for e in events if isinstance(e, Command)]
-    assert got == [("OPEN_RETURN_PATH", b"", start), ("PING", b"\x00\x00\x00\x01", start + 5),
-                   ("POSTCOPY_ADVISE", bytes(16), start + 14)]
-    err = parse_error([data[:start] + b"\x08\x00\x08\x00\x04\x00\x00\x10\x00" + data[start:]])
-    assert "PACKAGED command (postcopy device state, 4096 bytes) is not supported" in str(err)
     err = parse_error([data[:start] + b"\x08\x00\x63\x00\x00" + data[start:]])
     assert "unknown command 99" in str(err)
     err = parse_error([data[:start] + b"\x08\x00\x02\x00\x00" + data[start:]])
@@ -556,10 +589,10 @@ def test_fuzz_only_stream_errors(case):
 @pytest.mark.timeout(180)
 def test_fresh_random_ram_capture_rebuilds_guest_ram(tmp_path):
     """A 64 MiB random-RAM capture: every pc.ram page equals the backing file; parse speed."""
-    from peers import need
+    from tests.peers import need
 
     need("qemu-system-x86_64")
-    from migcapture import capture
+    from qioc_green.migration.qemu import capture
 
     ram_file = tmp_path / "ram.bin"
     ram = os.urandom(64 << 20)
@@ -603,10 +636,10 @@ def test_fresh_random_ram_capture_rebuilds_guest_ram(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("machine", ["q35", "none"])
 def test_fresh_capture_parses(machine):
-    from peers import need
+    from tests.peers import need
 
     need("qemu-system-x86_64")
-    from migcapture import capture
+    from qioc_green.migration.qemu import capture
 
     data = capture(machine, "16M", timeout=60)
     events = parse(random_chunks(data, 1))

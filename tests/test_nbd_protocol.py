@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdlib import (
+from qioc_green.nbd import (
     BASE_ALLOCATION,
     IHAVEOPT,
     MAX_PAYLOAD,

@@ -6,13 +6,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import gevent
 import pytest
 
-from polling import poll_pause
-from qioc_green import Event, IOThread, Lock, Queue, QueueClosed
+from qioc_green import Event, IOThread, IOThreadPool, Lock, Queue, QueueClosed, current_context
+from tests.polling import poll_pause
 
 
 def test_queue_moves_items_between_iothreads_in_order_with_back_pressure():
@@ -161,6 +162,43 @@ def test_lock_excludes_greenlets_of_several_iothreads_and_plain_threads():
         for t in threads:
             t.join(60)
     assert state == {"inside": 0, "max": 1, "count": 8 * n}
+    assert not lock.locked()
+
+
+def test_lock_is_fifo_across_threads():
+    """Waiters from three threads get the lock in the order they queued; a timed-out waiter
+    leaves the queue."""
+    lock = Lock()
+    queued = [Event() for _ in range(3)]
+
+    class Recorder(deque):  # tells the test when each waiter has queued: no guessing with sleeps
+        def append(self, item) -> None:
+            super().append(item)
+            queued[len(self) - 1].set()
+
+    lock._waiters = Recorder()
+    order: list[int] = []
+    lock.acquire()
+    with IOThreadPool(3, pin=False) as pool:
+        def take(i: int) -> None:
+            with lock:
+                order.append(i)
+
+        futs = []
+        for i, ctx in enumerate(pool.contexts):
+            futs.append(ctx.spawn(take, i))
+            assert queued[i].wait(5)
+        lock.release()
+        for fut in futs:
+            fut.result(5)
+    assert order == [0, 1, 2]
+    lock._waiters = deque()
+    lock.acquire()
+    try:
+        assert current_context().spawn(lock.acquire, True, 0.01).result(5) is False
+        assert not lock._waiters
+    finally:
+        lock.release()
     assert not lock.locked()
 
 

@@ -1,0 +1,118 @@
+"""The VM description JSON as a ruler: where each described device section's data ends.
+
+After EOF QEMU sends a JSON that lists, per FULL section, the bytes each field took; walking it
+as ``scripts/analyze-migration.py`` does splits the device data exactly, and that split must
+agree with the footers the parser framed the sections by (see ``_parser``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._format import QEMU_VM_SUBSECTION, MigrationStreamError
+from ._receivebuffer import Short
+
+
+class Retained(NamedTuple):
+    """A FULL device section kept until the JSON can check it."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    data: bytes
+    offset: int  # stream offset of its first data byte
+
+
+class WalkError(Exception):
+    def __init__(self, pos: int, message: str) -> None:
+        super().__init__(message)
+        self.pos = pos
+
+
+def walk_vmsd(desc: dict[str, Any], data: bytes, pos: int, depth: int) -> int:
+    """Where the fields and subsections a vmstate description lists end, from data[pos:].
+
+    Every field carries the bytes it took ("size", per element; "array_len" elements); a
+    "struct" field nests a description. Subsections are checked: 0x05, the name, a be32 version.
+    """
+    if depth > 64:
+        raise WalkError(pos, "description nests too deep")
+    for fld in desc.get("fields", ()):
+        count = fld.get("array_len", 1)
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"bad array_len {count!r}")
+        sub = fld.get("struct")
+        if isinstance(sub, dict):
+            for _ in range(count):
+                before = pos
+                pos = walk_vmsd(sub, data, pos, depth + 1)
+                if pos == before:  # an empty struct: all its elements are empty too
+                    break
+        elif fld.get("type") == "capability":
+            for _ in range(count):
+                if pos >= len(data):
+                    raise Short(pos)
+                pos += 1 + data[pos]
+        else:
+            size = fld["size"]
+            if not isinstance(size, int) or size < 0:
+                raise ValueError(f"bad size {size!r}")
+            pos += size * count
+        if pos > len(data):
+            raise Short(pos)
+    for sub in desc.get("subsections", ()):
+        name = str(sub["vmsd_name"]).encode()
+        if pos + 2 > len(data):
+            raise Short(pos)
+        if data[pos] != QEMU_VM_SUBSECTION:
+            raise WalkError(pos, f"expected subsection {sub['vmsd_name']!r} (0x05), "
+                                  f"got 0x{data[pos]:02x}")
+        n = data[pos + 1]
+        if data[pos + 2 : pos + 2 + n] != name:
+            raise WalkError(pos, f"expected subsection {sub['vmsd_name']!r}, got "
+                                  f"{data[pos + 2 : pos + 2 + n]!r}")
+        pos += 2 + n + 4
+        if pos > len(data):
+            raise Short(pos)
+        pos = walk_vmsd(sub, data, pos, depth + 1)
+    return pos
+
+
+
+def check_described(desc: dict[str, Any], retained: list[Retained], at: int) -> None:
+    """Split the retained FULL sections with the description ``desc`` (found at stream offset
+    ``at``); raise MigrationStreamError at the first disagreement."""
+    devices = desc["devices"]
+    if len(devices) != len(retained):
+        raise MigrationStreamError(at, f"VM description lists {len(devices)} devices, the "
+                                       f"stream has {len(retained)} FULL sections")
+    for dev, sec in zip(devices, retained):
+        if not isinstance(dev, dict):
+            raise MigrationStreamError(at, "VM description: a device entry is not an object")
+        if dev.get("name") != sec.idstr or dev.get("instance_id") != sec.instance_id:
+            raise MigrationStreamError(
+                at, f"VM description names {dev.get('name')!r} instance "
+                    f"{dev.get('instance_id')!r} where the stream has section "
+                    f"{sec.section_id} {sec.idstr!r} instance {sec.instance_id}")
+        version = dev.get("version")
+        if version is not None and version != sec.version_id:
+            raise MigrationStreamError(
+                at, f"VM description gives {sec.idstr!r} version {version!r}, its section "
+                    f"{sec.section_id} header says {sec.version_id}")
+        try:
+            end = walk_vmsd(dev, sec.data, 0, 0)
+        except Short:
+            end = -1
+        except (KeyError, TypeError, ValueError, IndexError, RecursionError,
+                AttributeError) as exc:
+            raise MigrationStreamError(at, f"VM description of {sec.idstr!r} is malformed "
+                                           f"({type(exc).__name__}: {exc})") from None
+        except WalkError as exc:
+            raise MigrationStreamError(sec.offset + exc.pos,
+                                       f"section {sec.section_id} ({sec.idstr!r}): {exc}") from None
+        if end != len(sec.data):
+            said = "more than" if end < 0 else str(end)
+            raise MigrationStreamError(
+                sec.offset, f"section {sec.section_id} ({sec.idstr!r}): the VM description "
+                            f"accounts for {said} bytes, the footer comes after {len(sec.data)}")
