@@ -76,7 +76,7 @@ class Proc:
 
 def timed(argv: list[str], timeout: float = 300) -> tuple[float, float | None]:
     """Wall-clock seconds of the command, and the copy's own seconds if it prints them (our
-    nbd_copy.py --json: without the interpreter's start-up, about 0.2 s here)."""
+    qioc-nbd-copy --json: without the interpreter's start-up, about 0.2 s here)."""
     t0 = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, timeout=timeout, env=ENV)
     t1 = time.perf_counter()

@@ -1,5 +1,5 @@
 """The programs in examples/ are files a user copies, not a package: tests load them by path
-(no ``sys.path`` edit)."""
+(nothing edits the import path)."""
 
 from __future__ import annotations
 

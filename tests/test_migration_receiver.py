@@ -700,6 +700,28 @@ def test_demo(mode):
         assert "destination running" in r.stdout and "sha256 in == out: True" in r.stdout
 
 
+def test_embedded_receiver_example():
+    """examples/embedded_receiver.py: the package's public API in a program of one's own."""
+    data = load("pc")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "embedded_receiver.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on tcp:127.0.0.1:"), line
+        host, port = line.removeprefix("listening on tcp:").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT) as s:
+            s.sendall(data)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert out.startswith(f"complete: {len(data)} bytes, machine pc-i440fx-7.2"), out
+    assert "RamPages" in out and "VmDescription" in out
+
+
 # -- the glue in-process (the suite's leak check covers its threads and fds) ----------------------
 
 

@@ -30,36 +30,7 @@ the chunking).
 buffer (a partial header or page left over is copied), so the caller may reuse its receive
 buffer then, after it has consumed the events that view it.
 
-*Device sections are framed by their footers and split exactly by the JSON.* A device section's
-bytes are buffered (capped: ``max_device_bytes``, 64 MiB by default, then an error) and its end is
-found online by its footer, 0x7e + be32 of *its* id, accepted only when what follows is a
-plausible next item (a section header with a printable idstr, a PART/END of a live section, a
-known command, EOF followed by 0x06 + a sane length + ``{``, or the end of the input). The events
-of FULL sections (and everything after them) are *held* until the JSON arrives; the JSON is then
-walked, as analyze-migration does, to find where each described section's fields and subsections
-end, and that exact split must agree with the framing, byte for byte, subsection markers and
-names included, or the stream is refused. Only then are the held events released, followed by
-:class:`VmDescription`. Without a JSON (QEMU may omit it) the held events are released at
-:meth:`close` as framed by the footers, and :class:`StreamEnd` says ``described=False``. If
-anything but device state follows a held section (RAM records, a command), the held events are
-released first, so events always come out in stream order; the JSON still checks them at the end.
-Section footers are required (QEMU has sent them since machine types of 2.4).
-
-What framing by footers cannot know, and the rules chosen:
-
-- A footer pattern inside device data followed by a plausible next item would cut a section
-  short. The next-item check makes that very unlikely (for the last section it needs the
-  7 bytes ``7e <id> 00 06``), and with a JSON the exact split catches it.
-- An iterable section other than ``ram`` (block migration, dirty bitmaps...) is framed by its
-  footers and passed on as DeviceState; the JSON does not describe those, so nothing checks
-  them. A ``ram`` whose header was damaged into another name becomes such a section; the
-  summary then shows no RAM blocks.
-- When no candidate footer fits, the error at close names the first one rejected and the byte
-  that made it implausible (``expected a section type, EOF or a description after the footer
-  of section 40 ('globalstate') at offset 251723, got 0x42``).
-- A stream cut right after its EOF byte is a complete stream without a description: QEMU sends
-  exactly that with ``suppress-vmdesc=on`` or postcopy, and nothing tells the two apart.
-- On an error, held (unchecked) device events are dropped; events already returned stay valid.
+*Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``.
 
 *Memory is bounded whatever the input*: page data is not buffered; headers are at most a few
 hundred bytes; device data and the JSON have caps; a length over a cap is an error at once, not

@@ -136,6 +136,7 @@ from ._events import (
     UnknownInfo,
 )
 from ._state import (
+    ClientRequest,
     Connection,
     Phase,
 )
@@ -145,31 +146,6 @@ from ._util import (
     RemoteProtocolError,
     Sentinel,
 )
-
-
-class _ClientRequest:
-    __slots__ = (
-        "command",
-        "covered",
-        "error",
-        "flags",
-        "length",
-        "message",
-        "offset",
-        "spans",
-        "statuses",
-    )
-
-    def __init__(self, command: int, offset: int, length: int, flags: int) -> None:
-        self.command = command
-        self.offset = offset
-        self.length = length
-        self.flags = flags
-        self.covered = 0  # READ: bytes described by data and hole chunks
-        self.spans: list[tuple[int, int]] = []  # READ: sorted (start, end) of those chunks
-        self.error = 0
-        self.message = ""
-        self.statuses = 0  # BLOCK_STATUS: status chunks received
 
 
 class ClientConnection(Connection):
@@ -197,7 +173,7 @@ class ClientConnection(Connection):
         self._pending_export: ExportInfo | None = None
         self._pending_block: BlockSize | None = None
         self._pending_contexts: dict[int, str] = {}
-        self._inflight: dict[int, _ClientRequest] = {}
+        self._inflight: dict[int, ClientRequest] = {}
         self._sent_disc = False
         self._next_cookie = 1
         # READ payload being streamed: its cookie, next offset, bytes left, DONE flag
@@ -274,7 +250,7 @@ class ClientConnection(Connection):
         if cmd == _DISC:
             self._sent_disc = True
             return [header]
-        self._inflight[req.cookie] = _ClientRequest(cmd, req.offset, req.length, req.flags)
+        self._inflight[req.cookie] = ClientRequest(cmd, req.offset, req.length, req.flags)
         if cmd == _WRITE and req.length:
             assert req.data is not None
             return [header, req.data]
@@ -480,7 +456,7 @@ class ClientConnection(Connection):
             self._complete(cookie)
         return ReadData(cookie, offset, view)
 
-    def _check_done(self, req: _ClientRequest, cookie: int) -> None:
+    def _check_done(self, req: ClientRequest, cookie: int) -> None:
         """A chunk flagged DONE arrived: check the reply as a whole (at its header, so that
         the error comes at the same point however the bytes were split)."""
         if req.error:
@@ -589,7 +565,7 @@ class ClientConnection(Connection):
                 return self._events.popleft()
         return event
 
-    def _claim(self, req: _ClientRequest, cookie: int, offset: int, size: int) -> None:
+    def _claim(self, req: ClientRequest, cookie: int, offset: int, size: int) -> None:
         """Check a data/hole chunk lies in its READ and overlaps no earlier one; record it."""
         end = offset + size
         if offset < req.offset or end > req.offset + req.length:

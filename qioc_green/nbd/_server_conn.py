@@ -186,6 +186,7 @@ from ._events import (
 from ._state import (
     Connection,
     Phase,
+    ServerRequest,
 )
 from ._util import (
     NEED_DATA,
@@ -193,15 +194,6 @@ from ._util import (
     LocalProtocolError,
     Sentinel,
 )
-
-
-class _ServerRequest:
-    __slots__ = ("command", "length", "offset")
-
-    def __init__(self, command: int, offset: int, length: int) -> None:
-        self.command = command
-        self.offset = offset
-        self.length = length
 
 
 class ServerConnection(Connection):
@@ -230,7 +222,7 @@ class ServerConnection(Connection):
         self._pending_export: ExportInfo | None = None  # sent for the current INFO/GO
         self._pending_block: BlockSize | None = None
         self._pending_contexts: dict[int, str] = {}
-        self._inflight: dict[int, _ServerRequest] = {}
+        self._inflight: dict[int, ServerRequest] = {}
         self._write_cookie = 0
         self._write_offset = 0
         self._write_left = 0  # WRITE payload bytes still to stream
@@ -341,7 +333,7 @@ class ServerConnection(Connection):
         if command == _DISC:
             self._phase = Phase.CLOSED
         else:
-            self._inflight[cookie] = _ServerRequest(command, offset, length)
+            self._inflight[cookie] = ServerRequest(command, offset, length)
         if command == _WRITE:
             self._write_cookie, self._write_offset = cookie, offset
             self._write_left = length
@@ -455,7 +447,7 @@ class ServerConnection(Connection):
             self.block_size = block
         self._phase = Phase.TRANSMISSION
 
-    def _request_for(self, cookie: int) -> _ServerRequest:
+    def _request_for(self, cookie: int) -> ServerRequest:
         req = self._inflight.get(cookie)
         if req is None:
             raise LocalProtocolError(f"no request with cookie 0x{cookie:x} is in flight")

@@ -166,3 +166,43 @@ class Connection:
     def _send(self, event: Event) -> Buffers:
         raise NotImplementedError
 
+
+# Requests in flight, as each machine tracks them
+
+
+class ServerRequest:
+    """A request the server received and has not completely answered."""
+
+    __slots__ = ("command", "length", "offset")
+
+    def __init__(self, command: int, offset: int, length: int) -> None:
+        self.command = command
+        self.offset = offset
+        self.length = length
+
+
+class ClientRequest:
+    """A request the client sent, and what its reply chunks covered so far."""
+
+    __slots__ = (
+        "command",
+        "covered",
+        "error",
+        "flags",
+        "length",
+        "message",
+        "offset",
+        "spans",
+        "statuses",
+    )
+
+    def __init__(self, command: int, offset: int, length: int, flags: int) -> None:
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+        self.covered = 0  # READ: bytes described by data and hole chunks
+        self.spans: list[tuple[int, int]] = []  # READ: sorted (start, end) of those chunks
+        self.error = 0
+        self.message = ""
+        self.statuses = 0  # BLOCK_STATUS: status chunks received
