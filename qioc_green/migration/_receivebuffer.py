@@ -93,7 +93,6 @@ class Cursor:
         return self.take(n).decode("utf-8", "backslashreplace")
 
 
-
 class ReceiveBuffer:
     """The input half of the parser: the current chunk, its stream offset, the chunks after it.
 

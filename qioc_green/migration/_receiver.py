@@ -84,7 +84,6 @@ class ReceiveError(Exception):
         self.offset = offset
 
 
-
 @dataclass
 class Outcome:
     """What one migration came to: the summary dict, and the error line if it failed."""

@@ -103,7 +103,6 @@ class RamDir:
             ch.close()
 
 
-
 class _Abort(Exception):
     """Tells the writer the stream was refused: drop the destination, send nothing more."""
 

@@ -110,7 +110,6 @@ def walk_vmsd(desc: dict[str, Any], data: bytes, pos: int, depth: int) -> int:
     return pos
 
 
-
 def check_described(desc: dict[str, Any], retained: list[Retained], at: int) -> None:
     """Split the retained FULL sections with the description ``desc`` (found at stream offset
     ``at``); raise MigrationStreamError at the first disagreement."""

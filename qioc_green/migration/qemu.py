@@ -33,8 +33,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Self
 
-from qemu.qmp import ExecuteError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+try:
+    from qemu.qmp import ExecuteError
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+except ImportError as exc:  # an optional dependency: say which extra brings it
+    raise ImportError("qioc_green.migration.qemu needs qemu.qmp (pip install "
+                      "'qioc_green[demo]', or the test or bench extra)") from exc
 
 QEMU = "qemu-system-x86_64"
 MAX_BANDWIDTH = 107374182400  # 100 GiB/s: QEMU 7.2's default cap is 128 MiB/s

@@ -18,8 +18,6 @@ class Event:
     __slots__ = ()
 
 
-
-
 class Extent(NamedTuple):
     length: int
     flags: int

@@ -73,7 +73,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-
 class Export:
     """What a connection serves. Methods may be called from any IOThread at once; none parks
     except ``flush`` (and ``write`` with ``fua``), which park the calling greenlet only."""
