@@ -521,6 +521,25 @@ def test_command_numbers_against_streams_qemu_wrote():
     assert str(err) == f"offset {at}: PACKAGED command (postcopy device state, {size} bytes) is not supported"
 
 
+def test_postcopy_recovery_commands_against_a_stream_qemu_wrote():
+    """RECV_BITMAP (10) and POSTCOPY_RESUME (9): the connection a real QEMU 7.2 opened to resume
+    a postcopy migration whose first connection was cut (tests/data/make_streams.py). It has no
+    stream header: it opens with one RECV_BITMAP per RAM block (a length byte and the block's
+    name), then POSTCOPY_RESUME, then the ram section goes on."""
+    data = load("cmd-postcopy-resume-7.2")
+    blocks = [b.name for b in first(parse([load("pc")]), RamBlocks).blocks]
+    got = []
+    pos = 0
+    while data[pos] == 0x08:
+        cmd, length = struct.unpack_from(">HH", data, pos + 1)
+        got.append((cmd, data[pos + 5 : pos + 5 + length]))
+        pos += 5 + length
+    assert got == [(10, bytes([len(n)]) + n.encode()) for n in blocks] + [(9, b"")]
+    assert [ms.COMMANDS[c][0] for c, _ in got] == ["RECV_BITMAP"] * len(blocks) + ["POSTCOPY_RESUME"]
+    assert all(ms.COMMANDS[c][1] in (None, len(d)) for c, d in got)
+    assert data[pos] == 0x02  # QEMU_VM_SECTION_PART: RAM goes on
+
+
 def test_command_errors():
     data = load("none")
     start = first(parse([data]), SectionStart).offset

@@ -220,11 +220,15 @@ class Qemu:
 
     # -- migration ---------------------------------------------------------------------------------
 
-    def migrate(self, uri: str, *, max_bandwidth: int = MAX_BANDWIDTH) -> None:
-        """Start migrating to ``uri`` (returns at once; see :meth:`wait_migration`)."""
+    def migrate(self, uri: str, *, max_bandwidth: int = MAX_BANDWIDTH, resume: bool = False) -> None:
+        """Start migrating to ``uri`` (returns at once; see :meth:`wait_migration`).
+        ``resume``: continue a paused postcopy migration there."""
         self.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth})
         self._mark = len(self.events)  # wait_migration() looks at the events from here on
-        self.cmd("migrate", uri=uri)
+        if resume:
+            self.cmd("migrate", uri=uri, resume=True)
+        else:
+            self.cmd("migrate", uri=uri)
 
     def listen(self, uri: str = "tcp:127.0.0.1:0") -> str:
         """An ``-incoming defer`` destination starts listening; return the actual address."""
@@ -270,11 +274,12 @@ class Qemu:
 # -- capturing streams ----------------------------------------------------------------------------
 
 
-class _Recorder:
+class Recorder:
     """A loopback listener that takes one connection and records what arrives on it.
 
     With ``forward_to``, it is a relay: every byte is also sent on to that address, and what
-    comes back (the return path) is passed back to the sender, unrecorded.
+    comes back (the return path) is passed back to the sender, unrecorded. :meth:`cut` breaks
+    both connections at once (a network failure, as postcopy recovery is tested with).
     """
 
     def __init__(self, timeout: float, forward_to: tuple[str, int] | None = None) -> None:
@@ -285,21 +290,25 @@ class _Recorder:
         self.timeout = timeout
         self.data: list[bytes] = []
         self.errors: list[BaseException] = []
+        self._socks: list[socket.socket] = []
+        self._cut = False
         self.thread = threading.Thread(target=self._run, name="qemu-capture", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        parts: list[bytes] = []
         try:
             conn, _ = self.listener.accept()
             conn.settimeout(self.timeout)
             with conn:
                 dst = None
                 back = None
+                self._socks.append(conn)
                 if self.forward_to is not None:
                     dst = socket.create_connection(self.forward_to, timeout=self.timeout)
+                    self._socks.append(dst)
                     back = threading.Thread(target=self._back, args=(dst, conn), daemon=True)
                     back.start()
-                parts = []
                 while data := conn.recv(1 << 20):
                     parts.append(data)
                     if dst is not None:
@@ -311,7 +320,19 @@ class _Recorder:
                     back.join(self.timeout)
                     dst.close()
         except BaseException as exc:  # reported by the caller
-            self.errors.append(exc)
+            if self._cut:
+                self.data.append(b"".join(parts))
+            else:
+                self.errors.append(exc)
+
+    def cut(self) -> None:
+        """Break both connections now (what was recorded so far stays the result)."""
+        self._cut = True
+        for s in list(self._socks):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @staticmethod
     def _back(dst: socket.socket, src: socket.socket) -> None:
@@ -334,8 +355,8 @@ class _Recorder:
 def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = None,
             machine_opts: str = "", capabilities: Sequence[str] = (),
             parameters: dict[str, Any] | None = None, destination: bool = False,
-            postcopy: bool = False, extra_args: Sequence[str] = (), timeout: float = 60.0,
-            binary: str = QEMU, data_dirs: Sequence[str] = ()) -> bytes:
+            postcopy: bool = False, recover: bool = False, extra_args: Sequence[str] = (),
+            timeout: float = 60.0, binary: str = QEMU, data_dirs: Sequence[str] = ()) -> bytes:
     """Migrate a paused QEMU ``-M machine`` over loopback and return the stream's bytes.
 
     ``ram_file``: back guest RAM with this file (``share=off``). ``machine_opts``: appended to
@@ -345,8 +366,14 @@ def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = Non
     it completes; needed for ``return-path`` and postcopy. ``postcopy``: switch to postcopy
     (``migrate-start-postcopy``) while precopy runs (implies ``destination`` and the
     ``postcopy-ram`` capability; precopy is slowed to 1 MB/s until the switch).
+    ``recover``: postcopy as above, slowed to 8 KB/s; once it runs the connection is cut (both
+    QEMUs pause), the destination is told ``migrate-recover`` and the source ``migrate`` with
+    ``resume``; the bytes returned are those of the *resumed* connection (it carries no stream
+    header: it opens with RECV_BITMAP and POSTCOPY_RESUME).
     """
     caps = list(capabilities)
+    if recover:
+        postcopy = True
     if postcopy:
         destination = True
         if "postcopy-ram" not in caps:
@@ -363,9 +390,11 @@ def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = Non
                 dst = Qemu(incoming=True, name="destination", **common)  # type: ignore[arg-type]
                 host, _, port = dst.listen().removeprefix("tcp:").rpartition(":")
                 forward = (host, int(port))
-            rec = _Recorder(timeout, forward)
+            rec = Recorder(timeout, forward)
             if parameters:
                 src.cmd("migrate-set-parameters", **parameters)
+            if recover:
+                src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 8192})
             src.migrate(f"tcp:127.0.0.1:{rec.port}",
                         max_bandwidth=1 << 20 if postcopy else MAX_BANDWIDTH)
             if postcopy:
@@ -373,6 +402,19 @@ def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = Non
                 src.wait_status("postcopy-active", "completed",
                                 timeout=max(deadline - time.monotonic(), 0.1))
                 src.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
+            if recover:
+                assert dst is not None
+                rec.cut()
+                rec.result(max(deadline - time.monotonic(), 0.1))
+                left = max(deadline - time.monotonic(), 0.1)
+                src.wait_status("postcopy-paused", timeout=left)
+                dst.wait_status("postcopy-paused", timeout=left)
+                with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port for it
+                    port = probe.getsockname()[1]
+                dst.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{port}")
+                rec = Recorder(timeout, ("127.0.0.1", port))
+                src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+                src.migrate(f"tcp:127.0.0.1:{rec.port}", resume=True)
             src.wait_migration(max(deadline - time.monotonic(), 0.1))
             data = rec.result(max(deadline - time.monotonic(), 0.1))
             if dst is not None:

@@ -17,6 +17,11 @@ Each is a real QEMU source, paused (-S), 16 MiB of untouched (zero) RAM, migrate
     cmd-postcopy-7.2.mig.gz -M pc with postcopy-ram, switched to postcopy while precopy runs
                             (relayed to a real destination the same way): POSTCOPY_ADVISE,
                             POSTCOPY_RAM_DISCARD, PACKAGED (holding POSTCOPY_LISTEN and _RUN)
+    cmd-postcopy-resume-7.2.mig.gz
+                            the same, with the connection cut once postcopy runs and the
+                            migration recovered (migrate-recover, migrate resume=true): the
+                            resumed connection only (no stream header): RECV_BITMAP per RAM
+                            block, POSTCOPY_RESUME, then the rest of RAM
     cmd-return-path-10.0.mig.gz
                             QEMU 10.0 (``$QIOC_QEMU10``, default /opt/qioc-qemu10), its default
                             -M pc, with return-path: OPEN_RETURN_PATH, PING, SWITCHOVER_START
@@ -55,6 +60,7 @@ STREAMS: dict[str, dict[str, Any]] = {
     "pc-ignore-shared": {"machine": "pc", "capabilities": ["x-ignore-shared"]},
     "cmd-return-path-7.2": {"machine": "pc", "capabilities": ["return-path"], "destination": True},
     "cmd-postcopy-7.2": {"machine": "pc", "postcopy": True},
+    "cmd-postcopy-resume-7.2": {"machine": "pc", "recover": True},
     "cmd-return-path-10.0": {"machine": "pc", "capabilities": ["return-path"], "destination": True,
                              **QEMU10_ARGS},
 }
