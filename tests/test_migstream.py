@@ -48,9 +48,14 @@ from qioc_green.migration import (
 pytestmark = pytest.mark.timeout(60)
 
 DATA = Path(__file__).parent / "data"
-CAPTURES = ["pc", "q35", "none", "pc-nodesc", "pc-ignore-shared"]
+# the complete captures (cmd-postcopy-* are parsed by the command tests: PACKAGED is refused,
+# and the resumed connection has no stream header)
+CAPTURES = ["pc", "q35", "none", "pc-nodesc", "pc-ignore-shared", "cmd-return-path-7.2",
+            "cmd-colo-7.2", "cmd-return-path-10.0"]
 MACHINES = {"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2", "none": "none",
-            "pc-nodesc": "pc-i440fx-7.2", "pc-ignore-shared": "pc-i440fx-7.2"}
+            "pc-nodesc": "pc-i440fx-7.2", "pc-ignore-shared": "pc-i440fx-7.2",
+            "cmd-return-path-7.2": "pc-i440fx-7.2", "cmd-colo-7.2": "pc-i440fx-7.2",
+            "cmd-return-path-10.0": "pc-i440fx-10.0"}
 
 _cache: dict[str, bytes] = {}
 
@@ -231,10 +236,12 @@ def test_summary_matches_stream(name):
         desc = first(events, VmDescription).description
         assert d["devices"] == [dev["name"] for dev in desc["devices"]]
         assert set(d["devices"]) <= {sec["idstr"] for sec in d["sections"]}
-    # the stream is the header, configuration, sections, EOF and the description: nothing else
+    # the stream is the header, configuration (with the commands before the first section),
+    # sections, later commands (SWITCHOVER_START), EOF and the description: nothing else
     config_len = sections_offsets(events)[0].offset - 8
     desc_len = (5 + first(events, VmDescription).length) if d["described"] else 0
-    assert 8 + config_len + sum(sec["bytes"] for sec in d["sections"]) + 1 + desc_len == len(data)
+    later = sum(5 + len(e.data) for e in events if isinstance(e, Command) and e.offset > 8 + config_len)
+    assert 8 + config_len + sum(sec["bytes"] for sec in d["sections"]) + later + 1 + desc_len == len(data)
 
 
 def test_undescribed_stream_has_the_same_sections():
@@ -497,9 +504,11 @@ def commands_of(name):
 def test_command_numbers_against_streams_qemu_wrote():
     """The command table, checked against what real QEMUs sent (tests/data/make_streams.py),
     never against a copy of it: QEMU 7.2 with return-path (relayed to a real destination),
-    7.2 with postcopy, and 10.0 with return-path on its own machine type."""
+    7.2 with x-colo, 7.2 with postcopy, and 10.0 with return-path on its own machine type."""
     got, err = commands_of("cmd-return-path-7.2")
     assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4)] and err is None
+    got, err = commands_of("cmd-colo-7.2")
+    assert got == [(8, "ENABLE_COLO", 0)] and err is None
     got, err = commands_of("cmd-return-path-10.0")
     assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (11, "SWITCHOVER_START", 0)]
     assert err is None

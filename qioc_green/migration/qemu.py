@@ -355,7 +355,8 @@ class Recorder:
 def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = None,
             machine_opts: str = "", capabilities: Sequence[str] = (),
             parameters: dict[str, Any] | None = None, destination: bool = False,
-            postcopy: bool = False, recover: bool = False, extra_args: Sequence[str] = (),
+            postcopy: bool = False, recover: bool = False, colo: bool = False,
+            extra_args: Sequence[str] = (),
             timeout: float = 60.0, binary: str = QEMU, data_dirs: Sequence[str] = ()) -> bytes:
     """Migrate a paused QEMU ``-M machine`` over loopback and return the stream's bytes.
 
@@ -370,8 +371,13 @@ def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = Non
     QEMUs pause), the destination is told ``migrate-recover`` and the source ``migrate`` with
     ``resume``; the bytes returned are those of the *resumed* connection (it carries no stream
     header: it opens with RECV_BITMAP and POSTCOPY_RESUME).
+    ``colo``: the ``x-colo`` capability, into the sink: the source sends ENABLE_COLO, the whole
+    state, then waits in COLO state for checkpoints from a secondary that is not there; once it
+    is in that state it is killed, and the stream recorded up to then is returned.
     """
     caps = list(capabilities)
+    if colo and "x-colo" not in caps:
+        caps.append("x-colo")
     if recover:
         postcopy = True
     if postcopy:
@@ -415,7 +421,11 @@ def capture(machine: str = "pc", mem: str = "16M", *, ram_file: str | None = Non
                 rec = Recorder(timeout, ("127.0.0.1", port))
                 src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
                 src.migrate(f"tcp:127.0.0.1:{rec.port}", resume=True)
-            src.wait_migration(max(deadline - time.monotonic(), 0.1))
+            if colo:
+                src.wait_status("colo", timeout=max(deadline - time.monotonic(), 0.1))
+                src.close()  # everything sent is delivered before the kernel's FIN
+            else:
+                src.wait_migration(max(deadline - time.monotonic(), 0.1))
             data = rec.result(max(deadline - time.monotonic(), 0.1))
             if dst is not None:
                 dst.wait_migration(max(deadline - time.monotonic(), 0.1))

@@ -22,6 +22,8 @@ Each is a real QEMU source, paused (-S), 16 MiB of untouched (zero) RAM, migrate
                             migration recovered (migrate-recover, migrate resume=true): the
                             resumed connection only (no stream header): RECV_BITMAP per RAM
                             block, POSTCOPY_RESUME, then the rest of RAM
+    cmd-colo-7.2.mig.gz     -M pc with x-colo into the sink: ENABLE_COLO, then the whole state
+                            (the source is killed once it waits for a COLO secondary)
     cmd-return-path-10.0.mig.gz
                             QEMU 10.0 (``$QIOC_QEMU10``, default /opt/qioc-qemu10), its default
                             -M pc, with return-path: OPEN_RETURN_PATH, PING, SWITCHOVER_START
@@ -61,6 +63,7 @@ STREAMS: dict[str, dict[str, Any]] = {
     "cmd-return-path-7.2": {"machine": "pc", "capabilities": ["return-path"], "destination": True},
     "cmd-postcopy-7.2": {"machine": "pc", "postcopy": True},
     "cmd-postcopy-resume-7.2": {"machine": "pc", "recover": True},
+    "cmd-colo-7.2": {"machine": "pc", "colo": True},
     "cmd-return-path-10.0": {"machine": "pc", "capabilities": ["return-path"], "destination": True,
                              **QEMU10_ARGS},
 }
