@@ -21,27 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import qioc_green as q
-from migration.stream import (
-    NEED_DATA as STREAM_NEED_DATA,
-)
-from migration.stream import (
-    Configuration,
-    RamBlocks,
-    RamFlush,
-    RamPages,
-    StreamEnd,
-    StreamParser,
-    ZeroPages,
-)
-from qioc_green.migration._multifd import (
+from qioc_green.migration import (
     NEED_BLOCKS,
     NEED_DATA,
     ChannelEnd,
     ChannelInit,
+    Configuration,
     MultifdChannels,
     MultifdParser,
+    RamBlocks,
+    RamFlush,
     RamPacket,
+    RamPages,
+    StreamEnd,
+    StreamParser,
     SyncPacket,
+    ZeroPages,
     sniff_channel,
 )
 
@@ -161,7 +156,7 @@ def _read_main(ch: q.SocketChannel, first: bytes, state: _State, report: Channel
     report.bytes = len(first)
     eof = False
     while True:
-        while (ev := parser.next_event()) is not STREAM_NEED_DATA:
+        while (ev := parser.next_event()) is not NEED_DATA:
             if isinstance(ev, Configuration):
                 state.received.machine = ev.machine
                 state.received.capabilities = ev.capabilities

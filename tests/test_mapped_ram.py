@@ -1,7 +1,7 @@
 """The mapped-ram file reader (qioc_green/migration/_mapped_ram.py) against QEMU 10's own files.
 
 tests/data/none-mapped-ram.file.gz is a real QEMU 10.0.2 ``migrate file:`` with the mapped-ram
-capability of a paused ``-M none`` VM whose 4 MiB of RAM is ``migcapture.pattern_ram``, so RAM
+capability of a paused ``-M none`` VM whose 4 MiB of RAM is ``qemu.pattern_ram``, so RAM
 rebuilt from it is compared with that byte for byte. Corruptions change fields the reader itself
 located on the good file. The live tests (``peers.need_qemu10``) migrate random RAM to a file,
 with and without multifd, and rebuild it through ``qioc_green.FileChannel``'s positional reads.
@@ -20,9 +20,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migcapture import pattern_ram
-from migration.stream import NEED_DATA, Command, RamBlocks, RamPages, StreamEnd, StreamParser, ZeroPages
-from qioc_green.migration._mapped_ram import MappedRamBlock, MappedRamError, MappedRamFile
+from qioc_green.migration import (
+    NEED_DATA,
+    Command,
+    MappedRamBlock,
+    MappedRamError,
+    MappedRamFile,
+    RamBlocks,
+    RamPages,
+    StreamEnd,
+    StreamParser,
+    ZeroPages,
+)
+from qioc_green.migration.qemu import pattern_ram
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -288,8 +298,8 @@ def test_fuzz_only_mapped_ram_errors_and_bounded_memory(data):
 @pytest.mark.parametrize("multifd,offset", [(False, 0), (True, 0), (False, 4096), (True, 65536)])
 def test_live_mapped_ram_file_rebuilds_ram(tmp_path, multifd, offset):
     import qioc_green as q
-    from migcapture import capture_file
-    from peers import need_qemu10
+    from qioc_green.migration.qemu import capture_file
+    from tests.peers import need_qemu10
 
     qemu = need_qemu10()
     ram = random.Random(f"{multifd}{offset}").randbytes(16 << 20)
@@ -297,9 +307,9 @@ def test_live_mapped_ram_file_rebuilds_ram(tmp_path, multifd, offset):
     path = tmp_path / "mig.file"
     caps = ["mapped-ram", "multifd"] if multifd else ["mapped-ram"]
     params = {"multifd-channels": 2} if multifd else {}
-    capture_file(qemu, str(path), uri_options=f",offset={offset}" if offset else "",
-                 machine="q35", mem="16M", ram_file=str(tmp_path / "ram.bin"),
-                 capabilities=caps, parameters=params)
+    capture_file(str(path), "q35", "16M", uri_options=f",offset={offset}" if offset else "",
+                 ram_file=str(tmp_path / "ram.bin"), capabilities=caps, parameters=params,
+                 **qemu)  # type: ignore[arg-type]
     src = q.FileChannel.open(path, os.O_RDONLY)
     out = q.FileChannel.open(tmp_path / "pc.ram", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

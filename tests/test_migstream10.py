@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from migration.stream import (
+from qioc_green.migration import (
     NEED_DATA,
     Command,
     Configuration,
@@ -93,10 +93,10 @@ def test_switchover_start_comes_once_before_the_ram_end():
 @pytest.mark.parametrize("machine,sent", [("pc-q35-10.0", True), ("pc-q35-9.2", False),
                                           ("pc-i440fx-9.2", False), ("none", True)])
 def test_live_switchover_start_follows_the_machine_type(machine, sent):
-    from migcapture import capture_connections
-    from peers import need_qemu10
+    from qioc_green.migration.qemu import capture
+    from tests.peers import need_qemu10
 
-    (data,) = capture_connections(need_qemu10(), 1, machine=machine, mem="16M")
+    data = capture(machine, "16M", **need_qemu10())
     events = parse([data])
     assert isinstance(events[-1], StreamEnd)
     count, around = switchover_position(events)

@@ -1,7 +1,7 @@
 """The multifd channel parser (qioc_green/migration/_multifd.py) against QEMU 10's own channels.
 
 The captures in tests/data (make_streams.py --qemu10) are real QEMU 10.0.2 migrations of a
-paused ``-M none`` VM whose 4 MiB of RAM is ``migcapture.pattern_ram``: every test below that
+paused ``-M none`` VM whose 4 MiB of RAM is ``qemu.pattern_ram``: every test below that
 rebuilds RAM compares it with that, byte for byte. Corruptions are made by changing fields of
 the real packets (found by the parser's own events on the good capture). The last tests migrate
 a live QEMU 10 into tests/multifd_harness.py (``peers.need_qemu10``).
@@ -9,7 +9,6 @@ a live QEMU 10 into tests/multifd_harness.py (``peers.need_qemu10``).
 
 from __future__ import annotations
 
-import gzip
 import random
 import struct
 import sys
@@ -21,10 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migcapture import pattern_ram, unpack_connections
-from migration.stream import NEED_DATA as STREAM_NEED_DATA
-from migration.stream import RamBlocks, RamFlush, RamPages, StreamParser, ZeroPages
-from qioc_green.migration._multifd import (
+from qioc_green.migration import (
     NEED_BLOCKS,
     NEED_DATA,
     ChannelEnd,
@@ -33,11 +29,18 @@ from qioc_green.migration._multifd import (
     MultifdChannels,
     MultifdError,
     MultifdParser,
+    RamBlocks,
+    RamFlush,
     RamPacket,
+    RamPages,
+    StreamParser,
     SyncPacket,
+    ZeroPages,
     packet_size,
     sniff_channel,
 )
+from qioc_green.migration.qemu import pattern_ram
+from tests.migdata import load_connections
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,7 +56,7 @@ def conns(compression: str) -> list[bytes]:
     """The connections of one capture, in accept order: [main, multifd, multifd]."""
     name = "none-multifd2" + ("" if compression == "none" else f"-{compression}")
     if name not in _cache:
-        _cache[name] = unpack_connections(gzip.decompress((DATA / f"{name}.conns.gz").read_bytes()))
+        _cache[name] = load_connections(name)
     return _cache[name]
 
 
@@ -173,7 +176,7 @@ def test_each_channel_syncs_once_per_main_stream_flush(compression):
     p.feed(main_channel(compression))
     p.close()
     flushes = 0
-    while (ev := p.next_event()) is not STREAM_NEED_DATA:
+    while (ev := p.next_event()) is not NEED_DATA:
         flushes += isinstance(ev, RamFlush)
         assert not isinstance(ev, (RamPages, ZeroPages))  # every page went to multifd
         if isinstance(ev, RamBlocks):
@@ -595,11 +598,10 @@ def test_fuzz_random_bytes_after_a_real_init(tail, split):
 @pytest.mark.parametrize("channels", [2, 4])
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 def test_live_multifd_into_the_harness_rebuilds_ram(tmp_path, channels, compression):
-    import multifd_harness
-
     import qioc_green as q
-    from migcapture import Source
-    from peers import need_qemu10
+    from qioc_green.migration.qemu import Qemu
+    from tests import multifd_harness
+    from tests.peers import need_qemu10
 
     qemu = need_qemu10()
     ram = random.Random(f"{channels}{compression}").randbytes(16 << 20)
@@ -609,13 +611,13 @@ def test_live_multifd_into_the_harness_rebuilds_ram(tmp_path, channels, compress
     ram_dir.mkdir()
     lst = q.SocketChannel.listen("tcp:127.0.0.1:0")
     try:
-        with Source(qemu, machine="q35", mem="16M", ram_file=str(ram_file),
-                    capabilities=["multifd"],
-                    parameters={"multifd-channels": channels,
-                                "multifd-compression": compression}) as src:
+        with Qemu(machine="q35", mem="16M", ram_file=str(ram_file), capabilities=["multifd"],
+                  name="source", **qemu) as src:  # type: ignore[arg-type]
+            src.cmd("migrate-set-parameters", **{"multifd-channels": channels,
+                                                 "multifd-compression": compression})
             src.migrate(f"tcp:127.0.0.1:{lst.local_port}")
             got = multifd_harness.receive(lst, channels=channels, ram_dir=str(ram_dir))
-            src.wait_completed()
+            src.wait_migration(60)
     finally:
         lst.close()
     assert (ram_dir / "pc.ram").read_bytes() == ram
@@ -655,9 +657,8 @@ def _replay(port: int, parts: list[bytes]) -> list:
 
 
 def _harness(parts: list[bytes], channels: int, tmp_path):
-    import multifd_harness
-
     import qioc_green as q
+    from tests import multifd_harness
 
     ram_dir = tmp_path / "ramdir"
     ram_dir.mkdir(exist_ok=True)

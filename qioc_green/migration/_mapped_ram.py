@@ -45,16 +45,21 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ._format import (
+    MAX_PAGE_SIZE,
+    MIN_PAGE_SIZE,
+    QEMU_VM_CONFIGURATION,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_SECTION_START,
+    QEMU_VM_SUBSECTION,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    MigrationStreamError,
+)
+
 __all__ = ["MappedRamBlock", "MappedRamError", "MappedRamFile"]
 
-QEMU_VM_FILE_MAGIC = 0x5145564D
-QEMU_VM_SECTION_START = 0x01
-QEMU_VM_SUBSECTION = 0x05
-QEMU_VM_CONFIGURATION = 0x07
-RAM_SAVE_FLAG_MEM_SIZE = 0x04
 MAPPED_RAM_HDR_VERSION = 1
 MAPPED_RAM_HDR_SIZE = 28
-MIN_PAGE_SIZE, MAX_PAGE_SIZE = 4096, 65536
 
 _BITMAP_CHUNK = 64 * 1024  # bitmap bytes read at once (512 Ki pages)
 _COPY_CHUNK = 1 << 20  # page bytes copied at once
@@ -62,12 +67,9 @@ _COPY_CHUNK = 1 << 20  # page bytes copied at once
 Pread = Callable[[int, int], bytes]
 
 
-class MappedRamError(ValueError):
-    """The file is not a well-formed mapped-ram migration. The message starts with ``offset``."""
-
-    def __init__(self, offset: int, message: str) -> None:
-        super().__init__(f"offset {offset}: {message}")
-        self.offset = offset
+class MappedRamError(MigrationStreamError):
+    """The file is not a well-formed mapped-ram migration. The message starts with ``offset``
+    (a file offset)."""
 
 
 @dataclass(frozen=True, slots=True)

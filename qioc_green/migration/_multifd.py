@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
+from ._format import QEMU_VM_FILE_MAGIC, check_page_size
 from ._multifd_compress import COMPRESSIONS, DecompressError, Decompressor, decompressor_for
 from ._multifd_events import (
     NEED_BLOCKS,
@@ -72,7 +73,8 @@ from ._multifd_events import (
     DeviceStatePacket,
     Event,
     MultifdError,
-    Need,
+    NeedBlocks,
+    NeedData,
     RamPacket,
     SyncPacket,
 )
@@ -91,12 +93,10 @@ __all__ = [
     "MultifdParser",
     "RamPacket",
     "SyncPacket",
-    "check_page_size",
     "packet_size",
     "sniff_channel",
 ]
 
-QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_VERSION = 1
 INIT_PACKET_SIZE = 64
@@ -113,21 +113,10 @@ _COMPRESSION_FLAGS = {0x00: "none", 0x02: "zlib", 0x04: "zstd", 0x08: "qpl", 0x1
                       0x20: "qatzip"}
 _KNOWN_FLAGS = FLAG_SYNC | FLAG_COMPRESSION_MASK | FLAG_DEVICE_STATE
 
-MIN_PAGE_SIZE = 4096
-MAX_PAGE_SIZE = 65536
-
 _INIT = struct.Struct(">II16sB")
 _HDR = struct.Struct(">III")
 _RAM = struct.Struct(">IIIQI")  # pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages
 _DEV = struct.Struct(">256sII")
-
-
-def check_page_size(page_size: int) -> int:
-    """Return page_size if QEMU could use it for RAM pages (4 KiB..64 KiB, a power of two)."""
-    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
-        raise ValueError(f"page size {page_size} refused: QEMU's target pages are powers of two "
-                         f"from 4 KiB to 64 KiB")
-    return page_size
 
 
 def packet_size(page_size: int = 4096) -> int:
@@ -278,7 +267,7 @@ class MultifdParser:
         if len(view):
             self._in.chunks.append(view)
 
-    def next_event(self) -> Event | Literal[Need.NEED_DATA, Need.NEED_BLOCKS]:
+    def next_event(self) -> Event | Literal[NeedData.NEED_DATA, NeedBlocks.NEED_BLOCKS]:
         """The next event, NEED_DATA or NEED_BLOCKS. Raises MultifdError (again on each call).
 
         After NEED_DATA the parser holds no view of any fed buffer; after NEED_BLOCKS it still
@@ -314,7 +303,7 @@ class MultifdParser:
     def _err(self, message: str, offset: int | None = None) -> MultifdError:
         return MultifdError(self.name, self._at if offset is None else offset, message)
 
-    def _at_close(self) -> Event | Literal[Need.NEED_DATA]:
+    def _at_close(self) -> Event | Literal[NeedData.NEED_DATA]:
         if self._done:
             return NEED_DATA
         have = self._in.available()
@@ -341,7 +330,7 @@ class MultifdParser:
 
     # -- states -------------------------------------------------------------------------------
 
-    def _st_init(self) -> Event | None | Need:
+    def _st_init(self) -> Event | None | NeedData | NeedBlocks:
         buf = self._in.take(INIT_PACKET_SIZE)
         if buf is None:
             return NEED_DATA
@@ -356,7 +345,7 @@ class MultifdParser:
         self._state = self._st_header
         return ChannelInit(cid, self.uuid, version)
 
-    def _st_header(self) -> Event | None | Need:
+    def _st_header(self) -> Event | None | NeedData | NeedBlocks:
         self._at = self._in.offset
         buf = self._in.take(_HDR_SIZE)
         if buf is None:
@@ -372,7 +361,7 @@ class MultifdParser:
         self._state = self._st_dev if flags & FLAG_DEVICE_STATE else self._st_ram
         return None
 
-    def _st_dev(self) -> Event | None | Need:
+    def _st_dev(self) -> Event | None | NeedData | NeedBlocks:
         if self._dev is None:
             buf = self._in.take(_DEV_SIZE - _HDR_SIZE)
             if buf is None:
@@ -401,7 +390,7 @@ class MultifdParser:
         self._state = self._st_header
         return DeviceStatePacket(idstr, instance_id, bytes(data), self._at)
 
-    def _st_ram(self) -> Event | None | Need:
+    def _st_ram(self) -> Event | None | NeedData | NeedBlocks:
         if self._ram is None:
             buf = self._in.take(self.packet_size - _HDR_SIZE)
             if buf is None:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from ._format import NEED_DATA, MigrationStreamError, NeedData
+
 __all__ = [
     "NEED_BLOCKS",
     "NEED_DATA",
@@ -15,38 +17,36 @@ __all__ = [
     "DeviceStatePacket",
     "Event",
     "MultifdError",
-    "Need",
+    "NeedBlocks",
+    "NeedData",
     "RamPacket",
     "SyncPacket",
 ]
 
 
-class MultifdError(ValueError):
+class MultifdError(MigrationStreamError):
     """A multifd channel sent what QEMU never sends (or what we refuse).
 
     ``channel`` names the channel, ``offset`` is the offset in it; the message starts with both.
+    A :class:`MigrationStreamError`, so one ``except`` takes every stream's errors.
     """
 
     def __init__(self, channel: str, offset: int, message: str) -> None:
-        super().__init__(f"{channel}: offset {offset}: {message}")
+        ValueError.__init__(self, f"{channel}: offset {offset}: {message}")
         self.channel = channel
         self.offset = offset
 
 
-class Need(enum.Enum):
-    """The two things next_event() can ask for instead of an event."""
-
-    NEED_DATA = "NEED_DATA"
+class NeedBlocks(enum.Enum):
     NEED_BLOCKS = "NEED_BLOCKS"
 
     def __repr__(self) -> str:
-        return self.value
+        return "NEED_BLOCKS"
 
 
-#: next_event(): feed more input.
-NEED_DATA: Final = Need.NEED_DATA
-#: next_event(): call set_blocks() with the main stream's RAM blocks, then ask again.
-NEED_BLOCKS: Final = Need.NEED_BLOCKS
+#: MultifdParser.next_event(): call set_blocks() with the main stream's RAM blocks, then ask
+#: again. (For more input it returns the package's one NEED_DATA.)
+NEED_BLOCKS: Final = NeedBlocks.NEED_BLOCKS
 
 
 # -- events -----------------------------------------------------------------------------------
