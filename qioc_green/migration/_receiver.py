@@ -28,7 +28,7 @@ Speed, measured (``bench/migration.py``: a 1 GiB random-RAM VM, 2 shared cores, 
 -------------------------------------------------------------------------------------------
 Receiving while parsing keeps up with QEMU's sender (~2 GB/s; 1.02x a plain blocking
 ``recv_into`` loop, medians of 5 interleaved rounds), thanks to the kernel's low-water mark
-(see ``_set_rcvlowat``): 0.14 s of CPU per GiB against the plain loop's 0.25 s.
+(see ``set_rcvlowat``): 0.14 s of CPU per GiB against the plain loop's 0.25 s.
 
 Forwarding runs at the speed of a C relay: 1.66 GB/s, 1.05x of ``socat -b 1M`` relaying the same
 migration in the same run (medians of 5 rounds, 1 GiB), and 0.61x of a direct migration into the
@@ -66,14 +66,14 @@ from qioc_green import (
     UnexpectedEOF,
 )
 
-from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
+from ._events import Event, RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
 from ._parser import StreamParser
 from ._sinks import BUFFERS, CHUNK, Forwarder, RamDir
 from ._summary import Summary
 from ._uri import Endpoint
 
-LOWAT_WAIT = 0.05  # s; see _set_rcvlowat()
+LOWAT_WAIT = 0.05  # s; see set_rcvlowat()
 
 
 class ReceiveError(Exception):
@@ -105,6 +105,12 @@ class Receiver:
     ``digest``: put the sha256 of the bytes received (and forwarded) into the summary;
     ``progress``: a text stream for a progress line (a terminal); ``idle_timeout``: give up
     when no byte arrives for that long.
+
+    For the main channel of a multifd migration (``_multifd_receiver``): ``prefix``, bytes
+    already read from the channel (to tell it from a multifd channel), taken as its first
+    chunk; ``ram``, a RamDir shared with the multifd channels (left open); ``on_event``, called
+    with every event other than page runs, in the reading greenlet, before the summary takes
+    it (it may park: the multifd sync points do; see :meth:`pass_on_parsed`).
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
@@ -112,7 +118,9 @@ class Receiver:
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None,
-                 parser_factory: Callable[[], StreamParser] = StreamParser) -> None:
+                 parser_factory: Callable[[], StreamParser] = StreamParser,
+                 prefix: bytes = b"", ram: RamDir | None = None,
+                 on_event: Callable[[Event], None] | None = None) -> None:
         if forward is not None and forward_context is None:
             raise ValueError("forwarding needs a context for its writer")
         self.save = save
@@ -126,9 +134,19 @@ class Receiver:
         self.progress = progress
         self.idle_timeout = idle_timeout
         self.parser_factory = parser_factory
+        self.prefix = prefix
+        self.ram = ram
+        self.on_event = on_event
+        self.parser: StreamParser | None = None
         self.received = 0
         self.section = ""
         self._progress_shown = False
+        # forwarding: the chunk being parsed, how much of it is passed on, the one held back
+        self._fwd: Forwarder | None = None
+        self._chunk: tuple[bytearray, int] | None = None
+        self._chunk_base = 0
+        self._chunk_sent = 0
+        self._pending: tuple[bytearray, int, int] | None = None
 
     def receive(self, channel: Channel) -> Outcome:
         """Read ``channel`` to its end, parse, save, forward; close it. May park.
@@ -137,10 +155,10 @@ class Receiver:
         error line. (ChannelClosedError and ContextStoppedError, meaning we were told to stop,
         are reported the same way.)
         """
-        parser = self.parser_factory()
+        parser = self.parser = self.parser_factory()
         summary = Summary()
         save: FileChannel | None = None
-        ram: RamDir | None = None
+        ram: RamDir | None = self.ram
         fwd: Forwarder | None = None
         sha = hashlib.sha256() if self.digest else None
         error: str | None = None
@@ -150,12 +168,13 @@ class Receiver:
         try:
             if self.save is not None:
                 save = FileChannel.open(self.save, "w", name="save")
-            if self.ram_dir is not None:
+            if self.ram_dir is not None and ram is None:
                 ram = RamDir(self.ram_dir)
             if self.forward is not None:
                 assert self.forward_context is not None
-                fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
-                                buffers=self.buffers, digest=self.digest)
+                fwd = self._fwd = Forwarder(self.forward, self.forward_context,
+                                            chunk=self.chunk, buffers=self.buffers,
+                                            digest=self.digest)
             last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
                 raise ReceiveError(self.received, "stream incomplete")
@@ -173,14 +192,14 @@ class Receiver:
         except ReceiveError as exc:
             error = str(exc)
         except (ChannelError, OSError, TimeoutError) as exc:
-            error = f"offset {self.received}: {_describe(exc)}"
+            error = f"offset {self.received}: {describe(exc)}"
         finally:
             if fwd is not None and not finished:
                 fwd.abort()
             channel.close()
             if save is not None:
                 save.close()
-            if ram is not None:
+            if ram is not None and ram is not self.ram:
                 ram.close()
             if self.progress is not None and self._progress_shown:
                 self.progress.write("\n")
@@ -201,12 +220,31 @@ class Receiver:
                 d["sha256_out"] = fwd.sha256
         return Outcome(d, error)
 
+    def pass_on_parsed(self) -> None:
+        """Forward now every byte parsed so far, the held-back chunk included. Reader side.
+
+        For an ``on_event`` hook about to park: a multifd sync point waits for the other
+        channels, whose destination may in turn wait for what this channel has parsed (the
+        destination's own sync), so nothing parsed may stay held back across such a wait.
+        """
+        fwd, parser, chunk = self._fwd, self.parser, self._chunk
+        if fwd is None or parser is None or chunk is None:
+            return
+        if self._pending is not None:
+            fwd.submit(*self._pending)
+            self._pending = None
+        end = min(parser.offset - self._chunk_base, chunk[1])
+        if end > self._chunk_sent:
+            fwd.submit(chunk[0], end, start=self._chunk_sent, release=False)
+            self._chunk_sent = end
+
     def _pump(self, ch: Channel, parser: StreamParser, summary: Summary,
               save: FileChannel | None, ram: RamDir | None, fwd: Forwarder | None,
-              sha: Any) -> tuple[bytearray, int] | None:
+              sha: Any) -> tuple[bytearray, int, int] | None:
         """The hot loop: read a chunk, save it, parse it, apply its events, pass it on.
 
-        Returns the last chunk, not yet forwarded (None when not forwarding).
+        Returns what is left of the last chunk, not yet forwarded: ``(buf, end, start)`` for
+        Forwarder.submit (None when not forwarding).
         """
         own = memoryview(bytearray(self.chunk)) if fwd is None else None
         add = summary.add
@@ -214,12 +252,13 @@ class Receiver:
         next_event = parser.next_event
         idle = self.idle_timeout
         wait = idle
-        if _set_rcvlowat(ch, self.chunk // 4):
+        if set_rcvlowat(ch, self.chunk // 4):
             wait = LOWAT_WAIT if idle is None else min(idle, LOWAT_WAIT)
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
+        on_event = self.on_event
+        carry = self.prefix
         t0 = last = time.monotonic()
-        pending: tuple[bytearray, int] | None = None
         while True:
             if fwd is not None:
                 buf = fwd.acquire()
@@ -229,10 +268,15 @@ class Receiver:
                 buf = None
                 view = own
             try:
-                n = ch.readinto(view, timeout=wait)
+                if carry:  # bytes read before this loop, as its first chunk
+                    n = len(carry)
+                    view[:n] = carry
+                    carry = b""
+                else:
+                    n = ch.readinto(view, timeout=wait)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
                 raise ReceiveError(self.received,
-                                   f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
+                                   f"{describe(exc)}; {_what_was_cut(parser)}") from exc
             except TimeoutError:
                 # With a low-water mark, a quiet sender may leave fewer bytes than the mark
                 # waiting: the retry's read takes them (it tries before it parks).
@@ -253,6 +297,10 @@ class Receiver:
                 save.write_all(data)
             if sha is not None:
                 sha.update(data)
+            if fwd is not None:
+                self._chunk = (buf, n)  # type: ignore[assignment]
+                self._chunk_base = self.received
+                self._chunk_sent = 0
             feed(data)
             try:
                 while (ev := next_event()) is not NEED_DATA:
@@ -263,10 +311,13 @@ class Receiver:
                     elif tev is ZeroPages:
                         if ram is not None:
                             ram.zeros(ev)  # type: ignore[arg-type]
-                    elif isinstance(ev, SectionHeader):
-                        self.section = ev.idstr
-                    elif tev is RamBlocks and ram is not None:
-                        ram.blocks(ev)  # type: ignore[arg-type]
+                    else:
+                        if isinstance(ev, SectionHeader):
+                            self.section = ev.idstr
+                        elif tev is RamBlocks and ram is not None:
+                            ram.blocks(ev)  # type: ignore[arg-type]
+                        if on_event is not None:
+                            on_event(ev)
                     add(ev)
             finally:
                 self.received += n
@@ -274,9 +325,10 @@ class Receiver:
                 # Pass on the chunk before this one: it is held back until the next one has
                 # parsed (or the stream has ended and been judged), so a stream we refuse at
                 # its very end never reaches the destination whole.
-                if pending is not None:
-                    fwd.submit(*pending)
-                pending = (buf, n)  # type: ignore[assignment]
+                if self._pending is not None:
+                    fwd.submit(*self._pending)
+                self._pending = (buf, n, self._chunk_sent)  # type: ignore[assignment]
+                self._chunk = None
             if progress is not None:
                 now = time.monotonic()
                 if now >= next_progress:
@@ -288,11 +340,14 @@ class Receiver:
                     self._progress_shown = True
         parser.close()  # raises MigrationStreamError when the stream is cut short
         while (ev := next_event()) is not NEED_DATA:
+            if on_event is not None:
+                on_event(ev)
             add(ev)
+        pending, self._pending = self._pending, None
         return pending
 
 
-def _set_rcvlowat(ch: Channel, lowat: int) -> bool:
+def set_rcvlowat(ch: Channel, lowat: int) -> bool:
     """Ask the kernel to wake our reader only once ``lowat`` bytes are queued (TCP only).
 
     A live migration arrives at ~2 GB/s; woken at every segment, the reader would make
@@ -323,7 +378,7 @@ def _what_was_cut(parser: StreamParser) -> str:
     return "the stream had ended"
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """A channel or OS error as a short fragment for the one-line report."""
     if isinstance(exc, ContextStoppedError):
         return "stopped"

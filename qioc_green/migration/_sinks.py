@@ -111,7 +111,8 @@ class Forwarder:
     """A writer greenlet in another context, fed from a fixed pool of receive buffers.
 
     ``acquire()`` (reader side) parks until a buffer is free; ``submit(buf, n)`` passes its
-    first ``n`` bytes to the writer; ``finish()`` says the stream ended (the writer then closes
+    first ``n`` bytes to the writer (``submit(buf, n, start, release=False)`` a piece of it,
+    keeping the buffer out of the pool until a later piece releases it); ``finish()`` says the stream ended (the writer then closes
     the destination, which sees EOF) and waits for the writer; ``abort(reason)`` drops the
     destination without sending what is queued. A writer failure surfaces in the reader's next
     ``acquire()`` as BrokenChannelError. ``high_water`` is the most buffers ever in flight.
@@ -125,7 +126,7 @@ class Forwarder:
         self.endpoint = endpoint
         # unbounded: the pool of buffers bounds what can be in either queue
         self._free: Queue[bytearray] = Queue()
-        self._full: Queue[tuple[bytearray, int] | None] = Queue()
+        self._full: Queue[tuple[bytearray, int, int, bool] | None] = Queue()
         for _ in range(buffers):
             self._free.put(bytearray(chunk))
         self.buffers = buffers
@@ -147,13 +148,15 @@ class Forwarder:
         buf = self._free.get()
         return buf
 
-    def submit(self, buf: bytearray, n: int) -> None:
-        """Queue ``buf[:n]`` for the destination. Never parks."""
-        # each counter has one writer thread, so the difference is a safe (if stale) count
-        self._submitted += 1
-        in_flight = self._submitted - self._returned
-        self.high_water = max(self.high_water, in_flight)
-        self._full.put((buf, n))
+    def submit(self, buf: bytearray, n: int, start: int = 0, release: bool = True) -> None:
+        """Queue ``buf[start:n]`` for the destination; once sent, the buffer goes back to the
+        pool unless ``release`` is false (more of it follows). Never parks."""
+        if release:
+            # each counter has one writer thread, so the difference is a safe (if stale) count
+            self._submitted += 1
+            in_flight = self._submitted - self._returned
+            self.high_water = max(self.high_water, in_flight)
+        self._full.put((buf, start, n, release))
 
     def release(self, buf: bytearray) -> None:
         """Give back a buffer that carries nothing to send (EOF read into it)."""
@@ -198,14 +201,16 @@ class Forwarder:
                 item = self._full.get()  # raises _Abort when the stream was refused
                 if item is None:
                     break
-                buf, n = item
-                view = memoryview(buf)[:n]
-                ch.write_all(view)
-                if sha is not None:
-                    sha.update(view)
-                self.bytes_out += n
-                self._returned += 1
-                self._free.put(buf)
+                buf, start, n, release = item
+                view = memoryview(buf)[start:n]
+                if len(view):
+                    ch.write_all(view)
+                    if sha is not None:
+                        sha.update(view)
+                    self.bytes_out += n - start
+                if release:
+                    self._returned += 1
+                    self._free.put(buf)
             if isinstance(ch, CommandChannel):
                 ch.shutdown(Shutdown.WRITE)
                 ch.wait_exit(self._connect_timeout)
