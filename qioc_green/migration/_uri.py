@@ -89,11 +89,13 @@ class Incoming:
 
     ``open()`` never parks (it binds and listens); ``next_channel()`` may park (accept). Every
     channel it gives out follows the calling greenlet's context. ``close()`` from any thread
-    wakes a greenlet parked in ``next_channel()`` with ChannelClosedError.
+    wakes a greenlet parked in ``next_channel()`` with ChannelClosedError. ``backlog``: the
+    listen queue (a multifd source opens all its connections at once: give it room for them).
     """
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, backlog: int = 1) -> None:
         self.endpoint = endpoint
+        self.backlog = backlog
         self.listener: SocketChannel | None = None
         self._used = False
 
@@ -111,7 +113,7 @@ class Incoming:
     def open(self) -> None:
         ep = self.endpoint
         if ep.kind in ("tcp", "unix"):
-            self.listener = SocketChannel.listen(ep.address, 1, name=f"incoming-{ep}")
+            self.listener = SocketChannel.listen(ep.address, self.backlog, name=f"incoming-{ep}")
         elif ep.kind == "fd" and _is_listening_socket(ep.fd):
             self.listener = SocketChannel.listen(ep.address, name=f"incoming-{ep}")
         if self.listener is not None:
