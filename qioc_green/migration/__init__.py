@@ -10,7 +10,10 @@ starts real QEMU processes for demos and tests (it needs ``qemu.qmp``); it is no
 Modules, h11-style: ``_format`` (the numbers), ``_events``, ``_receivebuffer``, ``_ram``,
 ``_vmdesc``, ``_parser`` (the state machine), ``_summary``; QEMU 10's multifd channels
 (``_multifd_events``, ``_multifd_compress``, ``_multifd``) and mapped-ram files
-(``_mapped_ram``); ``_uri``, ``_sinks``, ``_receiver`` (the glue); ``cli``.
+(``_mapped_ram``); ``_uri``, ``_sinks``, ``_receiver`` (the glue); ``_settings`` (what the
+receiver is told, as QMP tells a destination), ``_multifd_sync``, ``_multifd_channel`` and
+``_multifd_receiver`` (the main channel and N multifd channels, each in its own IOThread),
+``_file_input`` (saved multifd migrations, mapped-ram files); ``cli``.
 """
 
 from ._events import (
@@ -35,8 +38,9 @@ from ._events import (
     ZeroPages,
     expand_pages,
 )
+from ._file_input import MappedRamReceiver
 from ._format import COMMANDS, NEED_DATA, MigrationStreamError, check_page_size
-from ._mapped_ram import MappedRamBlock, MappedRamError, MappedRamFile
+from ._mapped_ram import MappedRamBlock, MappedRamError, MappedRamFile, NotMappedRam
 from ._multifd import MultifdChannels, MultifdParser, packet_size, sniff_channel
 from ._multifd_compress import COMPRESSIONS
 from ._multifd_events import (
@@ -48,8 +52,10 @@ from ._multifd_events import (
     RamPacket,
     SyncPacket,
 )
+from ._multifd_receiver import MultifdReceiver
 from ._parser import StreamParser
 from ._receiver import Outcome, ReceiveError, Receiver
+from ._settings import SUPPORTED_CAPABILITIES, IncomingSettings, check_configuration
 from ._sinks import Forwarder, RamDir
 from ._summary import Summary
 from ._uri import Endpoint, Incoming, open_outgoing, parse_uri
@@ -68,15 +74,19 @@ __all__ = [
     "Event",
     "Forwarder",
     "Incoming",
+    "IncomingSettings",
     "MappedRamBlock",
     "MappedRamError",
     "MappedRamFile",
+    "MappedRamReceiver",
     "MigrationStreamError",
     "MultifdChannels",
     "MultifdError",
     "MultifdParser",
+    "MultifdReceiver",
     "NEED_BLOCKS",
     "NEED_DATA",
+    "NotMappedRam",
     "Outcome",
     "RamBlock",
     "RamBlocks",
@@ -86,6 +96,7 @@ __all__ = [
     "RamPages",
     "ReceiveError",
     "Receiver",
+    "SUPPORTED_CAPABILITIES",
     "SectionEnd",
     "SectionFooter",
     "SectionFull",
@@ -99,6 +110,7 @@ __all__ = [
     "SyncPacket",
     "VmDescription",
     "ZeroPages",
+    "check_configuration",
     "check_page_size",
     "expand_pages",
     "open_outgoing",

@@ -56,7 +56,7 @@ from ._format import (
     MigrationStreamError,
 )
 
-__all__ = ["MappedRamBlock", "MappedRamError", "MappedRamFile"]
+__all__ = ["MappedRamBlock", "MappedRamError", "MappedRamFile", "NotMappedRam"]
 
 MAPPED_RAM_HDR_VERSION = 1
 MAPPED_RAM_HDR_SIZE = 28
@@ -70,6 +70,11 @@ Pread = Callable[[int, int], bytes]
 class MappedRamError(MigrationStreamError):
     """The file is not a well-formed mapped-ram migration. The message starts with ``offset``
     (a file offset)."""
+
+
+class NotMappedRam(MappedRamError):
+    """Not a mapped-ram file: its configuration does not declare the capability, or the file
+    is not well formed before that point (a sequential stream parser reports that better)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +172,16 @@ class MappedRamFile:
 
     def _parse(self, max_ram_blocks: int) -> None:
         r = _Reader(self._pread, self.size, self.offset)
+        try:
+            self._parse_head(r)
+        except NotMappedRam:
+            raise
+        except MappedRamError as exc:  # before the capability is seen: not (known to be) ours
+            raise NotMappedRam(exc.offset, str(exc).partition(": ")[2]) from None
+        self._parse_blocks(r, max_ram_blocks)
+
+    def _parse_head(self, r: _Reader) -> None:
+        """The stream header and the configuration, up to the capability check."""
         magic, version = struct.unpack(">II", r.take(8, "the stream header"))
         if magic != QEMU_VM_FILE_MAGIC:
             raise MappedRamError(self.offset, f"expected magic QEVM (0x5145564d), got 0x{magic:08x}")
@@ -174,12 +189,15 @@ class MappedRamFile:
             raise MappedRamError(self.offset + 4, f"expected stream version 3, got {version}")
         at = r.pos
         if r.u8("the configuration section") != QEMU_VM_CONFIGURATION:
-            raise MappedRamError(at, "expected the configuration section (0x07): a mapped-ram "
-                                     "stream declares its capability there")
+            raise NotMappedRam(at, "expected the configuration section (0x07): a mapped-ram "
+                                   "stream declares its capability there")
         self._configuration(r)
         if "mapped-ram" not in self.capabilities:
-            raise MappedRamError(at, "the configuration does not declare the mapped-ram capability: "
-                                     "not a mapped-ram file (parse it as a sequential stream)")
+            raise NotMappedRam(at, "the configuration does not declare the mapped-ram capability: "
+                                   "not a mapped-ram file (parse it as a sequential stream)")
+
+    def _parse_blocks(self, r: _Reader, max_ram_blocks: int) -> None:
+        """The ram section's START and its block list, with each block's mapped-ram header."""
         at = r.pos
         t = r.u8("the ram section header")
         if t != QEMU_VM_SECTION_START:

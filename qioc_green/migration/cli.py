@@ -8,6 +8,7 @@ destination QEMU (which then resumes the VM).
 
     qioc-migration-receiver tcp:127.0.0.1:0 --save vm.mig --json vm.json
     qioc-migration-receiver tcp::4444 --forward tcp:127.0.0.1:4445
+    qioc-migration-receiver tcp::4444 --multifd-channels 4 --ram-dir ram/
     python -m qioc_green.migration exec:'cat vm.mig' --ram-dir ram/
 
 Exit status: 0 when every migration received was complete and well formed; 1 otherwise (the
@@ -21,11 +22,16 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import qioc_green
 
-from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
+from ._file_input import MappedRamReceiver, input_kind, replay_channels, saved_channels
+from ._multifd_compress import COMPRESSIONS
+from ._multifd_receiver import MultifdReceiver
+from ._receiver import Outcome, Receiver, describe, numbered, stderr_is_terminal
+from ._settings import IncomingSettings, plain_stream_checks
 from ._sinks import BUFFERS, CHUNK
 from ._uri import Endpoint, Incoming, parse_uri
 
@@ -67,8 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
                    help=f"buffers shared with the forwarding writer: the relay's memory bound "
                         f"(default {BUFFERS})")
+    p.add_argument("--multifd-channels", type=int, metavar="N",
+                   help="the source uses multifd with N channels (its multifd-channels): take "
+                        "the main channel and N multifd channels, each read in its own "
+                        "IOThread; a multifd stream never says how many it has")
+    p.add_argument("--multifd-compression", choices=COMPRESSIONS, metavar="METHOD",
+                   help="the source's multifd-compression (none, zlib, zstd; zstd needs the "
+                        "zstandard package); default: what the packets say, held to on "
+                        "every channel")
+    p.add_argument("--channel-timeout", type=float, default=10.0, metavar="S",
+                   help="with multifd: fail when expected connections have not come S seconds "
+                        "after they were needed (default 10)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stdout")
     return p
+
+
+def settings_from(args: argparse.Namespace) -> IncomingSettings:
+    """The command line's capabilities and parameters, checked as QMP would (ValueError)."""
+    settings = IncomingSettings()
+    if args.multifd_channels is not None:
+        settings.set_capability("multifd")
+        settings.set_parameters({"multifd-channels": args.multifd_channels})
+    if args.multifd_compression is not None:
+        if not settings.multifd:
+            raise ValueError("--multifd-compression needs --multifd-channels")
+        settings.set_parameters({"multifd-compression": args.multifd_compression})
+    return settings
 
 
 def _error(msg: str) -> None:
@@ -83,9 +113,12 @@ def _report(n: int, out: Outcome, args: argparse.Namespace) -> None:
     if not args.quiet:
         state = "complete" if d["complete"] else "INCOMPLETE"
         rate = d["bytes_total"] / max(d["elapsed_s"] or 0, 1e-9) / 1e6
+        mfd = d.get("multifd")
+        channels = f", {mfd['channels']} multifd channels" if mfd else ""
         print(f"{label}{state}: {d['bytes_total']} bytes in {d['elapsed_s']:.3f} s "
               f"({rate:.0f} MB/s), machine {d['machine']}, {len(d['sections'])} sections, "
-              f"{len(d['ram_blocks'])} RAM blocks, {len(d['devices'])} devices", flush=True)
+              f"{len(d['ram_blocks'])} RAM blocks, {len(d['devices'])} devices{channels}",
+              flush=True)
 
 
 def _write_json(path: str, d: dict[str, Any]) -> None:
@@ -101,30 +134,58 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
 
 
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None) -> list[bool]:
-    """Take migrations one after another (in the receiving IOThread); return their verdicts."""
+          forward_ctx: qioc_green.Context | None,
+          settings: IncomingSettings | None = None, file_kind: str = "stream") -> list[bool]:
+    """Take migrations one after another (in the receiving IOThread); return their verdicts.
+
+    ``file_kind``: what a ``file:`` source holds (``_file_input.input_kind``).
+    """
+    settings = settings or IncomingSettings()
     verdicts: list[bool] = []
     n = 0
     while True:
         n += 1
-        try:
-            ch = incoming.next_channel()
-        except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
-            break  # one-shot source used, or told to stop while waiting for a sender
-        if not args.keep_listening:
-            incoming.close()  # one migration per run: later senders are refused, as by QEMU
 
         def name(path: str | None, n: int = n) -> str | None:
             if path is None or not args.keep_listening or path == "-":
                 return path
             return numbered(path, n)
 
-        rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                      forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
-                      allow_undescribed=args.allow_undescribed, digest=args.digest,
-                      progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout)
-        out = rx.receive(ch)
+        progress = sys.stderr if stderr_is_terminal() else None
+        multifd = None
+        if settings.multifd:
+            multifd = MultifdReceiver(
+                settings, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
+                chunk=args.buffer_size, buffers=args.buffers,
+                allow_undescribed=args.allow_undescribed, digest=args.digest,
+                progress=progress, idle_timeout=args.idle_timeout,
+                channel_timeout=args.channel_timeout)
+        if file_kind == "mapped-ram":
+            out = MappedRamReceiver(incoming.endpoint, ram_dir=args.ram_dir,
+                                    allow_undescribed=args.allow_undescribed,
+                                    threads=settings.channels or 1).receive()
+        elif file_kind == "multifd":
+            assert multifd is not None
+            out = multifd.receive(replay_channels(incoming.endpoint))
+        else:
+            try:
+                ch = incoming.next_channel()
+            except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
+                break  # one-shot source used, or told to stop while waiting for a sender
+            if not args.keep_listening and multifd is None:
+                incoming.close()  # one migration per run: later senders are refused, as by QEMU
+            if multifd is not None:
+                out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
+                if not args.keep_listening:
+                    incoming.close()
+            else:
+                rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
+                              forward_context=forward_ctx, chunk=args.buffer_size,
+                              buffers=args.buffers, allow_undescribed=args.allow_undescribed,
+                              digest=args.digest, progress=progress,
+                              idle_timeout=args.idle_timeout)
+                rx.on_event = plain_stream_checks(rx)
+                out = rx.receive(ch)
         json_path = name(args.json)
         if json_path is not None:
             _write_json(json_path, out.summary)
@@ -133,6 +194,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         if not args.keep_listening or (args.count is not None and n >= args.count):
             break
     return verdicts
+
+
+def _acceptor(incoming: Incoming) -> Callable[[float], qioc_green.Channel] | None:
+    """``accept(timeout)`` for the multifd receiver's further connections (None: no listener)."""
+    if incoming.listener is None:
+        return None
+    return lambda timeout: incoming.next_channel(timeout=timeout)
 
 
 class _Interrupted(SystemExit):
@@ -155,7 +223,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
-    incoming = Incoming(source)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    file_kind = "stream"
+    if source.kind == "file":
+        try:
+            file_kind = input_kind(source)
+        except OSError as exc:
+            _error(f"offset 0: {describe(exc)}")
+            return 1
+    if file_kind == "multifd":  # a saved multifd migration says how many channels it had
+        saved = len(saved_channels(source.path))
+        if settings.multifd and settings.multifd_channels != saved:
+            parser.error(f"--multifd-channels {settings.multifd_channels}, but {source.path} "
+                         f"has {saved} saved multifd channels beside it")
+        settings.set_capability("multifd")
+        settings.set_parameters({"multifd-channels": saved})
+    elif file_kind == "mapped-ram":
+        for opt, given in (("--save", args.save), ("--forward", args.forward)):
+            if given:
+                parser.error(f"{opt} does not apply to a mapped-ram file (RAM at fixed offsets, "
+                             "not a stream): copy the file, or restore it with a QEMU started "
+                             "-incoming defer and migrate-incoming file:")
+    elif settings.multifd and source.kind not in ("tcp", "unix", "fd"):
+        parser.error(f"--multifd-channels needs a listening URI (tcp:, unix:) or a file: "
+                     f"saved with it, not {source}")
+    incoming = Incoming(source, backlog=settings.channels + 1)
     try:
         incoming.open()
     except (OSError, qioc_green.ChannelError) as exc:
@@ -176,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     recv_thread = qioc_green.IOThread("mig-recv").start()
-    fwd_thread = qioc_green.IOThread("mig-forward").start() if forward is not None else None
+    fwd_thread = (qioc_green.IOThread("mig-forward").start()
+                  if forward is not None and not settings.multifd else None)
     try:
         fut = recv_thread.context.spawn(
-            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None)
+            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None,
+            settings, file_kind)
         try:
             verdicts = fut.result()
         except _Interrupted:

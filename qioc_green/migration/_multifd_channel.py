@@ -1,0 +1,298 @@
+"""One multifd channel of a migration, read in its own IOThread (the multifd receiver's part
+that sees nearly every byte).
+
+A :class:`ChannelReader` reads one connection that said it is a multifd channel: feeds a
+:class:`~._multifd.MultifdParser`, checks the init packet against the other channels
+(``MultifdChannels``), writes each packet's pages to the shared ``RamDir`` with positional
+writes (one ``pwritev`` per run of consecutive pages: a packet is usually one run), meets the
+main stream at every SYNC packet (``SyncPoints``), saves the channel's bytes and forwards them.
+What it shares with the other readers it gets from the :class:`~._multifd_receiver.MultifdReceiver`
+(``session``): the page size and RAM blocks the main stream announced, the registry, the sync
+points, the RAM files, and whether another reader failed (then it stops at its next wait).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qioc_green import BrokenChannelError, Channel, FileChannel
+
+from ._events import RamPages, ZeroPages
+from ._format import NEED_DATA
+from ._multifd import MultifdParser
+from ._multifd_events import (
+    NEED_BLOCKS,
+    ChannelEnd,
+    ChannelInit,
+    DeviceStatePacket,
+    MultifdError,
+    RamPacket,
+    SyncPacket,
+)
+from ._multifd_sync import SyncFailed
+from ._receiver import LOWAT_WAIT, describe, set_rcvlowat
+from ._sinks import Forwarder
+
+if TYPE_CHECKING:
+    from ._multifd_receiver import MultifdReceiver
+
+TICK = 0.5  # s between checks for a failure elsewhere while waiting for the main stream
+
+
+class Stopped(Exception):
+    """A reader's one-line report, ready as it is (or ``stopped``: another reader failed)."""
+
+
+def channel_path(save: str, j: int) -> str:
+    """Where ``--save FILE`` puts the j-th multifd connection to arrive: ``FILE.multifd-J``."""
+    return f"{save}.multifd-{j}"
+
+
+@dataclass
+class Connection:
+    """One accepted connection: what it turned out to be, who read it, what it carried."""
+
+    index: int
+    kind: str = "unknown"  # "main", "multifd", or "unknown" (closed before saying)
+    iothread: str = ""
+    channel_id: int | None = None
+    bytes: int = 0
+    forwarded: int = 0
+    packets: int = 0
+    syncs: int = 0
+    compression: str | None = None
+    sha256_in: str | None = None
+    sha256_out: str | None = None
+    blocks: dict[str, list[int]] = field(default_factory=dict)  # name -> [normal, zero] pages
+
+    @property
+    def name(self) -> str:
+        if self.channel_id is not None:
+            return f"multifd channel {self.channel_id}"
+        return f"connection {self.index}"
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "connection": self.index, "kind": self.kind, "iothread": self.iothread,
+            "channel_id": self.channel_id, "bytes": self.bytes}
+        if self.kind == "multifd":
+            d.update(packets=self.packets, syncs=self.syncs, compression=self.compression,
+                     normal_pages=sum(v[0] for v in self.blocks.values()),
+                     zero_pages=sum(v[1] for v in self.blocks.values()))
+        if self.forwarded:
+            d["forwarded"] = self.forwarded
+        if self.sha256_in is not None:
+            d["sha256_in"] = self.sha256_in
+        if self.sha256_out is not None:
+            d["sha256_out"] = self.sha256_out
+        return d
+
+
+class ChannelReader:
+    """Read multifd connection ``conn`` (the j-th to arrive) to its end, for ``session``."""
+
+    def __init__(self, session: MultifdReceiver, conn: Connection, j: int) -> None:
+        self.session = session
+        self.conn = conn
+        self.j = j
+
+    def run(self, ch: Channel, prefix: bytes) -> None:
+        """Read ``ch`` (its first bytes, ``prefix``, already taken) to its end. May park.
+        Raises MultifdError (or Stopped) with the one-line report."""
+        s = self.session
+        conn = self.conn
+        # the page size fixes the packet size: wait for the main stream's configuration
+        while not s.config_ready.wait(TICK):
+            pass
+        if s.failed:
+            raise Stopped("stopped")
+        parser = MultifdParser(name=conn.name, page_size=s.page_size,
+                               compression=s.settings.multifd_compression)
+        save = FileChannel.open(channel_path(s.save, self.j), "w",
+                                name=f"save-multifd-{self.j}") if s.save else None
+        fwd: Forwarder | None = None
+        if s.forward is not None:
+            fwd = Forwarder(s.forward, s.forward_context(conn).context, chunk=s.chunk,
+                            buffers=s.buffers, digest=s.digest)
+        relay = _Relay(fwd)
+        sha = hashlib.sha256() if s.digest else None
+        own = memoryview(bytearray(s.chunk)) if fwd is None else None
+        wait = LOWAT_WAIT if set_rcvlowat(ch, s.chunk // 4) else None
+        carry = prefix
+        received = 0
+        finished = False
+        try:
+            while True:
+                buf = fwd.acquire() if fwd is not None else None
+                view = memoryview(buf) if buf is not None else own
+                assert view is not None
+                if carry:
+                    n = len(carry)
+                    view[:n] = carry
+                    carry = b""
+                else:
+                    try:
+                        n = ch.readinto(view, timeout=wait)
+                    except TimeoutError:  # below the low-water mark: read what is there
+                        if buf is not None:
+                            relay.give_back(buf)
+                        continue
+                    except BrokenChannelError as exc:
+                        raise MultifdError(parser.name, received,
+                                           f"{describe(exc)}; {_what_was_cut(parser)}") from exc
+                if n == 0:
+                    if buf is not None:
+                        relay.give_back(buf)
+                    break
+                s.touch()
+                data = view[:n]
+                if save is not None:
+                    save.write_all(data)
+                if sha is not None:
+                    sha.update(data)
+                relay.chunk(buf, n, received)
+                parser.feed(data)
+                received += n
+                conn.bytes = received
+                self._apply(parser, relay)
+                relay.end_chunk()
+            parser.close()
+            self._apply(parser, relay)
+            if fwd is not None:
+                fwd.finish()
+                finished = True
+        finally:
+            conn.compression = parser.compression
+            if fwd is not None:
+                if not finished:
+                    fwd.abort()
+                conn.forwarded = fwd.bytes_out
+                conn.sha256_out = fwd.sha256
+            if sha is not None:
+                conn.sha256_in = sha.hexdigest()
+            if save is not None:
+                save.close()
+
+    def _apply(self, parser: MultifdParser, relay: _Relay) -> None:
+        """Drain the parser: pages to RAM, the init packet checked, SYNCs met, the end noted."""
+        s, conn = self.session, self.conn
+        while (ev := parser.next_event()) is not NEED_DATA:
+            if ev is NEED_BLOCKS:
+                while not s.blocks_ready.wait(TICK):
+                    pass
+                if s.failed:
+                    raise Stopped("stopped")
+                parser.set_blocks(s.blocks)
+                continue
+            t = type(ev)
+            if t is RamPacket:
+                assert isinstance(ev, RamPacket)
+                self._pages(ev)
+                conn.packets += 1
+            elif t is SyncPacket:
+                assert isinstance(ev, SyncPacket)
+                conn.packets += 1
+                conn.syncs += 1
+                relay.pass_on(parser.offset)
+                try:
+                    s.sync.channel(parser.syncs, parser.name, ev.offset)
+                except SyncFailed:
+                    raise Stopped("stopped") from None
+            elif t is ChannelInit:
+                assert isinstance(ev, ChannelInit)
+                s.registry.register(ev, conn.name)
+                conn.channel_id = ev.channel_id
+            elif t is ChannelEnd:
+                assert isinstance(ev, ChannelEnd)
+                s.sync.channel_ended(parser.name, ev.syncs, ev.offset)
+            elif t is DeviceStatePacket:
+                assert isinstance(ev, DeviceStatePacket)
+                raise MultifdError(parser.name, ev.offset, "device-state packet (VFIO state, "
+                                   "x-migration-multifd-transfer) is not supported")
+
+    def _pages(self, ev: RamPacket) -> None:
+        """One packet's pages: runs of consecutive offsets, each one positional write."""
+        blocks = self.conn.blocks
+        counts = blocks.get(ev.block)
+        if counts is None:
+            counts = blocks[ev.block] = [0, 0]
+        counts[0] += len(ev.normal)
+        counts[1] += len(ev.zero)
+        ram = self.session.ram
+        if ram is None:
+            return
+        ps = ev.page_size
+        for start, count, i in runs(ev.normal, ps):
+            ram.pages(RamPages(ev.block, start, count, ev.data[i * ps : (i + count) * ps], ps, ps))
+        for start, count, _ in runs(ev.zero, ps):
+            ram.zeros(ZeroPages(ev.block, start, count, 0, ps))
+
+
+
+
+def runs(offsets: tuple[int, ...], ps: int) -> list[tuple[int, int, int]]:
+    """``(first offset, page count, index)`` of each run of consecutive pages."""
+    n = len(offsets)
+    if not n:
+        return []
+    first = offsets[0]
+    if offsets[-1] == first + (n - 1) * ps and offsets == tuple(range(first, first + n * ps, ps)):
+        return [(first, n, 0)]  # the usual packet: one run
+    runs = []
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and offsets[j] == offsets[j - 1] + ps:
+            j += 1
+        runs.append((offsets[i], j - i, i))
+        i = j
+    return runs
+
+
+class _Relay:
+    """A multifd channel's forwarding: the chunk being parsed, and how much of it is passed on.
+
+    Channels hold nothing back (the main stream's end is what the destination waits for), but a
+    chunk is passed on only once parsed, except that a reader about to park at a sync point
+    passes on what it has parsed first (see the module notes).
+    """
+
+    def __init__(self, fwd: Forwarder | None) -> None:
+        self.fwd = fwd
+        self._buf: bytearray | None = None
+        self._n = 0
+        self._base = 0
+        self._sent = 0
+
+    def chunk(self, buf: bytearray | None, n: int, base: int) -> None:
+        self._buf, self._n, self._base, self._sent = buf, n, base, 0
+
+    def pass_on(self, parsed: int) -> None:
+        end = min(parsed - self._base, self._n)
+        if self.fwd is not None and self._buf is not None and end > self._sent:
+            self.fwd.submit(self._buf, end, start=self._sent, release=False)
+            self._sent = end
+
+    def end_chunk(self) -> None:
+        if self.fwd is not None and self._buf is not None:
+            self.fwd.submit(self._buf, self._n, start=self._sent)
+        self._buf = None
+
+    def give_back(self, buf: bytearray) -> None:
+        assert self.fwd is not None
+        self.fwd.release(buf)
+
+
+def _what_was_cut(parser: MultifdParser) -> str:
+    """What the channel's parser was in the middle of, as an end of input would report it."""
+    parser.close()
+    try:
+        while parser.next_event() is not NEED_DATA:
+            pass
+    except MultifdError as exc:
+        return str(exc).split(": ", 2)[-1]
+    return "between packets"
+
+

@@ -1,0 +1,439 @@
+"""The receiver for multifd migrations: the main channel and N multifd channels, each read by a
+greenlet of its own IOThread.
+
+How it goes (QEMU's destination does the same in ``migration/migration.c`` and ``multifd.c``)
+----------------------------------------------------------------------------------------------
+A multifd source opens the main channel and N multifd channels to one address at once, in no
+promised order, and says nowhere how many: the receiver is told (``IncomingSettings``, from
+``--multifd-channels`` or a QMP monitor). Every connection gets an IOThread (``mig-connK``, K
+the accept order) whose greenlet reads its first 4 bytes and tells what it is, as
+``migration_ioc_process_incoming`` does: ``QEVM`` is the main stream, read by a
+:class:`~._receiver.Receiver` exactly as a plain migration is (so ``--save``, ``--json``, the
+checks, forwarding and the summary are the same); the multifd magic makes it a multifd channel,
+read by a :class:`~._multifd.MultifdParser`: its init packet is checked (magic, version, the
+UUID against the other channels and the main stream's, the id below the count and not seen
+before), then its packets' pages go to ``--ram-dir`` with positional writes (``os.pwritev``,
+which releases the GIL, so channels write in parallel). Anything else ends the migration with one
+line naming the connection. The main stream and the channels meet at QEMU's sync points
+(``_multifd_sync``), so a page of a later round never lands before one of an earlier round.
+
+A multifd channel's packets cannot be parsed before the main stream's configuration (the page
+size fixes the packet size) and its RAM blocks (to check offsets), so a channel that is ahead
+waits for them, holding its input in the kernel's socket buffer: back-pressure, not memory.
+
+With ``--forward``, every connection gets a Forwarder of its own (its writer greenlet in an
+IOThread ``mig-fwdK``) that opens one connection to the destination, so the destination sees
+what a source would send it: the main channel and N multifd channels. Before a reader parks at a
+sync point it passes on everything it has parsed, the main stream's held-back chunk included:
+the destination syncs too, and a byte held back here could hold it (and so the whole relay)
+for ever. The main stream's last chunk is still held back until the stream has been judged.
+
+While a one-shot migration runs (``extra``), the listener stays open: a connection beyond the
+N + 1 (a source with more channels than announced, a second source) is read and refused with a
+line naming it, instead of being refused at connect time, as QEMU does, which leaves the source
+to fail without a reason on this side. With ``--keep-listening`` the listener is left to the
+next migration once all N + 1 have arrived, as QEMU stops listening then.
+
+Nothing waits for ever: a connection that says nothing gets ``FIRST_BYTES_TIMEOUT``; channels
+that never come, a main stream that never comes, and sync points that can never be reached
+(a channel or the main stream ended first) fail with one line (``channel_timeout``); the first
+error closes every connection, which wakes every reader. Memory: each connection has its own
+receive buffer (``chunk``), or with ``--forward`` its own pool (``buffers`` x ``chunk``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from qioc_green import (
+    BrokenChannelError,
+    Channel,
+    ChannelClosedError,
+    ChannelError,
+    ContextStoppedError,
+    Event,
+    IOThread,
+    Queue,
+    UnexpectedEOF,
+    current_context,
+)
+
+from ._events import Configuration, RamBlocks, RamFlush, SectionFooter
+from ._events import Event as StreamEvent
+from ._format import MigrationStreamError, check_page_size
+from ._multifd import MultifdChannels, sniff_channel
+from ._multifd_channel import ChannelReader, Connection, Stopped
+from ._multifd_events import MultifdError
+from ._multifd_sync import SyncFailed, SyncPoints
+from ._receiver import Outcome, ReceiveError, Receiver, describe
+from ._settings import IncomingSettings, check_configuration
+from ._sinks import BUFFERS, CHUNK, RamDir
+from ._summary import Summary
+from ._uri import Endpoint
+
+FIRST_BYTES_TIMEOUT = 10.0  # s for a new connection to say what it is
+MAX_EXTRA = 4  # connections beyond the N + 1 that are read (and refused) before we stop taking them
+_TICK = 0.5  # s between the coordinator's checks (idle, missing channels, progress)
+
+
+
+class MultifdReceiver:
+    """Receive one multifd migration: the main channel and ``settings.multifd_channels``
+    multifd channels, each read in its own IOThread (see the module notes).
+
+    The options are :class:`~._receiver.Receiver`'s; ``channel_timeout``: how long to wait for
+    connections that are missing once others have come.
+    """
+
+    def __init__(self, settings: IncomingSettings, *, save: str | None = None,
+                 ram_dir: str | None = None, forward: Endpoint | None = None,
+                 chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
+                 digest: bool = False, progress: IO[str] | None = None,
+                 idle_timeout: float | None = None, channel_timeout: float = 10.0) -> None:
+        if not settings.multifd:
+            raise ValueError("a multifd receiver needs the multifd capability")
+        self.settings = settings
+        self.channels = settings.multifd_channels
+        self.save = save
+        self.ram_dir = ram_dir
+        self.forward = forward
+        self.chunk = chunk
+        self.buffers = buffers
+        self.allow_undescribed = allow_undescribed
+        self.digest = digest
+        self.progress = progress
+        self.idle_timeout = idle_timeout
+        self.channel_timeout = channel_timeout
+        self.connections: list[Connection] = []
+        self.registry = MultifdChannels(self.channels)
+        self.sync = SyncPoints(self.channels, connected=self._connected_ids,
+                               channel_timeout=channel_timeout)
+        self.config_ready = Event()
+        self.blocks_ready = Event()
+        self.page_size = 4096
+        self.blocks: dict[str, int] = {}
+        self.ram: RamDir | None = None
+        self._lock = threading.Lock()
+        self._chans: list[Channel] = []
+        self._threads: list[IOThread] = []
+        self._done: Queue[tuple[int, BaseException | None]] = Queue()
+        self._error: str | None = None
+        self._main: Receiver | None = None
+        self._main_out: Outcome | None = None
+        self._main_seen = False
+        self._multifd_seen = 0
+        self._sync_mode: str | None = None  # "flush" or "eos", decided by the stream
+        self._sync_points = 0
+        self._stopping = False
+        self._last = time.monotonic()
+
+    # -- what the readers share --------------------------------------------------------------
+
+    @property
+    def failed(self) -> bool:
+        """Another reader failed (or the migration is over): stop at the next wait."""
+        return self._error is not None or self._stopping
+
+    def touch(self) -> None:
+        """Bytes arrived (for the idle timeout, which spans every connection)."""
+        self._last = time.monotonic()
+
+    def forward_context(self, conn: Connection) -> IOThread:
+        """A new IOThread for ``conn``'s forwarding writer (stopped with the others)."""
+        t = IOThread(f"mig-fwd{conn.index}").start()
+        with self._lock:
+            self._threads.append(t)
+        return t
+
+    # -- the coordinator (the calling greenlet) -----------------------------------------------
+
+    def receive(self, channels: list[Channel],
+                accept: Callable[[float], Channel] | None = None, *,
+                extra: bool = False) -> Outcome:
+        """Read the connections in ``channels`` and those ``accept(timeout)`` gives (until all
+        N + 1 have come; with ``extra``, until the migration ends) to their ends; close them.
+        May park. Never raises for a bad stream or peer: the Outcome carries the error line."""
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
+        try:
+            if self.ram_dir is not None:
+                self.ram = RamDir(self.ram_dir)
+            for ch in channels:
+                self._start(ch)
+            if accept is not None:
+                current_context().spawn(self._accept_loop, accept, extra)
+            self._wait(t0)
+        except (OSError, ChannelError) as exc:  # our own files, a listener gone
+            self._fail(Stopped(f"offset 0: {describe(exc)}"))
+        finally:
+            # the acceptor sees this within one tick (and closes what it accepts meanwhile)
+            with self._lock:
+                self._stopping = True
+            self._fail(None)  # close what is still open (a no-op for the verdict if complete)
+            for t in self._threads:
+                t.stop()
+            if self.ram is not None:
+                self.ram.close()
+            if self.progress is not None:
+                self.progress.write("\n")
+                self.progress.flush()
+        return self._outcome(time.monotonic() - t0, time.process_time() - cpu0)
+
+    def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
+        expected = self.channels + 1
+        while not self._stopping:
+            n = len(self.connections)
+            if n >= expected + (MAX_EXTRA if extra else 0):
+                return
+            try:
+                ch = accept(_TICK)
+            except TimeoutError:
+                continue
+            except (EOFError, ChannelClosedError, ContextStoppedError):
+                return
+            if not self._start(ch):
+                return
+
+    def _start(self, ch: Channel) -> bool:
+        """Read ``ch`` in an IOThread of its own; False (and ``ch`` closed) once stopping."""
+        with self._lock:
+            if self._stopping:
+                ch.close()
+                return False
+            conn = Connection(len(self.connections))
+            self.connections.append(conn)
+            self._chans.append(ch)
+            t = IOThread(f"mig-conn{conn.index}")
+            self._threads.append(t)
+            t.start()  # under the lock: stopping (which takes it) then sees every thread
+        t.context.spawn(self._run, conn, ch)
+        return True
+
+    def _wait(self, t0: float) -> None:
+        ok: set[int] = set()
+        ended: set[int] = set()
+        next_progress = time.monotonic() + _TICK
+        main_done_at: float | None = None
+        while True:
+            try:
+                k, exc = self._done.get(_TICK)
+            except TimeoutError:
+                pass
+            else:
+                ended.add(k)
+                conn = self.connections[k]
+                if exc is not None:
+                    self._fail(exc)
+                elif conn.kind in ("main", "multifd"):
+                    ok.add(k)
+                    if conn.kind == "main":
+                        main_done_at = time.monotonic()
+            if self._error is not None:
+                self._drain_done(ended)
+                return
+            done = [self.connections[k] for k in ok]
+            if any(c.kind == "main" for c in done) and \
+                    sum(c.kind == "multifd" for c in done) == self.channels:
+                return
+            now = time.monotonic()
+            if self.idle_timeout is not None and now - self._last >= self.idle_timeout:
+                self._fail(Stopped(f"offset {self._main_bytes()}: no data for "
+                                   f"{self.idle_timeout:g} s on any connection"))
+            elif not self._main_seen and self.connections and now - t0 > self.channel_timeout:
+                self._fail(Stopped(f"offset 0: no main channel (QEVM) in "
+                                   f"{self.channel_timeout:g} s; multifd channels "
+                                   f"{self._connected_ids()} came"))
+            elif main_done_at is not None and now - main_done_at > self.channel_timeout:
+                missing = [i for i in range(self.channels) if i not in self._connected_ids()]
+                self._fail(Stopped(f"offset {self._main_bytes()}: the main stream ended, but "
+                                   f"multifd channels {missing or 'all'} did not end in "
+                                   f"{self.channel_timeout:g} s"))
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + _TICK
+                total = sum(c.bytes for c in self.connections)
+                rate = total / max(now - t0, 1e-9) / 1e6
+                self.progress.write(f"\r{total / 1e6:10.1f} MB  {rate:8.1f} MB/s  "
+                                    f"{len(self.connections)} connections")
+                self.progress.flush()
+
+    def _drain_done(self, ended: set[int]) -> None:
+        """After a failure: wait (boundedly) for every reader to end."""
+        deadline = time.monotonic() + 10
+        while len(ended) < len(self.connections) and time.monotonic() < deadline:
+            try:
+                k, _ = self._done.get(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            ended.add(k)
+
+    def _fail(self, exc: BaseException | None) -> None:
+        """Record the first error (``None``: just stop) and wake every reader."""
+        with self._lock:
+            if exc is not None and self._error is None:
+                self._error = _line(exc)
+            chans = list(self._chans)
+        if exc is None and self._error is None and not self._stopping:
+            return
+        self.sync.fail()
+        self.config_ready.set()
+        self.blocks_ready.set()
+        for ch in chans:
+            ch.close()
+
+    def _connected_ids(self) -> list[int]:
+        return sorted(c.channel_id for c in list(self.connections) if c.channel_id is not None)
+
+    def _main_bytes(self) -> int:
+        return next((c.bytes for c in self.connections if c.kind == "main"), 0)
+
+    def _outcome(self, elapsed: float, cpu: float) -> Outcome:
+        if self._main_out is not None:
+            d = dict(self._main_out.summary)
+        else:
+            d = Summary().as_dict()
+        blocks = {b["name"]: b for b in d.get("ram_blocks", [])}
+        for c in self.connections:
+            for name, (normal, zero) in c.blocks.items():
+                b = blocks.get(name)
+                if b is not None:
+                    b["normal_pages"] += normal
+                    b["zero_pages"] += zero
+        error = self._error
+        if error is None and self._main_out is None:
+            error = "offset 0: no main channel"
+        d["bytes_total"] = sum(c.bytes for c in self.connections)
+        d["elapsed_s"] = round(elapsed, 6)
+        d["cpu_s"] = round(cpu, 4)
+        compressions = {c.compression for c in self.connections if c.compression}
+        d["multifd"] = {"channels": self.channels,
+                        "compression": compressions.pop() if len(compressions) == 1 else None,
+                        "sync_points": self._sync_points,
+                        "connections": [c.as_dict() for c in self.connections]}
+        if error is not None:
+            d["complete"] = False
+            d["error"] = error
+        return Outcome(d, error)
+
+    # -- every connection, in its own IOThread -------------------------------------------------
+
+    def _run(self, conn: Connection, ch: Channel) -> None:
+        conn.iothread = threading.current_thread().name
+        exc: BaseException | None = None
+        try:
+            self._serve(conn, ch)
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinator
+            exc = e
+        finally:
+            ch.close()
+            self._done.put((conn.index, exc))
+
+    def _serve(self, conn: Connection, ch: Channel) -> None:
+        try:
+            prefix = ch.read_all_eof(4, timeout=FIRST_BYTES_TIMEOUT)
+        except UnexpectedEOF as exc:
+            raise MultifdError(conn.name, len(exc.partial), f"closed after {len(exc.partial)} "
+                               "bytes, before its first 4 bytes said what it is") from None
+        except TimeoutError:
+            raise MultifdError(conn.name, 0, f"sent nothing in {FIRST_BYTES_TIMEOUT:g} s") from None
+        except BrokenChannelError as exc:
+            raise MultifdError(conn.name, 0, describe(exc)) from None
+        if prefix is None:
+            if conn.index > self.channels:  # an extra connection that said nothing: harmless
+                return
+            raise MultifdError(conn.name, 0, "closed before sending a byte")
+        kind = sniff_channel(prefix, conn.name)
+        self._last = time.monotonic()
+        if kind == "main":
+            with self._lock:
+                second = self._main_seen
+                self._main_seen = True
+            if second:
+                raise MultifdError(conn.name, 0, "a second main stream (QEVM) in one migration")
+            conn.kind = "main"
+            self._serve_main(conn, ch, prefix)
+        else:
+            with self._lock:
+                j = self._multifd_seen
+                self._multifd_seen += 1
+            if j >= self.channels:
+                raise MultifdError(conn.name, 0, f"multifd connection {j + 1}, but the migration "
+                                                 f"has {self.channels} multifd channels (the "
+                                                 "receiver's --multifd-channels)")
+            conn.kind = "multifd"
+            ChannelReader(self, conn, j).run(ch, prefix)
+
+    # -- the main stream -------------------------------------------------------------------------
+
+    def _serve_main(self, conn: Connection, ch: Channel, prefix: bytes) -> None:
+        fwd_thread = self.forward_context(conn) if self.forward is not None else None
+        rx = Receiver(save=self.save, forward=self.forward,
+                      forward_context=fwd_thread.context if fwd_thread else None,
+                      chunk=self.chunk, buffers=self.buffers,
+                      allow_undescribed=self.allow_undescribed, digest=self.digest,
+                      prefix=prefix, ram=self.ram, on_event=self._main_event)
+        self._main = rx
+        try:
+            out = rx.receive(ch)
+        finally:
+            conn.bytes = rx.received
+        self._main_out = out
+        conn.sha256_in = out.summary.get("sha256_in")
+        conn.sha256_out = out.summary.get("sha256_out")
+        conn.forwarded = out.summary.get("forward", {}).get("bytes", 0)
+        self.sync.main_ended()
+        if out.error is not None:
+            raise Stopped(out.error)
+
+    def _main_event(self, ev: StreamEvent) -> None:
+        """Receiver's hook for the main stream's non-page events (in the main IOThread)."""
+        rx = self._main
+        assert rx is not None and rx.parser is not None
+        self.touch()
+        t = type(ev)
+        if t is Configuration:
+            assert isinstance(ev, Configuration)
+            check_configuration(ev, rx.parser.offset)
+            if ev.target_page_bits is not None:
+                try:
+                    self.page_size = check_page_size(1 << ev.target_page_bits)
+                except ValueError as exc:
+                    raise MigrationStreamError(rx.parser.offset, str(exc)) from None
+            if ev.uuid is not None:
+                self.registry.set_uuid(ev.uuid)
+            self.config_ready.set()
+        elif t is RamBlocks:
+            assert isinstance(ev, RamBlocks)
+            self.blocks = {b.name: b.size for b in ev.blocks}
+            self.blocks_ready.set()
+        elif t is RamFlush:
+            if self._sync_mode == "eos":
+                raise MigrationStreamError(rx.parser.offset - 8, "MULTIFD_FLUSH in a stream that "
+                                                                 "syncs at every EOS")
+            self._sync_mode = "flush"
+            self._sync_main("MULTIFD_FLUSH", rx.parser.offset - 8)
+        elif t is SectionFooter:
+            assert isinstance(ev, SectionFooter)
+            if ev.idstr == "ram" and self._sync_mode != "flush":
+                # no MULTIFD_FLUSH before the ram section's first EOS: QEMU 7.2, or a machine
+                # type with multifd-flush-after-each-section; every EOS is a sync point
+                self._sync_mode = "eos"
+                self._sync_main("the ram section's EOS", ev.offset - 8)
+
+    def _sync_main(self, what: str, at: int) -> None:
+        rx = self._main
+        assert rx is not None
+        self._sync_points += 1
+        rx.pass_on_parsed()
+        try:
+            self.sync.main(self._sync_points, at, what)
+        except SyncFailed:
+            raise ReceiveError(at, "stopped") from None
+
+def _line(exc: BaseException) -> str:
+    """An exception as the one-line report."""
+    if isinstance(exc, (MigrationStreamError, ReceiveError, Stopped)):
+        return str(exc)
+    return f"offset 0: {describe(exc)}"
