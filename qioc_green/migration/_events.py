@@ -135,6 +135,14 @@ class RamFlush:
 
 
 @dataclass(frozen=True, slots=True)
+class RamEos:
+    """EOS: the end of one piece of the ram section's data (its footer follows). With multifd
+    on QEMU 7.2 (and machine types with ``multifd-flush-after-each-section``), every EOS is a
+    sync point of the channels, and it must be acted on here: the source may send the footer
+    only after the next round's pages."""
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceState:
     """The data of a device section piece (between its header and footer), as bytes."""
 
@@ -185,7 +193,8 @@ class StreamEnd:
 
 Event = (
     StreamHeader | Configuration | SectionStart | SectionPart | SectionEnd | SectionFull
-    | SectionFooter | RamBlocks | RamPages | ZeroPages | RamFlush | DeviceState | Command
+    | SectionFooter | RamBlocks | RamPages | ZeroPages | RamFlush | RamEos | DeviceState
+    | Command
     | EndOfState | VmDescription | StreamEnd
 )
 

@@ -456,8 +456,12 @@ class MultifdParser:
                     self._decomp = decompressor_for(method)
                 except DecompressError as exc:
                     raise self._err(str(exc)) from None
-        # payload size: raw pages, or the compressed bytes (at most QEMU's 2x buffer)
-        if n_normal == 0 or (self.compression or "none") == "none":
+        # payload size: raw pages, or the compressed bytes (at most QEMU's 2x buffer); none
+        # without normal pages, whatever next_packet_size says: QEMU's receivers read no
+        # payload then, and QEMU before 9.0 leaves the previous packet's size in the field
+        if n_normal == 0:
+            next_size = 0
+        elif (self.compression or "none") == "none":
             want = n_normal * self.page_size
             if next_size != want:
                 raise self._err(f"packet announces a {next_size}-byte payload for {n_normal} "

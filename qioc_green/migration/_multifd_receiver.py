@@ -61,7 +61,7 @@ from qioc_green import (
     current_context,
 )
 
-from ._events import Configuration, RamBlocks, RamFlush, SectionFooter
+from ._events import Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
 from ._format import MigrationStreamError, check_page_size
 from ._multifd import MultifdChannels, sniff_channel
@@ -414,13 +414,11 @@ class MultifdReceiver:
                                                                  "syncs at every EOS")
             self._sync_mode = "flush"
             self._sync_main("MULTIFD_FLUSH", rx.parser.offset - 8)
-        elif t is SectionFooter:
-            assert isinstance(ev, SectionFooter)
-            if ev.idstr == "ram" and self._sync_mode != "flush":
-                # no MULTIFD_FLUSH before the ram section's first EOS: QEMU 7.2, or a machine
-                # type with multifd-flush-after-each-section; every EOS is a sync point
-                self._sync_mode = "eos"
-                self._sync_main("the ram section's EOS", ev.offset - 8)
+        elif t is RamEos and self._sync_mode != "flush":
+            # no MULTIFD_FLUSH before the ram section's first EOS: QEMU 7.2, or a machine type
+            # with multifd-flush-after-each-section; every EOS is a sync point
+            self._sync_mode = "eos"
+            self._sync_main("EOS", rx.parser.offset - 8)
 
     def _sync_main(self, what: str, at: int) -> None:
         rx = self._main
@@ -437,3 +435,59 @@ def _line(exc: BaseException) -> str:
     if isinstance(exc, (MigrationStreamError, ReceiveError, Stopped)):
         return str(exc)
     return f"offset 0: {describe(exc)}"
+
+
+class StrayWatcher:
+    """While a plain (not multifd) migration runs on a listener, take further connections and
+    refuse the migration, with a line saying what to do, if one is a multifd channel.
+
+    QEMU's destination stops listening once its channels are in, so a multifd source meeting a
+    destination not told of multifd sees its second connection refused and gives up without
+    sending a byte on the first: the destination learns nothing. Taking that connection instead
+    lets the receiver say why. Other connections are closed at once; at most ``MAX_EXTRA`` are
+    looked at. ``on_multifd(line)`` is called (once) from this watcher's greenlet.
+    """
+
+    def __init__(self, accept: Callable[[float], Channel], on_multifd: Callable[[str], None]) -> None:
+        self._accept = accept
+        self._on_multifd = on_multifd
+        self._stopping = False
+        self._seen = 0
+        self._future = current_context().spawn(self._run)
+
+    def _run(self) -> None:
+        ctx = current_context()
+        while not self._stopping and self._seen < MAX_EXTRA:
+            try:
+                ch = self._accept(_TICK)
+            except TimeoutError:
+                continue
+            except (EOFError, ChannelError):
+                return
+            self._seen += 1
+            if self._stopping:
+                ch.close()
+                return
+            ctx.spawn(self._look, ch, self._seen)
+
+    def _look(self, ch: Channel, k: int) -> None:
+        with ch:
+            try:
+                first = ch.read_all_eof(4, timeout=FIRST_BYTES_TIMEOUT)
+            except (ChannelError, TimeoutError):
+                return
+            if first is None or self._stopping:
+                return
+            try:
+                kind = sniff_channel(first)
+            except MultifdError:
+                return
+            if kind == "multifd":
+                self._on_multifd(
+                    f"connection {k}: offset 0: a multifd channel (magic 0x11223344), but the "
+                    "receiver was not told to expect any: start it with --multifd-channels N "
+                    "(the source's multifd-channels)")
+
+    def stop(self) -> None:
+        """Stop taking connections (the greenlet ends within a tick). Never parks."""
+        self._stopping = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from ._events import Event, RamBlock, RamBlocks, RamFlush, RamPages, ZeroPages
+from ._events import Event, RamBlock, RamBlocks, RamEos, RamFlush, RamPages, ZeroPages
 from ._format import (
     BE64,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -181,7 +181,7 @@ class RamReader(ReceiveBuffer):
         if base == RAM_SAVE_FLAG_EOS and flags == base:
             self._pos += 8
             self._step = self._st_footer
-            return None
+            return RamEos()
         if base == RAM_SAVE_FLAG_MULTIFD_FLUSH and flags == base:
             self._pos += 8
             return RamFlush()

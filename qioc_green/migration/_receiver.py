@@ -147,6 +147,8 @@ class Receiver:
         self._chunk_base = 0
         self._chunk_sent = 0
         self._pending: tuple[bytearray, int, int] | None = None
+        self._channel: Channel | None = None
+        self._abort_line: str | None = None
 
     def receive(self, channel: Channel) -> Outcome:
         """Read ``channel`` to its end, parse, save, forward; close it. May park.
@@ -155,6 +157,7 @@ class Receiver:
         error line. (ChannelClosedError and ContextStoppedError, meaning we were told to stop,
         are reported the same way.)
         """
+        self._channel = channel
         parser = self.parser = self.parser_factory()
         summary = Summary()
         save: FileChannel | None = None
@@ -194,6 +197,8 @@ class Receiver:
         except (ChannelError, OSError, TimeoutError) as exc:
             error = f"offset {self.received}: {describe(exc)}"
         finally:
+            if self._abort_line is not None:
+                error = self._abort_line  # what made us stop, not the stop itself
             if fwd is not None and not finished:
                 fwd.abort()
             channel.close()
@@ -219,6 +224,15 @@ class Receiver:
             if fwd.sha256 is not None:
                 d["sha256_out"] = fwd.sha256
         return Outcome(d, error)
+
+    def abort(self, line: str) -> None:
+        """Stop the migration in progress, reporting ``line`` as its error. Any thread; never
+        parks (it closes the channel, which wakes the reader)."""
+        if self._abort_line is None:
+            self._abort_line = line
+        ch = self._channel
+        if ch is not None:
+            ch.close()
 
     def pass_on_parsed(self) -> None:
         """Forward now every byte parsed so far, the held-back chunk included. Reader side.

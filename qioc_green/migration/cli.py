@@ -29,7 +29,7 @@ import qioc_green
 
 from ._file_input import MappedRamReceiver, input_kind, replay_channels, saved_channels
 from ._multifd_compress import COMPRESSIONS
-from ._multifd_receiver import MultifdReceiver
+from ._multifd_receiver import MultifdReceiver, StrayWatcher
 from ._receiver import Outcome, Receiver, describe, numbered, stderr_is_terminal
 from ._settings import IncomingSettings, plain_stream_checks
 from ._sinks import BUFFERS, CHUNK
@@ -172,8 +172,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 ch = incoming.next_channel()
             except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
                 break  # one-shot source used, or told to stop while waiting for a sender
-            if not args.keep_listening and multifd is None:
-                incoming.close()  # one migration per run: later senders are refused, as by QEMU
+            # One migration per run: later senders are refused, as by QEMU, except that a
+            # listener looks at them first, to name a multifd source (StrayWatcher).
+            accept = _acceptor(incoming) if not args.keep_listening else None
+            if not args.keep_listening and accept is None:
+                incoming.close()
             if multifd is not None:
                 out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
                 if not args.keep_listening:
@@ -185,7 +188,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                               digest=args.digest, progress=progress,
                               idle_timeout=args.idle_timeout)
                 rx.on_event = plain_stream_checks(rx)
-                out = rx.receive(ch)
+                watcher = StrayWatcher(accept, rx.abort) if accept is not None else None
+                try:
+                    out = rx.receive(ch)
+                finally:
+                    if watcher is not None:
+                        watcher.stop()
+                        incoming.close()
         json_path = name(args.json)
         if json_path is not None:
             _write_json(json_path, out.summary)

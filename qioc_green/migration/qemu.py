@@ -86,13 +86,14 @@ class Qemu:
     """One QEMU process with a QMP connection over a UNIX socket in a private directory.
 
     ``machine``/``mem``: ``-M``/``-m``; ``ram_file``: back guest RAM with this file
-    (``share=off``); ``paused``: ``-S``; ``incoming``: True for ``-incoming defer`` (then
+    (``share=off``, or ``ram_share=True`` for ``share=on``: the file then follows guest RAM,
+    which is how a test reads a destination's RAM after a migration); ``paused``: ``-S``; ``incoming``: True for ``-incoming defer`` (then
     :meth:`listen`); ``capabilities``: migration capabilities switched on at start;
     ``extra``: more arguments; ``binary``/``data_dirs``: another QEMU (``-L`` for each dir).
     """
 
     def __init__(self, *, machine: str = "pc", mem: str = "32M", ram_file: str | None = None,
-                 paused: bool = True, incoming: bool = False, capabilities: Sequence[str] = (),
+                 ram_share: bool = False, paused: bool = True, incoming: bool = False, capabilities: Sequence[str] = (),
                  extra: Sequence[str] = (), timeout: float = 30.0, name: str = "qemu",
                  binary: str = QEMU, data_dirs: Sequence[str] = ()) -> None:
         self.name = name
@@ -106,7 +107,8 @@ class Qemu:
         if ram_file is not None:
             ram_id = "ram" if machine == "none" else "pc.ram"
             argv += ["-object",
-                     f"memory-backend-file,id={ram_id},size={mem},mem-path={ram_file},share=off"]
+                     f"memory-backend-file,id={ram_id},size={mem},mem-path={ram_file},"
+                     f"share={'on' if ram_share else 'off'}"]
             mopts += f",memory-backend={ram_id}"
         argv += ["-machine", mopts]
         if paused:
