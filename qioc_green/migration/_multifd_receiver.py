@@ -43,6 +43,7 @@ receive buffer (``chunk``), or with ``--forward`` its own pool (``buffers`` x ``
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -312,6 +313,8 @@ class MultifdReceiver:
                         "compression": compressions.pop() if len(compressions) == 1 else None,
                         "sync_points": self._sync_points,
                         "connections": [c.as_dict() for c in self.connections]}
+        # the process's peak resident memory (Linux: KiB), the bound the module notes promise
+        d["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if error is not None:
             d["complete"] = False
             d["error"] = error

@@ -1,0 +1,434 @@
+"""The receiver with multifd (``--multifd-channels``), mapped-ram files and capabilities, fed the
+bytes of real QEMU 10.0.2 migrations (tests/data) over loopback: no QEMU needed.
+
+The captures are a paused ``-M none`` VM whose 4 MiB of RAM is ``qemu.pattern_ram``, migrated
+with multifd (2 channels; compression none, zlib, zstd) and with mapped-ram to a file. Every
+connection is replayed to the receiver process as QEMU sent it, in any accept order; RAM
+rebuilt with ``--ram-dir`` is compared with the pattern byte for byte. Bad input is made by
+changing fields of the real packets, found with the parser on the good capture; each run must
+end with one line naming the channel and offset, exit status 1, in bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from qioc_green.migration import (
+    NEED_BLOCKS,
+    NEED_DATA,
+    MultifdParser,
+    RamPacket,
+    SyncPacket,
+    packet_size,
+    sniff_channel,
+)
+from qioc_green.migration.qemu import pattern_ram
+from tests.migdata import DATA, load, load_connections
+from tests.test_migration_receiver import WAIT, Rx, receivers  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.timeout(60)
+
+PATTERN = pattern_ram(4 << 20)
+BLOCKS = {"ram": 4 << 20}
+COMPRESSIONS = ["none", "zlib", "zstd"]
+PROG = "qioc-migration-receiver: "
+MAX_RSS = 160 << 20  # bytes: buffers of 4 MiB per connection, the interpreter, never the input
+
+
+def conns(compression: str = "none") -> list[bytes]:
+    """[main, multifd, multifd] of one capture, as QEMU connected them."""
+    return load_connections("none-multifd2" + ("" if compression == "none" else f"-{compression}"))
+
+
+def split(compression: str = "none") -> tuple[bytes, list[bytes]]:
+    parts = conns(compression)
+    main = next(c for c in parts if sniff_channel(c) == "main")
+    return main, [c for c in parts if sniff_channel(c) == "multifd"]
+
+
+def packets(channel: bytes) -> list:
+    p = MultifdParser(blocks=BLOCKS)
+    p.feed(channel)
+    p.close()
+    out = []
+    while (ev := p.next_event()) is not NEED_DATA:
+        assert ev is not NEED_BLOCKS
+        if isinstance(ev, (RamPacket, SyncPacket)):
+            out.append(ev)
+    return out
+
+
+def channel_id(channel: bytes) -> int:
+    return channel[24]
+
+
+def send_connections(address: str, parts: list[bytes], *, reset: frozenset[int] = frozenset(),
+                     hold: frozenset[int] = frozenset()) -> list[threading.Thread]:
+    """Connect once per part, in order (so the receiver accepts them in that order), then send
+    each in a thread of its own and close it: FIN, RST for the indexes in ``reset``; those in
+    ``hold`` stay open until the receiver closes them. Refused sends are not errors here."""
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    socks = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in parts]
+
+    def run(k: int, sock: socket.socket, data: bytes) -> None:
+        with sock:
+            try:
+                sock.sendall(data)
+                if k in reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif k in hold:
+                    sock.recv(1)  # until the receiver closes
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=run, args=(k, s, d), daemon=True)
+               for k, (s, d) in enumerate(zip(socks, parts))]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def run_multifd(receivers, parts: list[bytes], *args: str, channels: int = 2, **send) -> Rx:
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", str(channels), *args)
+    threads = send_connections(rx.address, parts, **send)
+    rx.wait()
+    for t in threads:
+        t.join(WAIT)
+    return rx
+
+
+def one_line(rx: Rx) -> str:
+    lines = [ln for ln in rx.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, rx.stderr
+    assert lines[0].startswith(PROG), lines[0]
+    return lines[0].removeprefix(PROG)
+
+
+def refused(receivers, tmp_path: Path, parts: list[bytes], *args: str, **kw) -> str:
+    """Run, expect exit 1 with one line and bounded memory; return the line."""
+    summary = tmp_path / "r.json"
+    rx = run_multifd(receivers, parts, "--json", str(summary), *args, **kw)
+    assert rx.proc.returncode == 1, rx.stderr
+    line = one_line(rx)
+    d = json.loads(summary.read_text())
+    assert d["complete"] is False and d["error"] == line
+    assert d["max_rss"] < MAX_RSS, d["max_rss"]
+    return line
+
+
+# -- good migrations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("main_first", [True, False], ids=["main-first", "main-last"])
+def test_multifd_capture_rebuilds_ram_saved_and_replayed(receivers, tmp_path, compression,
+                                                        main_first):
+    main, channels = split(compression)
+    parts = [main, *channels] if main_first else [*reversed(channels), main]
+    save = tmp_path / "m.mig"
+    rx = run_multifd(receivers, parts, "--ram-dir", str(tmp_path / "ram"), "--save", str(save),
+                     "--json", str(tmp_path / "m.json"), "--digest")
+    assert rx.proc.returncode == 0, rx.stderr
+    assert rx.stderr == "" and "2 multifd channels" in rx.stdout
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["complete"] and d["machine"] == "none" and d["bytes_total"] == sum(map(len, parts))
+    mfd = d["multifd"]
+    assert mfd["channels"] == 2 and mfd["compression"] == compression
+    got = {c["kind"]: c for c in mfd["connections"] if c["kind"] == "main"}
+    assert got["main"]["connection"] == (0 if main_first else 2)
+    channel_reports = [c for c in mfd["connections"] if c["kind"] == "multifd"]
+    assert sorted(c["channel_id"] for c in channel_reports) == [0, 1]
+    # every connection read by an IOThread of its own, and each channel met every sync point
+    assert len({c["iothread"] for c in mfd["connections"]}) == 3
+    assert all(c["syncs"] == mfd["sync_points"] >= 2 for c in channel_reports)
+    for c in mfd["connections"]:
+        assert c["sha256_in"] == hashlib.sha256(parts[c["connection"]]).hexdigest()
+    # RAM page counts: every page arrived on a channel, every 7th a zero page
+    (ram,) = [b for b in d["ram_blocks"] if b["name"] == "ram"]
+    assert ram["normal_pages"] + ram["zero_pages"] == 1024
+    assert ram["zero_pages"] == sum(1 for i in range(1024) if i % 7 == 3)
+    # --save: one file per connection, byte for byte; file: replays them all
+    assert save.read_bytes() == main
+    saved = sorted(p.read_bytes() for p in tmp_path.glob("m.mig.multifd-*"))
+    assert saved == sorted(channels)
+    rx = receivers(f"file:{save}", "--ram-dir", str(tmp_path / "ram2"), "--json", "-",
+                   listens=False)
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram2" / "ram").read_bytes() == PATTERN
+    assert '"channels": 2' in rx.stdout
+
+
+def test_replayed_save_forwards_every_connection(receivers, tmp_path):
+    """file: replay with --forward: the destination gets the main channel and each multifd
+    channel on connections of their own, byte for byte (here a loopback sink takes them)."""
+    main, channels = split("zstd")
+    save = tmp_path / "s.mig"
+    save.write_bytes(main)
+    for j, c in enumerate(channels):
+        (tmp_path / f"s.mig.multifd-{j}").write_bytes(c)
+    got: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0), backlog=4) as lst:
+        lst.settimeout(WAIT)
+        rx = receivers(f"file:{save}", "--forward", f"tcp:127.0.0.1:{lst.getsockname()[1]}",
+                       "--json", str(tmp_path / "f.json"), listens=False)
+        readers = []
+
+        def read(conn: socket.socket) -> None:
+            with conn:
+                conn.settimeout(WAIT)
+                got.append(b"".join(iter(lambda: conn.recv(1 << 16), b"")))
+
+        for _ in range(3):
+            conn, _ = lst.accept()
+            t = threading.Thread(target=read, args=(conn,))
+            t.start()
+            readers.append(t)
+        for t in readers:
+            t.join(WAIT)
+    assert rx.wait() == 0, rx.stderr
+    assert sorted(got) == sorted([main, *channels])
+    d = json.loads((tmp_path / "f.json").read_text())
+    assert sorted(c["forwarded"] for c in d["multifd"]["connections"]) == \
+        sorted(map(len, [main, *channels]))
+
+
+def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path):
+    """A connection beyond the N + 1 that sends nothing (a port probe) does not fail the
+    migration; RAM is still rebuilt."""
+    main, channels = split()
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--ram-dir", str(tmp_path / "r"))
+    host, _, port = rx.address.removeprefix("tcp:").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT):
+        threads = send_connections(rx.address, [main, *channels])
+        assert rx.wait() == 0, rx.stderr
+    for t in threads:
+        t.join(WAIT)
+    assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+
+
+# -- bad input on a multifd channel --------------------------------------------------------------
+
+
+def test_wrong_first_bytes(receivers, tmp_path):
+    main, (a, b) = split()
+    line = refused(receivers, tmp_path, [main, b"XXXX" + a[4:], b])
+    assert line == ("connection 1: offset 0: first bytes 0x58585858 are neither a main stream "
+                    "(QEVM, 0x5145564d) nor a multifd channel (0x11223344)")
+
+
+def test_wrong_magic_in_a_later_packet(receivers, tmp_path):
+    main, (a, b) = split()
+    pk = packets(a)[3]
+    bad = a[: pk.offset] + b"\xde\xad\xbe\xef" + a[pk.offset + 4 :]
+    line = refused(receivers, tmp_path, [main, bad, b])
+    assert line == (f"multifd channel {channel_id(a)}: offset {pk.offset}: packet magic "
+                    f"0xdeadbeef, expected 0x11223344")
+
+
+def test_a_channel_of_another_source(receivers, tmp_path):
+    main, (a, b) = split()
+    bad = b[:8] + bytes(range(16)) + b[24:]  # another source's UUID
+    line = refused(receivers, tmp_path, [main, a, bad])
+    # the main stream has no UUID (no validate-uuid): the first channel in sets the reference
+    zero, other = "00" * 16, bytes(range(16)).hex()
+    assert line in (f"connection 2: offset 8: source UUID {other} differs from {zero} "
+                    "(another source?)",
+                    f"connection 1: offset 8: source UUID {zero} differs from {other} "
+                    "(another source?)"), line
+
+
+def test_a_page_offset_past_its_block(receivers, tmp_path):
+    main, (a, b) = split()
+    pk = next(e for e in packets(a) if isinstance(e, RamPacket) and e.normal)
+    at = pk.offset + 320  # the first page offset
+    bad = a[:at] + struct.pack(">Q", 4 << 20) + a[at + 8 :]
+    line = refused(receivers, tmp_path, [main, bad, b])
+    assert line == (f"multifd channel {channel_id(a)}: offset {pk.offset}: normal page offset "
+                    f"0x400000 is past block 'ram' (size 0x400000)")
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how):
+    main, (a, b) = split()
+    pk = next(e for e in packets(a) if isinstance(e, RamPacket) and e.normal)
+    cut = pk.offset + packet_size(4096) + 1000
+    line = refused(receivers, tmp_path, [main, a[:cut], b],
+                   reset=frozenset({1}) if how == "rst" else frozenset())
+    name = f"multifd channel {channel_id(a)}"
+    inside = (f"channel ends inside the payload of the packet at offset {pk.offset} (1000 of "
+              f"{len(pk.normal) * 4096} bytes)")
+    if how == "fin":
+        assert line == f"{name}: offset {cut}: {inside}"
+    else:  # an RST may drop bytes not yet read: the offset is what had arrived
+        assert line.startswith(f"{name}: offset ") and "connection reset by peer" in line, line
+
+
+def test_more_channels_than_announced(receivers, tmp_path):
+    """Told 1 channel, the source brings 2: whichever comes first, a line says so."""
+    main, channels = split()
+    line = refused(receivers, tmp_path, [main, *channels], channels=1)
+    # whichever is judged first: channel 1's id, or the second multifd connection itself
+    assert re.fullmatch(r"(connection [12]: offset 24: channel id 1, but the migration has 1 "
+                        r"multifd channels \(0 to 0\)|connection [12]: offset 0: multifd "
+                        r"connection 2, but the migration has 1 multifd channels \(the "
+                        r"receiver's --multifd-channels\))", line), line
+
+
+def test_the_same_channel_twice(receivers, tmp_path):
+    main, (a, b) = split()
+    line = refused(receivers, tmp_path, [main, a, b, a])
+    # connections are numbered as accepted, multifd ones counted as they say what they are;
+    # whichever is judged first: the third multifd connection, or a channel id seen twice
+    assert re.fullmatch(r"connection [123]: offset 0: multifd connection 3, but the migration "
+                        r"has 2 multifd channels \(the receiver's --multifd-channels\)|"
+                        r"connection [13]: offset 24: channel id \d again \(first on "
+                        r"connection [13]\)", line), line
+
+
+def test_channels_that_never_come(receivers, tmp_path):
+    """Told multifd, the source sends a plain stream: the first sync point waits for channels
+    that are not there, boundedly."""
+    main = load("q35-10")
+    line = refused(receivers, tmp_path, [main], "--channel-timeout", "0.5")
+    assert "waits for multifd channels [0, 1], which never connected in 0.5 s" in line, line
+    assert line.startswith("offset "), line
+
+
+def test_idle_across_every_connection(receivers, tmp_path):
+    main, (a, b) = split()
+    line = refused(receivers, tmp_path, [main, a, b[:5000]], "--idle-timeout", "0.5",
+                   hold=frozenset({2}))
+    assert line.endswith("no data for 0.5 s on any connection"), line
+
+
+# -- capabilities: refused before RAM, naming them ---------------------------------------------
+
+
+def test_a_multifd_source_into_a_receiver_not_told(receivers):
+    """Without --multifd-channels, a multifd source's main stream is refused at its first
+    MULTIFD_FLUSH (before RAM: QEMU sends one right after the block list), and a stray
+    multifd connection is named."""
+    main, channels = split()
+    rx = receivers("tcp:127.0.0.1:0")
+    threads = send_connections(rx.address, [main])
+    assert rx.wait() == 1
+    for t in threads:
+        t.join(WAIT)
+    line = one_line(rx)
+    assert line.startswith("offset ") and line.endswith(
+        "MULTIFD_FLUSH: the source uses the multifd capability; start the receiver with "
+        "--multifd-channels N (the source's multifd-channels)"), line
+
+    rx = receivers("tcp:127.0.0.1:0")
+    threads = send_connections(rx.address, [main[:8], *channels], hold=frozenset({0}))
+    assert rx.wait() == 1
+    for t in threads:
+        t.join(WAIT)
+    assert one_line(rx).endswith(
+        "offset 0: a multifd channel (magic 0x11223344), but the receiver was not told to "
+        "expect any: start it with --multifd-channels N (the source's multifd-channels)")
+
+
+def test_an_unknown_capability_in_the_configuration(receivers):
+    data = load("pc-ignore-shared")
+    at = data.index(b"x-ignore-shared")
+    bad = data[:at] + b"x-ignore-sharex" + data[at + 15 :]
+    rx = receivers("tcp:127.0.0.1:0")
+    send_connections(rx.address, [bad])[0].join(WAIT)
+    assert rx.wait() == 1
+    line = one_line(rx)
+    assert line.startswith("offset ") and line.endswith(
+        "capability 'x-ignore-sharex' in the configuration is not supported by this receiver "
+        "(switch it off on the source)"), line
+    # unknown configuration content: a subsection QEMU does not send
+    at = data.index(b"configuration/capabilities")
+    bad = data[:at] + b"configuration/capabilitiez" + data[at + 26 :]
+    rx = receivers("tcp:127.0.0.1:0")
+    send_connections(rx.address, [bad])[0].join(WAIT)
+    assert rx.wait() == 1
+    assert "unknown configuration subsection 'configuration/capabilitiez'" in one_line(rx)
+
+
+def test_xbzrle_is_refused_naming_the_capability(receivers):
+    """xbzrle is not declared in the stream: it shows at its first encoded page (here the first
+    page record of a real stream, re-flagged), which is refused naming it."""
+    from tests.test_migstream import _first_zero_continue, parse
+
+    data = bytearray(load("none"))
+    at = _first_zero_continue(bytes(data), parse([bytes(data)]))
+    (word,) = struct.unpack_from(">Q", data, at)
+    struct.pack_into(">Q", data, at, (word & ~0xFFF) | 0x60)  # XBZRLE | CONTINUE
+    rx = receivers("tcp:127.0.0.1:0")
+    send_connections(rx.address, [bytes(data)])[0].join(WAIT)
+    assert rx.wait() == 1
+    assert one_line(rx).endswith("XBZRLE-encoded page (RAM flag 0x40) is not supported: switch "
+                                 "the xbzrle capability off")
+
+
+# -- mapped-ram files ----------------------------------------------------------------------------
+
+
+def mapped_ram_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mapped.mig"
+    path.write_bytes(gzip.decompress((DATA / "none-mapped-ram.file.gz").read_bytes()))
+    return path
+
+
+@pytest.mark.parametrize("threads", [None, "2"])
+def test_mapped_ram_file_rebuilds_ram(receivers, tmp_path, threads):
+    path = mapped_ram_file(tmp_path)
+    extra = ["--multifd-channels", threads] if threads else []
+    rx = receivers(f"file:{path}", "--ram-dir", str(tmp_path / "ram"), "--json",
+                   str(tmp_path / "m.json"), *extra, listens=False)
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["complete"] and d["described"] and d["mapped_ram"]["threads"] == int(threads or 1)
+    (ram,) = [b for b in d["ram_blocks"] if b["name"] == "ram"]
+    assert ram["zero_pages"] == sum(1 for i in range(1024) if i % 7 == 3)
+
+
+def test_mapped_ram_refused_where_it_cannot_apply(receivers, tmp_path):
+    path = mapped_ram_file(tmp_path)
+    # as a sequential stream (what exec:cat or a socket gives): refused naming the capability
+    rx = receivers(f"exec:cat '{path}'", listens=False)
+    assert rx.wait() == 1
+    assert one_line(rx).endswith("capability mapped-ram: a mapped-ram migration is a file with "
+                                 "RAM at fixed offsets; read it with file:PATH, not as a "
+                                 "sequential stream")
+    rx = receivers(f"file:{path}", "--save", str(tmp_path / "x"), listens=False)
+    assert rx.wait() == 2 and "--save does not apply to a mapped-ram file" in rx.stderr
+    # a damaged mapped-ram header: one line with the file offset
+    from qioc_green.migration import MappedRamFile
+
+    data = bytearray(path.read_bytes())
+    at = MappedRamFile(lambda off, n: bytes(data[off : off + n]), len(data)).block("ram").header_offset
+    data[at : at + 4] = b"\0\0\0\x07"
+    path.write_bytes(bytes(data))
+    rx = receivers(f"file:{path}", "--ram-dir", str(tmp_path / "r"), listens=False)
+    assert rx.wait() == 1
+    assert one_line(rx) == f"offset {at}: mapped-ram header version 7 of block 'ram', expected 1"
+
+
+def test_usage_of_the_multifd_options(receivers, tmp_path):
+    import subprocess
+    import sys
+
+    for argv in (["tcp:127.0.0.1:0", "--multifd-channels", "0"],
+                 ["tcp:127.0.0.1:0", "--multifd-channels", "256"],
+                 ["tcp:127.0.0.1:0", "--multifd-compression", "zlib"],
+                 ["exec:cat x", "--multifd-channels", "2"]):
+        r = subprocess.run([sys.executable, "-m", "qioc_green.migration", *argv],
+                           capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "multifd" in r.stderr.splitlines()[-1], r.stderr
