@@ -1,10 +1,11 @@
 """The multifd channel parser (qioc_green/migration/_multifd.py) against QEMU 10's own channels.
 
-The captures in tests/data (make_streams.py --qemu10) are real QEMU 10.0.2 migrations of a
+The captures in tests/data (tests/data/make_streams.py) are real QEMU 10.0.2 migrations of a
 paused ``-M none`` VM whose 4 MiB of RAM is ``qemu.pattern_ram``: every test below that
 rebuilds RAM compares it with that, byte for byte. Corruptions are made by changing fields of
-the real packets (found by the parser's own events on the good capture). The last tests migrate
-a live QEMU 10 into tests/multifd_harness.py (``peers.need_qemu10``).
+the real packets (found by the parser's own events on the good capture). The receiver that
+drives this parser is tested in tests/test_multifd_receiver.py (the captures over loopback)
+and tests/test_multifd_live.py (live QEMU 7.2 and 10.0).
 """
 
 from __future__ import annotations
@@ -588,116 +589,3 @@ def test_fuzz_random_bytes_after_a_real_init(tail, split):
         parse([data[:split], data[split:]])
     except MultifdError as err:
         assert 0 <= err.offset <= len(data)
-
-
-# -- live: QEMU 10 into the test harness ------------------------------------------------------
-
-
-@pytest.mark.peers
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("channels", [2, 4])
-@pytest.mark.parametrize("compression", COMPRESSIONS)
-def test_live_multifd_into_the_harness_rebuilds_ram(tmp_path, channels, compression):
-    import qioc_green as q
-    from qioc_green.migration.qemu import Qemu
-    from tests import multifd_harness
-    from tests.peers import need_qemu10
-
-    qemu = need_qemu10()
-    ram = random.Random(f"{channels}{compression}").randbytes(16 << 20)
-    ram_file = tmp_path / "ram.bin"
-    ram_file.write_bytes(ram)
-    ram_dir = tmp_path / "ramdir"
-    ram_dir.mkdir()
-    lst = q.SocketChannel.listen("tcp:127.0.0.1:0")
-    try:
-        with Qemu(machine="q35", mem="16M", ram_file=str(ram_file), capabilities=["multifd"],
-                  name="source", **qemu) as src:  # type: ignore[arg-type]
-            src.cmd("migrate-set-parameters", **{"multifd-channels": channels,
-                                                 "multifd-compression": compression})
-            src.migrate(f"tcp:127.0.0.1:{lst.local_port}")
-            got = multifd_harness.receive(lst, channels=channels, ram_dir=str(ram_dir))
-            src.wait_migration(60)
-    finally:
-        lst.close()
-    assert (ram_dir / "pc.ram").read_bytes() == ram
-    assert got.machine == "pc-q35-10.0" and got.described
-    multifd = [r for r in got.reports if r.kind == "multifd"]
-    assert sorted(r.channel_id for r in multifd) == list(range(channels))
-    # each multifd channel read in its own IOThread, none of them the main stream's
-    threads = [r.thread for r in got.reports]
-    assert len(set(threads)) == channels + 1
-    (main,) = [r for r in got.reports if r.kind == "main"]
-    assert all(r.syncs == main.syncs > 0 for r in multifd)
-    assert sum(r.bytes for r in multifd) > (16 << 20 if compression == "none" else 1 << 20)
-
-
-# -- the harness on replayed captures (no QEMU): order, a vanishing channel, one too many ----
-
-
-def _replay(port: int, parts: list[bytes]) -> list:
-    """Connect once per part, in order, and send each part in its own thread; return the threads
-    (joined by the caller). A send that the receiver refuses is not an error here."""
-    import socket
-    import threading
-
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in parts]
-
-    def send(sock: socket.socket, data: bytes) -> None:
-        with sock:
-            try:
-                sock.sendall(data)
-            except OSError:
-                pass
-
-    threads = [threading.Thread(target=send, args=(s, d)) for s, d in zip(socks, parts)]
-    for t in threads:
-        t.start()
-    return threads
-
-
-def _harness(parts: list[bytes], channels: int, tmp_path):
-    import qioc_green as q
-    from tests import multifd_harness
-
-    ram_dir = tmp_path / "ramdir"
-    ram_dir.mkdir(exist_ok=True)
-    lst = q.SocketChannel.listen("tcp:127.0.0.1:0")
-    threads = []
-    try:
-        threads = _replay(lst.local_port, parts)
-        return multifd_harness.receive(lst, channels=channels, ram_dir=str(ram_dir), timeout=20)
-    finally:
-        lst.close()
-        for t in threads:
-            t.join(10)
-
-
-@pytest.mark.parametrize("compression", COMPRESSIONS)
-def test_harness_takes_channels_in_any_order(tmp_path, compression):
-    parts = list(reversed(conns(compression)))  # the multifd channels before the main one
-    got = _harness(parts, 2, tmp_path)
-    assert (tmp_path / "ramdir" / "ram").read_bytes() == PATTERN
-    assert [r.kind for r in got.reports] == ["multifd", "multifd", "main"]
-
-
-def test_harness_channel_cut_mid_packet_fails_with_one_line(tmp_path):
-    main = main_channel("none")
-    ch0, ch1 = multifd_channels("none")
-    pk = next(e for e in ram_packet_offsets(ch1) if e.normal)
-    cut = pk.offset + packet_size(4096) + 1000
-    with pytest.raises(MultifdError) as info:
-        _harness([main, ch0, ch1[:cut]], 2, tmp_path)
-    init = parse([ch1[:64]])[0]
-    assert str(info.value) == (
-        f"multifd channel {init.channel_id}: offset {cut}: channel ends inside the payload of "
-        f"the packet at offset {pk.offset} (1000 of {len(pk.normal) * 4096} bytes)")
-
-
-def test_harness_more_channels_than_announced(tmp_path):
-    main = main_channel("none")
-    by_id = {parse([c[:64]])[0].channel_id: c for c in multifd_channels("none")}
-    with pytest.raises(MultifdError) as info:
-        _harness([main, by_id[1]], 1, tmp_path)
-    assert str(info.value) == ("connection 1: offset 24: channel id 1, but the migration has 1 "
-                               "multifd channels (0 to 0)")

@@ -32,10 +32,15 @@ from qioc_green.migration import (
     sniff_channel,
 )
 from qioc_green.migration.qemu import pattern_ram
+from tests import test_migration_receiver as _rx
 from tests.migdata import DATA, load, load_connections
-from tests.test_migration_receiver import WAIT, Rx, receivers  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(60)
+
+
+WAIT = _rx.WAIT
+receivers = _rx.receivers  # the fixture: a receiver process per call, killed at the end
+Rx = _rx.Rx
 
 PATTERN = pattern_ram(4 << 20)
 BLOCKS = {"ram": 4 << 20}
