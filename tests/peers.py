@@ -45,3 +45,16 @@ def need_qemu10() -> dict[str, object]:
             pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
         pytest.skip(msg)
     return found
+
+
+QEMU_VERSIONS = ("7.2", "10.0")
+
+
+def need_qemu_version(version: str) -> dict[str, object]:
+    """Keyword arguments for ``qioc_green.migration.qemu.Qemu`` that run QEMU ``version``
+    ("7.2": the system's, "10.0": the one beside it), or skip (fail under QIOC_REQUIRE_PEERS=1).
+    Every live migration test runs against both where both apply."""
+    if version == "10.0":
+        return need_qemu10()
+    need("qemu-system-x86_64")
+    return {}

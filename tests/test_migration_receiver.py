@@ -444,6 +444,14 @@ def need_qemu() -> None:
     need("qemu-system-x86_64")
 
 
+@pytest.fixture(params=["7.2", "10.0"])
+def qemu(request):
+    """``(version, Qemu keyword arguments)``: each live test runs against QEMU 7.2 and 10.0."""
+    from tests.peers import need_qemu_version
+
+    return request.param, need_qemu_version(request.param)
+
+
 def random_ram(tmp_path: Path, mib: int) -> tuple[Path, bytes]:
     ram = os.urandom(mib << 20)
     path = tmp_path / "ram.bin"
@@ -458,25 +466,26 @@ def ramblocks(qemu) -> dict[str, int]:
     for line in text.splitlines()[1:]:
         cols = line.split()
         if len(cols) >= 5:
-            out[cols[0]] = int(cols[-2], 16)  # Used; PSize is two words ("4 KiB")
+            # name, PSize (two words: "4 KiB"), Offset, Used, Total (QEMU 10 adds HVA, RO)
+            out[cols[0]] = int(cols[4], 16)
     return out
 
 
 @pytest.mark.peers
-def test_live_tcp_summary_matches_what_qemu_reports(receivers, tmp_path):
-    need_qemu()
+def test_live_tcp_summary_matches_what_qemu_reports(receivers, tmp_path, qemu):
+    version, args = qemu
     from qioc_green.migration import VmDescription
     from qioc_green.migration.qemu import Qemu
 
     rx = receivers("tcp:127.0.0.1:0", "--save", str(tmp_path / "l.mig"),
                    "--json", str(tmp_path / "l.json"))
-    with Qemu(machine="pc", mem="32M", name="source") as src:
+    with Qemu(machine="pc", mem="32M", name="source", **args) as src:
         blocks = ramblocks(src)
         src.migrate(rx.address)
         info = src.wait_migration(WAIT)
     assert rx.wait() == 0, rx.stderr
     d = json.loads((tmp_path / "l.json").read_text())
-    assert d["complete"] and d["machine"] == "pc-i440fx-7.2"
+    assert d["complete"] and d["machine"] == f"pc-i440fx-{version}"
     assert {b["name"]: b["size"] for b in d["ram_blocks"]} == blocks
     ram = info["ram"]
     assert sum(b["size"] for b in d["ram_blocks"]) == ram["total"]
@@ -497,14 +506,14 @@ def test_live_tcp_summary_matches_what_qemu_reports(receivers, tmp_path):
 
 
 @pytest.mark.peers
-def test_live_unix_random_ram_rebuilt_byte_for_byte(receivers, tmp_path):
-    need_qemu()
+def test_live_unix_random_ram_rebuilt_byte_for_byte(receivers, tmp_path, qemu):
+    _, args = qemu
     from qioc_green.migration.qemu import Qemu
 
     ram_file, ram = random_ram(tmp_path, 32)
     rx = receivers(f"unix:{tmp_path / 'in.sock'}", "--ram-dir", str(tmp_path / "ram"),
                    "--json", str(tmp_path / "u.json"))
-    with Qemu(machine="pc", mem="32M", ram_file=str(ram_file), name="source") as src:
+    with Qemu(machine="pc", mem="32M", ram_file=str(ram_file), name="source", **args) as src:
         src.migrate(rx.address)
         src.wait_migration(WAIT)
     assert rx.wait() == 0, rx.stderr
@@ -517,20 +526,20 @@ def test_live_unix_random_ram_rebuilt_byte_for_byte(receivers, tmp_path):
 
 
 @pytest.mark.peers
-def test_live_exec_through_a_fifo(receivers, tmp_path):
+def test_live_exec_through_a_fifo(receivers, tmp_path, qemu):
     """QEMU migrates to ``exec:cat > FIFO``; the receiver reads ``exec:cat FIFO``."""
-    need_qemu()
     from qioc_green.migration.qemu import Qemu
 
     fifo = tmp_path / "stream.fifo"
     os.mkfifo(fifo)
     rx = receivers(f"exec:cat '{fifo}'", "--json", str(tmp_path / "e.json"), listens=False)
-    with Qemu(machine="q35", mem="32M", name="source") as src:
+    version, args = qemu
+    with Qemu(machine="q35", mem="32M", name="source", **args) as src:
         src.migrate(f"exec:cat > '{fifo}'")
         src.wait_migration(WAIT)
     assert rx.wait() == 0, rx.stderr
     d = json.loads((tmp_path / "e.json").read_text())
-    assert d["complete"] and d["machine"] == "pc-q35-7.2"
+    assert d["complete"] and d["machine"] == f"pc-q35-{version}"
 
 
 class HashRelay:
@@ -571,17 +580,18 @@ class HashRelay:
 @pytest.mark.peers
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("paused", [True, False], ids=["paused", "running"])
-def test_live_forward_into_a_real_destination_and_replay(receivers, tmp_path, paused):
+def test_live_forward_into_a_real_destination_and_replay(receivers, tmp_path, paused, qemu):
     """source -> receiver --forward -> (hashing relay) -> destination; then the saved stream
     replayed from a file into a second destination."""
-    need_qemu()
     from qioc_green.migration.qemu import Qemu
 
     ram_file, _ = random_ram(tmp_path, 32)
     saved = tmp_path / "fwd.mig"
+    _, args = qemu
     with Qemu(machine="pc", mem="32M", ram_file=str(ram_file), paused=paused,
-              name="source") as src, \
-            Qemu(machine="pc", mem="32M", incoming=True, paused=False, name="dest") as dst:
+              name="source", **args) as src, \
+            Qemu(machine="pc", mem="32M", incoming=True, paused=False, name="dest",
+                 **args) as dst:
         relay = HashRelay(dst.listen())
         rx = receivers("tcp:127.0.0.1:0", "--forward", relay.address, "--digest",
                        "--save", str(saved), "--json", str(tmp_path / "f.json"))
@@ -598,7 +608,8 @@ def test_live_forward_into_a_real_destination_and_replay(receivers, tmp_path, pa
     assert d["sha256_in"] == sha_in == d["sha256_out"] == sha_out
     assert d["forward"]["bytes"] == d["bytes_total"] == relay.nbytes == saved.stat().st_size
 
-    with Qemu(machine="pc", mem="32M", incoming=True, paused=False, name="replay") as dst2:
+    with Qemu(machine="pc", mem="32M", incoming=True, paused=False, name="replay",
+              **args) as dst2:
         rx = receivers(f"file:{saved}", "--forward", dst2.listen(), listens=False)
         assert rx.wait() == 0, rx.stderr
         assert dst2.wait_migration(WAIT)["status"] == "completed"

@@ -34,12 +34,9 @@ MEM = "16M"
 @pytest.fixture(params=["7.2", "10.0"])
 def qemu(request) -> dict[str, Any]:
     """``{"version": "7.2" | "10.0", "args": Qemu keyword arguments}`` for each installed QEMU."""
-    from tests.peers import need, need_qemu10
+    from tests.peers import need_qemu_version
 
-    if request.param == "7.2":
-        need("qemu-system-x86_64")
-        return {"version": "7.2", "args": {}}
-    return {"version": "10.0", "args": need_qemu10()}
+    return {"version": request.param, "args": need_qemu_version(request.param)}
 
 
 def random_ram(path: Path, seed: object) -> bytes:
