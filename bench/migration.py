@@ -13,6 +13,18 @@ normal page) migrates from a real QEMU with max-bandwidth raised, in one run, in
 and a saved stream of the same VM is parsed from a file by the receiver, beside a plain Python
 read of that file. A fresh source QEMU serves each migration (7.2 will not migrate a VM twice).
 
+With QEMU 10 beside 7.2 (``QIOC_QEMU10``; ``--qemu10 only`` skips the 7.2 part), the same RAM
+migrates from a QEMU 10 source in the same rounds:
+
+* in one stream, into the receiver and into the plain ``recv_into`` sink (today's baseline);
+* with multifd, ``--channels`` (4) channels, into the receiver (``--multifd-channels``) parsing
+  only, into the receiver with ``--ram-dir`` on ``--ram-dir-base`` (a tmpfs, /dev/shm: the
+  pages stored as a destination stores them, in memory), into a QEMU 10 destination
+  (``-incoming defer``, multifd set; with ``-mem-prealloc`` as the 7.2 part's, and without,
+  its default) and through the receiver's ``--forward`` into one.
+
+CPU per GiB is the receiver's own (all its threads), a destination's from psutil.
+
 Timing: a live migration runs from the ``migrate`` command to the ``completed`` event of the
 QEMU that finishes last (the source for the sinks, the destination for direct/forward), using
 the timestamps QEMU puts on its events; throughput is the stream's bytes over that time. The
@@ -39,7 +51,7 @@ from typing import Any
 
 import psutil
 
-from qioc_green.migration.qemu import Qemu, available
+from qioc_green.migration.qemu import Qemu, available, qemu10
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -110,10 +122,96 @@ class Bench:
         self.mem = f"{args.mem_mib}M"
         self.ram_file = os.path.join(tmp, "ram.bin")
         self.stream = os.path.join(tmp, "stream.mig")
+        self.q10: dict[str, Any] = {}
 
     def source(self) -> Qemu:
         return Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
                     timeout=60, name="source")
+
+    # -- QEMU 10, one stream and multifd -----------------------------------------------------------
+
+    def source10(self, channels: int = 0) -> Qemu:
+        q = Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True, timeout=60,
+                 capabilities=["multifd"] if channels else [], name="source-10.0",
+                 **self.q10)
+        if channels:
+            q.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+        return q
+
+    def live10(self, kind: str) -> dict[str, Any]:
+        """One QEMU 10 migration: ``10-receiver``, ``10-plain``, ``mfd-receiver``,
+        ``mfd-ramdir``, ``mfd-direct`` or ``mfd-forward``."""
+        n = self.args.channels if kind.startswith("mfd") else 0
+        dst = None
+        proc = None
+        ram_dir = None
+        summary = os.path.join(self.tmp, "rx10.json")
+        try:
+            if kind in ("mfd-direct", "mfd-direct-np", "mfd-forward"):
+                prealloc = self.args.prealloc and kind != "mfd-direct-np"
+                extra = ("-mem-prealloc",) if prealloc else ()
+                dst = Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
+                           capabilities=["multifd"], extra=extra, name="dest-10.0", **self.q10)
+                dst.cmd("migrate-set-parameters", **{"multifd-channels": n})
+                target = dst.listen()
+            if kind == "10-plain":
+                proc = subprocess.Popen([sys.executable, "-c", PLAIN_SINK],
+                                        stdout=subprocess.PIPE, text=True)
+                target = first_line(proc)
+            elif kind not in ("mfd-direct", "mfd-direct-np"):
+                argv = [*RECEIVER, "tcp:127.0.0.1:0", "--quiet", "--json", summary]
+                if n:
+                    argv += ["--multifd-channels", str(n)]
+                if kind == "mfd-ramdir":
+                    ram_dir = tempfile.mkdtemp(prefix="migbench-ram-", dir=self.args.ram_dir_base)
+                    argv += ["--ram-dir", ram_dir]
+                if kind == "mfd-forward":
+                    argv += ["--forward", target]
+                proc = subprocess.Popen([*argv, *self.args.receiver_args.split()],
+                                        stdout=subprocess.PIPE, text=True)
+                target = first_line(proc)
+            dst_c0 = _cpu(dst.pid) if dst is not None else 0.0
+            with self.source10(n) as src:
+                c0 = _cpu(src.pid)
+                t0 = time.time()
+                src.migrate(target)
+                info = src.wait_migration(TIMEOUT)
+                end = src.completed_at
+                if dst is not None:
+                    dst.wait_migration(TIMEOUT)
+                    end = max(end, dst.completed_at)
+                src_cpu = _cpu(src.pid) - c0
+            dst_cpu = _cpu(dst.pid) - dst_c0 if dst is not None else None
+            sink_cpu = None
+            seconds = end - t0
+            nbytes = _stream_bytes(info)
+            if proc is not None:
+                out, _ = proc.communicate(timeout=120)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{kind}: exited {proc.returncode}")
+                if kind == "10-plain":
+                    sink_cpu = float(out.split()[-1])
+                else:
+                    with open(summary) as f:
+                        d = json.load(f)
+                    if not d["complete"]:
+                        raise RuntimeError(f"{kind}: {d.get('error')}")
+                    sink_cpu = d["cpu_s"]
+                    nbytes = d["bytes_total"]
+                    if kind != "mfd-forward":  # the receiver may finish after the source
+                        seconds = max(seconds, d["elapsed_s"])
+        finally:
+            for p_ in (proc,):
+                if p_ is not None and p_.poll() is None:
+                    p_.kill()
+                    p_.wait(10)
+            if dst is not None:
+                dst.close()
+            if ram_dir is not None:
+                shutil.rmtree(ram_dir, ignore_errors=True)
+        return {"s": seconds, "bytes": nbytes, "gbs": nbytes / seconds / 1e9,
+                "qemu_total_ms": info.get("total-time"), "source_cpu_s": src_cpu,
+                "dest_cpu_s": dst_cpu, "sink_cpu_s": sink_cpu}
 
     def make_ram(self) -> None:
         chunk = 64 << 20
@@ -296,7 +394,16 @@ LABELS = {
     "socat-forward": "live -> socat relay -> dest",
     "parse-file": "file -> receiver (parsing)",
     "read-file": "file -> Python readinto",
+    "10-receiver": "QEMU 10 -> receiver (one stream)",
+    "10-plain": "QEMU 10 -> Python recv_into sink",
+    "mfd-receiver": "QEMU 10 multifd -> receiver",
+    "mfd-ramdir": "QEMU 10 multifd -> receiver --ram-dir",
+    "mfd-direct": "QEMU 10 multifd -> destination QEMU 10",
+    "mfd-direct-np": "  ... destination without -mem-prealloc",
+    "mfd-forward": "QEMU 10 multifd -> receiver --forward -> d",
 }
+KINDS10 = ("10-receiver", "10-plain", "mfd-receiver", "mfd-ramdir", "mfd-direct", "mfd-direct-np",
+           "mfd-forward")
 
 
 def main() -> int:
@@ -314,6 +421,14 @@ def main() -> int:
                    help="live sinks to run, comma-separated (default: all three)")
     p.add_argument("--receiver-args", default="",
                    help="extra receiver options for the 'receiver' sink (for experiments)")
+    p.add_argument("--qemu10", choices=("yes", "no", "only"), default="yes",
+                   help="the QEMU 10 part (one stream and multifd): with the 7.2 part (yes, "
+                        "when QEMU 10 is there), not at all, or alone")
+    p.add_argument("--channels", type=int, default=4, help="multifd channels (default 4)")
+    p.add_argument("--ram-dir-base", default="/dev/shm",
+                   help="where --ram-dir runs put their (deleted) RAM files (default /dev/shm)")
+    p.add_argument("--kinds10", default=",".join(KINDS10),
+                   help="QEMU 10 runs, comma-separated (default: all)")
     args = p.parse_args()
     if not available() or shutil.which("socat") is None:
         print("needs qemu-system-x86_64 and socat", file=sys.stderr)
@@ -327,22 +442,36 @@ def main() -> int:
           f"{sys.version.split()[0]}")
     tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    q10 = qemu10() if args.qemu10 != "no" else None
+    if args.qemu10 == "only" and q10 is None:
+        print("--qemu10 only: QEMU 10 not found (QIOC_QEMU10)", file=sys.stderr)
+        return 2
+    old = args.qemu10 != "only"
+    kinds10 = [k for k in args.kinds10.split(",") if k] if q10 is not None else []
+    size = 0
     try:
         b = Bench(args, tmp)
+        b.q10 = q10 or {}
         b.make_ram()
-        size = b.capture()
-        print(f"stream size {size} bytes")
-        sinks = [k for k in args.sinks.split(",") if k]
-        dests = [] if args.skip_forward else ["direct", "forward", "socat-forward"]
+        if old:
+            size = b.capture()
+            print(f"stream size {size} bytes")
+        sinks = [k for k in args.sinks.split(",") if k] if old else []
+        dests = [] if args.skip_forward or not old else ["direct", "forward", "socat-forward"]
         for r in range(args.rounds):
-            rot = r % len(sinks)
+            rot = r % len(sinks) if sinks else 0
             for kind in sinks[rot:] + sinks[:rot]:
                 results[kind].append(b.live_sink(kind))
             for mode in (dests[r % len(dests):] + dests[: r % len(dests)]) if dests else []:
                 results[mode].append(b.live_dest(mode))
-            for kind in (("parse-file", "read-file") if r % 2 == 0
-                         else ("read-file", "parse-file")):
-                results[kind].append(b.parse_file() if kind == "parse-file" else b.read_file())
+            if old:
+                for kind in (("parse-file", "read-file") if r % 2 == 0
+                             else ("read-file", "parse-file")):
+                    results[kind].append(b.parse_file() if kind == "parse-file"
+                                         else b.read_file())
+            rot = r % len(kinds10) if kinds10 else 0
+            for kind in kinds10[rot:] + kinds10[:rot]:
+                results[kind].append(b.live10(kind))
             print(f"round {r + 1}: " + ", ".join(
                 f"{k} {v[-1]['gbs']:.2f}" for k, v in results.items() if v), flush=True)
     finally:
@@ -351,7 +480,11 @@ def main() -> int:
     med = {k: statistics.median(x["gbs"] for x in v) for k, v in results.items() if v}
     ratios = {}
     for a, b_ in (("receiver", "plain"), ("socat", "plain"), ("parse-file", "read-file"),
-                  ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward")):
+                  ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward"),
+                  ("10-receiver", "10-plain"), ("mfd-receiver", "mfd-direct"),
+                  ("mfd-ramdir", "mfd-direct"), ("mfd-forward", "mfd-direct"),
+                  ("mfd-receiver", "mfd-direct-np"), ("mfd-ramdir", "mfd-direct-np"),
+                  ("mfd-receiver", "10-receiver")):
         if a in med and b_ in med:
             ratios[f"{a}/{b_}"] = med[a] / med[b_]
     targets = {}
@@ -359,6 +492,9 @@ def main() -> int:
         targets["receiver >= 0.9x plain sink"] = ratios["receiver/plain"] >= 0.9
     if "forward/direct" in ratios:
         targets["forward >= 0.8x direct"] = ratios["forward/direct"] >= 0.8
+    if "mfd-ramdir/mfd-direct" in ratios:
+        targets["multifd receiver (storing pages) >= 1.0x the QEMU 10 destination"] = \
+            ratios["mfd-ramdir/mfd-direct"] >= 1.0
     load_after = os.getloadavg()
 
     print()
@@ -375,17 +511,20 @@ def main() -> int:
         print(f"{name:<24} {value:.2f}x")
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
-    for k in ("direct", "forward"):
+    for k in ("direct", "forward", "mfd-direct", "mfd-direct-np", "mfd-forward"):
         if results[k]:
             per = [(x["source_cpu_s"] + x["dest_cpu_s"] + (x["sink_cpu_s"] or 0))
                    / (x["bytes"] / 2**30) for x in results[k]]
-            print(f"CPU s/GiB, all processes, {k}: {statistics.median(per):.2f}")
+            dest = [x["dest_cpu_s"] / (x["bytes"] / 2**30) for x in results[k]]
+            print(f"CPU s/GiB, all processes, {k}: {statistics.median(per):.2f} "
+                  f"(destination QEMU's own: {statistics.median(dest):.2f})")
     print("(CPU s/GiB: the receiver's or sink's own; socat's is not measured)")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"params": {"mem_mib": args.mem_mib, "rounds": args.rounds,
+                              "channels": args.channels, "qemu10": q10 is not None,
                               "dest_mem_prealloc": args.prealloc,
                               "stream_bytes": size, "cpus": os.cpu_count(),
                               "loadavg_before": load_before, "loadavg_after": load_after,
