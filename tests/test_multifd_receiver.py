@@ -46,7 +46,7 @@ PATTERN = pattern_ram(4 << 20)
 BLOCKS = {"ram": 4 << 20}
 COMPRESSIONS = ["none", "zlib", "zstd"]
 PROG = "qioc-migration-receiver: "
-MAX_RSS = 160 << 20  # bytes: buffers of 4 MiB per connection, the interpreter, never the input
+MAX_RSS = 100 << 20  # bytes (40 MiB seen): 4 MiB per connection, the interpreter, never the input
 
 
 def conns(compression: str = "none") -> list[bytes]:
@@ -207,6 +207,23 @@ def test_replayed_save_forwards_every_connection(receivers, tmp_path):
         sorted(map(len, [main, *channels]))
 
 
+def test_keep_listening_takes_successive_multifd_migrations(receivers, tmp_path):
+    from tests.test_migration_receiver import wait_for_file
+
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--keep-listening", "--count",
+                   "2", "--ram-dir", str(tmp_path / "ram"), "--json", str(tmp_path / "m.json"))
+    for n, compression in enumerate(["zlib", "none"], 1):
+        main, channels = split(compression)
+        threads = send_connections(rx.address, [*channels, main])
+        wait_for_file(tmp_path / f"m-{n}.json")
+        for t in threads:
+            t.join(WAIT)
+    assert rx.wait() == 0, rx.stderr
+    for n in (1, 2):
+        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
+        assert json.loads((tmp_path / f"m-{n}.json").read_text())["complete"]
+
+
 def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path):
     """A connection beyond the N + 1 that sends nothing (a port probe) does not fail the
     migration; RAM is still rebuilt."""
@@ -281,7 +298,9 @@ def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how):
 def test_more_channels_than_announced(receivers, tmp_path):
     """Told 1 channel, the source brings 2: whichever comes first, a line says so."""
     main, channels = split()
-    line = refused(receivers, tmp_path, [main, *channels], channels=1)
+    # the main stream is held short of its end, so the migration cannot end before the second
+    # multifd connection is judged
+    line = refused(receivers, tmp_path, [main[:-10], *channels], channels=1, hold=frozenset({0}))
     # whichever is judged first: channel 1's id, or the second multifd connection itself
     assert re.fullmatch(r"(connection [12]: offset 24: channel id 1, but the migration has 1 "
                         r"multifd channels \(0 to 0\)|connection [12]: offset 0: multifd "
@@ -291,7 +310,7 @@ def test_more_channels_than_announced(receivers, tmp_path):
 
 def test_the_same_channel_twice(receivers, tmp_path):
     main, (a, b) = split()
-    line = refused(receivers, tmp_path, [main, a, b, a])
+    line = refused(receivers, tmp_path, [main[:-10], a, b, a], hold=frozenset({0}))
     # connections are numbered as accepted, multifd ones counted as they say what they are;
     # whichever is judged first: the third multifd connection, or a channel id seen twice
     assert re.fullmatch(r"connection [123]: offset 0: multifd connection 3, but the migration "

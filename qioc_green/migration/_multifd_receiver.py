@@ -32,7 +32,9 @@ While a one-shot migration runs (``extra``), the listener stays open: a connecti
 N + 1 (a source with more channels than announced, a second source) is read and refused with a
 line naming it, instead of being refused at connect time, as QEMU does, which leaves the source
 to fail without a reason on this side. With ``--keep-listening`` the listener is left to the
-next migration once all N + 1 have arrived, as QEMU stops listening then.
+next migration once all N + 1 have arrived and the main stream has met its first sync point
+(QEMU stops listening once all have arrived; a source's channels all connect before its main
+stream starts, so extra ones are still seen).
 
 Nothing waits for ever: a connection that says nothing gets ``FIRST_BYTES_TIMEOUT``; channels
 that never come, a main stream that never comes, and sync points that can never be reached
@@ -43,7 +45,6 @@ receive buffer (``chunk``), or with ``--forward`` its own pool (``buffers`` x ``
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,7 @@ from ._uri import Endpoint
 FIRST_BYTES_TIMEOUT = 10.0  # s for a new connection to say what it is
 MAX_EXTRA = 4  # connections beyond the N + 1 that are read (and refused) before we stop taking them
 _TICK = 0.5  # s between the coordinator's checks (idle, missing channels, progress)
+ACCEPT_TICK = 0.05  # s between the acceptor's looks at whether the migration is over
 
 
 
@@ -159,21 +161,29 @@ class MultifdReceiver:
         May park. Never raises for a bad stream or peer: the Outcome carries the error line."""
         t0 = time.monotonic()
         cpu0 = time.process_time()
+        acceptor = None
         try:
             if self.ram_dir is not None:
                 self.ram = RamDir(self.ram_dir)
             for ch in channels:
                 self._start(ch)
             if accept is not None:
-                current_context().spawn(self._accept_loop, accept, extra)
+                acceptor = current_context().spawn(self._accept_loop, accept, extra)
             self._wait(t0)
         except (OSError, ChannelError) as exc:  # our own files, a listener gone
             self._fail(Stopped(f"offset 0: {describe(exc)}"))
         finally:
-            # the acceptor sees this within one tick (and closes what it accepts meanwhile)
+            elapsed = time.monotonic() - t0
             with self._lock:
                 self._stopping = True
             self._fail(None)  # close what is still open (a no-op for the verdict if complete)
+            if acceptor is not None:
+                # it sees _stopping within ACCEPT_TICK; the listener is free again after that
+                # (a next migration on it must not meet a greenlet still parked in accept)
+                try:
+                    acceptor.result(10)
+                except BaseException:  # noqa: BLE001 - its end does not matter now
+                    pass
             for t in self._threads:
                 t.stop()
             if self.ram is not None:
@@ -181,16 +191,22 @@ class MultifdReceiver:
             if self.progress is not None:
                 self.progress.write("\n")
                 self.progress.flush()
-        return self._outcome(time.monotonic() - t0, time.process_time() - cpu0)
+        return self._outcome(elapsed, time.process_time() - cpu0)
 
     def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
         expected = self.channels + 1
         while not self._stopping:
             n = len(self.connections)
-            if n >= expected + (MAX_EXTRA if extra else 0):
+            if n >= expected + MAX_EXTRA:
+                return
+            # With --keep-listening, leave the listener to the next migration once all have
+            # come and the main stream has met its first sync point: a source connects all its
+            # channels before it sends the main stream, so by then one with more channels than
+            # announced has shown them (judged below), and the next source cannot have come.
+            if n >= expected and not extra and self._sync_points > 0:
                 return
             try:
-                ch = accept(_TICK)
+                ch = accept(ACCEPT_TICK)
             except TimeoutError:
                 continue
             except (EOFError, ChannelClosedError, ContextStoppedError):
@@ -313,8 +329,7 @@ class MultifdReceiver:
                         "compression": compressions.pop() if len(compressions) == 1 else None,
                         "sync_points": self._sync_points,
                         "connections": [c.as_dict() for c in self.connections]}
-        # the process's peak resident memory (Linux: KiB), the bound the module notes promise
-        d["max_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        d["max_rss"] = _peak_rss()  # the bound the module notes promise
         if error is not None:
             d["complete"] = False
             d["error"] = error
@@ -494,3 +509,16 @@ class StrayWatcher:
     def stop(self) -> None:
         """Stop taking connections (the greenlet ends within a tick). Never parks."""
         self._stopping = True
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike
+    getrusage's ru_maxrss, which keeps the high-water mark of the process it was forked from)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
