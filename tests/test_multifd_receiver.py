@@ -456,3 +456,64 @@ def test_usage_of_the_multifd_options(receivers, tmp_path):
                            capture_output=True, text=True, timeout=WAIT)
         assert r.returncode == 2, (argv, r.stderr)
         assert "multifd" in r.stderr.splitlines()[-1], r.stderr
+
+
+# -- in-process: the settings a monitor sets, and the receiver's threads and fds -----------------
+
+
+def test_incoming_settings_take_qmp_names_and_refuse_what_they_cannot():
+    from qioc_green.migration import IncomingSettings
+
+    s = IncomingSettings()
+    assert not s.multifd and s.channels == 0
+    s.set_capability("multifd")
+    s.set_parameters({"multifd-channels": 4, "multifd-compression": "zlib"})
+    assert s.multifd and s.channels == 4 and s.multifd_compression == "zlib"
+    for bad, msg in (({"multifd-channels": 0}, "expects 1 to 255"),
+                     ({"multifd-channels": True}, "expects 1 to 255"),
+                     ({"multifd-compression": "qpl"}, "'qpl' is not supported"),
+                     ({"multifd-channels": 2, "tls-creds": "x"}, "'tls-creds' is not supported")):
+        with pytest.raises(ValueError, match=msg):
+            s.set_parameters(bad)
+    assert s.channels == 4  # a refused call changes nothing
+    with pytest.raises(ValueError, match="capability 'rdma-pin-all' is not supported"):
+        s.set_capability("rdma-pin-all")
+    s.set_capability("multifd", False)
+    assert s.channels == 0
+
+
+def test_multifd_receiver_in_process_stops_its_iothreads(tmp_path):
+    """MultifdReceiver inside a program: it reads in IOThreads of its own and leaves none
+    behind, nor an fd (the suite's leak check), whether the migration completes or fails."""
+    from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import IncomingSettings, MultifdReceiver
+
+    main, channels = split("zstd")
+    settings = IncomingSettings()
+    settings.set_capability("multifd")
+    settings.set_parameters({"multifd-channels": 2})
+    for parts, ok in (([*channels, main], True), ([main, channels[0][:5000], channels[1]], False)):
+        lst = SocketChannel.listen("tcp:127.0.0.1:0", 8)
+        lst.set_follow_coroutine_ctx(True)
+        threads = send_connections(lst.local_address, parts)
+        try:
+            with IOThread("t-coordinator") as t:
+                rx = MultifdReceiver(settings, ram_dir=str(tmp_path / f"ram-{ok}"))
+                out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+        finally:
+            lst.close()
+            for th in threads:
+                th.join(WAIT)
+        assert out.ok is ok, out.error
+        if ok:
+            assert (tmp_path / "ram-True" / "ram").read_bytes() == PATTERN
+        else:
+            assert out.error.startswith(f"multifd channel {channel_id(channels[0])}: offset 5000: "
+                                        "channel ends inside"), out.error
+
+
+def _receive_from(lst, rx):
+    """In the coordinator's IOThread: the first connection, then the others as they come."""
+    first = lst.accept(timeout=WAIT)
+    first.set_follow_coroutine_ctx(True)
+    return rx.receive([first], lambda timeout: lst.accept(timeout=timeout))
