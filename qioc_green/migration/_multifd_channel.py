@@ -21,7 +21,7 @@ from qioc_green import BrokenChannelError, Channel, FileChannel
 
 from ._events import RamPages, ZeroPages
 from ._format import NEED_DATA
-from ._multifd import MultifdParser
+from ._multifd import MULTIFD_PACKET_SIZE, MultifdParser
 from ._multifd_events import (
     NEED_BLOCKS,
     ChannelEnd,
@@ -32,13 +32,14 @@ from ._multifd_events import (
     SyncPacket,
 )
 from ._multifd_sync import SyncFailed
-from ._receiver import LOWAT_WAIT, describe, set_rcvlowat
+from ._receiver import describe, set_rcvlowat
 from ._sinks import Forwarder
 
 if TYPE_CHECKING:
     from ._multifd_receiver import MultifdReceiver
 
 TICK = 0.5  # s between checks for a failure elsewhere while waiting for the main stream
+CHANNEL_WAIT = 0.005  # s: how long a channel reader waits for the low-water mark before it reads
 
 
 class Stopped(Exception):
@@ -119,7 +120,9 @@ class ChannelReader:
         relay = _Relay(fwd)
         sha = hashlib.sha256() if s.digest else None
         own = memoryview(bytearray(s.chunk)) if fwd is None else None
-        wait = LOWAT_WAIT if set_rcvlowat(ch, s.chunk // 4) else None
+        # Woken once a packet's worth is queued, and a lone SYNC packet (what ends a round;
+        # the main stream waits for it) is read within CHANNEL_WAIT, not LOWAT_WAIT.
+        wait = CHANNEL_WAIT if set_rcvlowat(ch, min(s.chunk // 4, MULTIFD_PACKET_SIZE)) else None
         carry = prefix
         received = 0
         finished = False

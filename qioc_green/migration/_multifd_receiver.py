@@ -391,7 +391,8 @@ class MultifdReceiver:
                       forward_context=fwd_thread.context if fwd_thread else None,
                       chunk=self.chunk, buffers=self.buffers,
                       allow_undescribed=self.allow_undescribed, digest=self.digest,
-                      prefix=prefix, ram=self.ram, on_event=self._main_event)
+                      prefix=prefix, ram=self.ram, on_event=self._main_event,
+                      low_water=False)
         self._main = rx
         try:
             out = rx.receive(ch)

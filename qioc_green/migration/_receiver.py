@@ -110,7 +110,9 @@ class Receiver:
     already read from the channel (to tell it from a multifd channel), taken as its first
     chunk; ``ram``, a RamDir shared with the multifd channels (left open); ``on_event``, called
     with every event other than page runs, in the reading greenlet, before the summary takes
-    it (it may park: the multifd sync points do; see :meth:`pass_on_parsed`).
+    it (it may park: the multifd sync points do; see :meth:`pass_on_parsed`); ``low_water``
+    false: no SO_RCVLOWAT (a small stream whose records others wait for, as a multifd main
+    channel's MULTIFD_FLUSH, must be read when it comes, not at the mark's timeout).
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
@@ -120,7 +122,8 @@ class Receiver:
                  idle_timeout: float | None = None,
                  parser_factory: Callable[[], StreamParser] = StreamParser,
                  prefix: bytes = b"", ram: RamDir | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 low_water: bool = True) -> None:
         if forward is not None and forward_context is None:
             raise ValueError("forwarding needs a context for its writer")
         self.save = save
@@ -137,6 +140,7 @@ class Receiver:
         self.prefix = prefix
         self.ram = ram
         self.on_event = on_event
+        self.low_water = low_water
         self.parser: StreamParser | None = None
         self.received = 0
         self.section = ""
@@ -266,7 +270,7 @@ class Receiver:
         next_event = parser.next_event
         idle = self.idle_timeout
         wait = idle
-        if set_rcvlowat(ch, self.chunk // 4):
+        if self.low_water and set_rcvlowat(ch, self.chunk // 4):
             wait = LOWAT_WAIT if idle is None else min(idle, LOWAT_WAIT)
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
