@@ -78,7 +78,9 @@ class RamDir:
             json.dump(self._index, f, indent=1)
 
     def pages(self, ev: RamPages) -> None:
-        n = self._files[ev.block].pwritev(ev.iov(), ev.offset)
+        # pages back to back (a multifd packet's run) go as one buffer, not one per page
+        iov = [ev.data[: ev.count * ev.page_size]] if ev.stride == ev.page_size else ev.iov()
+        n = self._files[ev.block].pwritev(iov, ev.offset)
         if n != ev.count * ev.page_size:
             raise OSError(f"short write to {self._index[ev.block]['file']}: {n} bytes")
 
