@@ -96,11 +96,16 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
-from ._ram import RamReader
+from ._ram import MAX_PAGE_BITS, MIN_PAGE_BITS, RamReader
 from ._receivebuffer import SHORT, Cursor
 from ._vmdesc import Retained, check_described
 
 _SCAN_WINDOW = 64 * 1024  # device bytes copied per footer search step
+# What one held event or retained section costs in memory beyond its data bytes, charged
+# against max_device_bytes so that thousands of empty sections cannot hold gigabytes (measured
+# with tracemalloc: 100-150 bytes each for the event objects, their offsets and list slots).
+_ITEM_COST = 160
+_JSON_DEPTH = 64  # QEMU's descriptions nest 13-14 deep (pc, q35); walk_vmsd stops at 64 too
 
 
 class _Section(NamedTuple):
@@ -109,6 +114,29 @@ class _Section(NamedTuple):
     instance_id: int
     version_id: int
     is_ram: bool
+
+
+def _size(bits: int) -> str:
+    """2**bits bytes as a short size: 4 KiB, 1 GiB, 2^40 B."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if shift <= bits < shift + 10:
+            return f"{1 << (bits - shift)} {unit}"
+    return f"{1 << bits} B" if bits < 10 else f"2^{bits} B"
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Does a parsed JSON value nest more than ``limit`` containers deep? (Iterative.)"""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if d >= limit:
+            return True
+        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return False
 
 
 def _printable(b: bytes | bytearray | memoryview) -> bool:
@@ -123,8 +151,13 @@ class StreamParser(RamReader):
     is the number of stream bytes parsed so far. None of these ever blocks or switches greenlets.
 
     ``page_size``: the target page size (4096 on x86; a ``target-page-bits`` configuration
-    subsection overrides it). ``max_device_bytes``: cap on buffered device-section bytes.
-    ``max_json_bytes``: cap on the description JSON. ``max_ram_blocks``: cap on MEM_SIZE's list.
+    subsection overrides it; 1 KiB to 64 KiB). The caps, each an error at once when crossed:
+    ``max_device_bytes``: device state held until the description can check it (the data of
+    FULL sections, and every event held meanwhile at a fixed cost each). ``max_json_bytes``,
+    ``max_json_values``: the description JSON's size and number of values (counted on the raw
+    bytes before it is parsed: a value costs 50-100 bytes parsed), and it nests at most 64
+    deep. ``max_ram_blocks``: RAM blocks named by MEM_SIZE, all lists together.
+    ``max_sections``: distinct section ids.
     """
 
     def __init__(
@@ -133,11 +166,15 @@ class StreamParser(RamReader):
         page_size: int = 4096,
         max_device_bytes: int = 64 << 20,
         max_json_bytes: int = 16 << 20,
+        max_json_values: int = 1_000_000,
         max_ram_blocks: int = 4096,
+        max_sections: int = 32768,
     ) -> None:
         super().__init__(page_size, max_ram_blocks)
         self.max_device_bytes = max_device_bytes
         self.max_json_bytes = max_json_bytes
+        self.max_json_values = max_json_values
+        self.max_sections = max_sections
         self._error: MigrationStreamError | None = None
         self._events: deque[Event] = deque()
         self._step = self._st_header
@@ -154,7 +191,8 @@ class StreamParser(RamReader):
         self._body_start = 0
         self._scan = 0
         self._rejected: tuple[int, bytes] | None = None
-        self._device_bytes = 0
+        self._device_bytes = 0  # retained FULL data + _ITEM_COST per retained section
+        self._held_bytes = 0  # _ITEM_COST per held event (+ data not counted as retained)
         self._retained: list[Retained] = []
         self._held: list[Event] | None = None
 
@@ -229,14 +267,25 @@ class StreamParser(RamReader):
     def _emit(self, ev: Event) -> Event | None:
         """Return ev, or hold it if device events are being held."""
         if self._held is not None:
+            cost = _ITEM_COST
+            if type(ev) is DeviceState and self._cur_kind != QEMU_VM_SECTION_FULL:
+                cost += len(ev.data)  # FULL data is counted once, as retained
+            self._held_bytes += cost
+            self._check_held()
             self._held.append(ev)
             return None
         return ev
+
+    def _check_held(self) -> None:
+        if self._device_bytes + self._held_bytes > self.max_device_bytes:
+            raise self._err(f"device state held for the VM description is over the "
+                            f"{self.max_device_bytes}-byte cap", self._cur_offset)
 
     def _release(self) -> None:
         if self._held:
             self._events.extend(self._held)
         self._held = None
+        self._held_bytes = 0
 
     def _released_then(self, ev: Event) -> Event | None:
         """Release held events, then ev (queued behind them, so order is kept)."""
@@ -312,8 +361,11 @@ class StreamParser(RamReader):
             c.be32()  # version
             if name == "configuration/target-page-bits":
                 page_bits = c.be32()
-                if not 9 <= page_bits <= 30:
-                    raise MigrationStreamError(at, f"target page bits {page_bits} is absurd")
+                if not MIN_PAGE_BITS <= page_bits <= MAX_PAGE_BITS:
+                    raise MigrationStreamError(
+                        at, f"target page bits {page_bits} ({_size(page_bits)} pages) is outside "
+                            f"what QEMU uses ({MIN_PAGE_BITS}..{MAX_PAGE_BITS}: "
+                            f"{_size(MIN_PAGE_BITS)} to {_size(MAX_PAGE_BITS)})")
             elif name == "configuration/capabilities":
                 count = c.be32()
                 if count > 256:
@@ -368,6 +420,8 @@ class StreamParser(RamReader):
             if is_ram and version_id != RAM_VERSION:
                 raise MigrationStreamError(at, f"ram section version {version_id}, expected 4")
             sec = _Section(sid, idstr, instance_id, version_id, is_ram)
+            if sid not in self._sections and len(self._sections) >= self.max_sections:
+                raise MigrationStreamError(at, f"more than {self.max_sections} sections")
             self._sections[sid] = sec
             if t == QEMU_VM_SECTION_START:
                 self._live.add(sid)
@@ -452,7 +506,10 @@ class StreamParser(RamReader):
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
             take = min(len(self._buf) - self._pos, _SCAN_WINDOW)
-            if self._device_bytes + len(body) + take > self.max_device_bytes:
+            if self._device_bytes + self._held_bytes + len(body) + take > self.max_device_bytes:
+                if len(body) + take <= self.max_device_bytes:
+                    raise self._err(f"device state held for the VM description is over the "
+                                    f"{self.max_device_bytes}-byte cap", self._cur_offset)
                 raise self._err(
                     f"device data over the {self.max_device_bytes}-byte cap in section "
                     f"{sec.section_id} ({sec.idstr!r}) (no footer found)", self._cur_offset)
@@ -471,7 +528,8 @@ class StreamParser(RamReader):
         data = bytes(body[:q])
         self._body = bytearray()
         if self._cur_kind == QEMU_VM_SECTION_FULL:
-            self._device_bytes += len(data)
+            self._device_bytes += len(data) + _ITEM_COST
+            self._check_held()
             self._retained.append(
                 Retained(sec.section_id, sec.idstr, sec.instance_id, sec.version_id, data,
                           self._body_start))
@@ -553,14 +611,23 @@ class StreamParser(RamReader):
             self._json += self._buf[self._pos : self._pos + take]
             self._pos += take
         at = self._json_offset
+        raw = self._json
+        # Every value but the first follows a ',' or opens a container (a key is a value
+        # here): an upper bound, counted at C speed before anything is built.
+        values = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
+        if values > self.max_json_values:
+            raise self._err(f"VM description has up to {values} values, over the cap of "
+                            f"{self.max_json_values}", at + 5)
         try:
-            desc = json.loads(bytes(self._json))
+            desc = json.loads(raw)
         except (ValueError, RecursionError) as exc:
             raise self._err(f"VM description is not valid JSON: {exc}", at + 5) from None
+        self._json = bytearray()
+        if _depth_over(desc, _JSON_DEPTH):
+            raise self._err(f"VM description nests deeper than {_JSON_DEPTH}", at + 5)
         if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
             raise self._err("VM description has no device list", at + 5)
         self._check_described(desc)
-        self._json = bytearray()
         self._release()
         self._events.append(VmDescription(desc, at, self._json_len))
         self._events.append(StreamEnd(self.offset, True))

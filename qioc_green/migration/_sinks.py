@@ -48,6 +48,10 @@ class RamDir:
     again; a zero page over a range that already holds data is written as zeros (the kernel's
     SEEK_DATA says whether it does, so no per-page state is kept, whatever sizes the stream
     announces), so each file ends as the guest's final RAM. Writes never park (regular files).
+
+    Disk used is bounded by what arrived: only page data is ever written where there was none
+    (zero pages with another fill byte are refused by the parser, as QEMU 8.2+ refuses them),
+    every write lies inside a block the stream declared, and files are sparse.
     """
 
     def __init__(self, path: str) -> None:
@@ -85,7 +89,7 @@ class RamDir:
     def zeros(self, ev: ZeroPages) -> None:
         ch = self._files[ev.block]
         start, size = ev.offset, ev.count * ev.page_size
-        if ev.fill == 0:
+        if ev.fill == 0:  # the only fill the parser gives (events made by hand may differ)
             try:
                 data_at = os.lseek(ch.fileno(), start, os.SEEK_DATA)
             except OSError as exc:
