@@ -243,3 +243,49 @@ def test_summary_counts_commands_and_lists_the_first_256():
     d = s.as_dict()
     assert d["command_counts"] == {"OPEN_RETURN_PATH": 1, "PING": 1000}
     assert d["commands"][:2] == ["OPEN_RETURN_PATH", "PING"] and len(d["commands"]) == 256
+
+
+# -- exec: the command's end and its status ---------------------------------------------------
+
+
+def run_receiver(*args: str, timeout: float = 30) -> tuple[int, str, float]:
+    """Run the receiver to its end; (exit status, stderr, seconds until stderr closed)."""
+    t0 = time.monotonic()
+    r = subprocess.run([*PROGRAM, *args, "-q"], capture_output=True, text=True, timeout=timeout,
+                       check=False)
+    return r.returncode, r.stderr, time.monotonic() - t0
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # a zombie is already dead
+    except FileNotFoundError:
+        return True
+
+
+def test_exec_source_exit_status_fails_the_run(tmp_path):
+    src = tmp_path / "none.mig"
+    src.write_bytes(load("none"))
+    rc, err, _ = run_receiver(f"exec:cat '{src}'; exit 3", "--json", str(tmp_path / "s.json"))
+    assert rc == 1
+    assert err.strip() == (f"qioc-migration-receiver: offset {len(load('none'))}: source "
+                           f"\"exec:cat '{src}'; exit 3\" exited with status 3")
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["complete"] is False and "exited with status 3" in d["error"]
+    rc, err, _ = run_receiver(f"exec:cat '{src}'")
+    assert (rc, err) == (0, "")
+
+
+def test_exec_source_tree_ended_when_the_stream_is_refused(tmp_path):
+    """A refused stream ends the command and what it started (here a sleep the shell waits
+    for, which holds our stderr): before, the shell was signalled after 2 s and the sleep
+    kept stderr open for its 30 s."""
+    bad = tmp_path / "bad.mig"
+    bad.write_bytes(b"garbage!" * 100)
+    pid_file = tmp_path / "sleep.pid"
+    rc, err, seconds = run_receiver(f"exec:sleep 30 & echo $! > '{pid_file}'; cat '{bad}'; wait")
+    print(f"\nexited and closed stderr after {seconds:.2f} s")
+    assert rc == 1 and "expected magic QEVM" in err and len(err.splitlines()) == 1, err
+    assert seconds < 10
+    assert gone(int(pid_file.read_text()))

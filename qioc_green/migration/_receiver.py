@@ -59,12 +59,15 @@ from qioc_green import (
     Channel,
     ChannelClosedError,
     ChannelError,
+    CommandChannel,
     Context,
     ContextStoppedError,
     FileChannel,
     SocketChannel,
     UnexpectedEOF,
 )
+
+from . import _children
 
 from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
@@ -104,14 +107,19 @@ class Receiver:
     accept a stream that ends without the VM description (QEMU's ``suppress-vmdesc``, postcopy);
     ``digest``: put the sha256 of the bytes received (and forwarded) into the summary;
     ``progress``: a text stream for a progress line (a terminal); ``idle_timeout``: give up
-    when no byte arrives for that long.
+    when no byte arrives for that long. ``label``: how error lines name the source
+    (``exec:CMD``; default: the channel's name).
+
+    An ``exec:`` source (a CommandChannel) is waited for once its output ends and must exit
+    with status 0, or the migration fails naming it; on any other end (an error, a timeout,
+    a stop) it is ended with its descendants: SIGTERM, 2 s, SIGKILL, reaped (``_children``).
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
                  forward: Endpoint | None = None, forward_context: Context | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
-                 idle_timeout: float | None = None,
+                 idle_timeout: float | None = None, label: str | None = None,
                  parser_factory: Callable[[], StreamParser] = StreamParser) -> None:
         if forward is not None and forward_context is None:
             raise ValueError("forwarding needs a context for its writer")
@@ -125,8 +133,10 @@ class Receiver:
         self.digest = digest
         self.progress = progress
         self.idle_timeout = idle_timeout
+        self.label = label
         self.parser_factory = parser_factory
         self.received = 0
+        self._eof = False  # the source's output ended (a read gave 0)
         self.section = ""
         self._progress_shown = False
 
@@ -177,6 +187,11 @@ class Receiver:
         finally:
             if fwd is not None and not finished:
                 fwd.abort()
+            if isinstance(channel, CommandChannel):
+                problem = self._end_command(channel)
+                if problem is not None:
+                    why = error.partition(": ")[2] if error is not None else None
+                    error = f"offset {self.received}: {problem}" + (f"; {why}" if why else "")
             channel.close()
             if save is not None:
                 save.close()
@@ -245,6 +260,7 @@ class Receiver:
             if wait is not None:
                 last = time.monotonic()
             if n == 0:
+                self._eof = True
                 if buf is not None and fwd is not None:
                     fwd.release(buf)
                 break
@@ -290,6 +306,18 @@ class Receiver:
         while (ev := next_event()) is not NEED_DATA:
             add(ev)
         return pending
+
+
+    def _end_command(self, ch: CommandChannel) -> str | None:
+        """The source command is done with: why it failed, or None. Parks while it exits."""
+        what = f"source {self.label or ch.name!r}"
+        if self._eof:  # its output ended: let it finish by itself, then judge its status
+            if ch.wait_exit(_children.EXIT_WAIT):
+                return _children.failure(ch, what)
+            _children.end_command(ch)
+            return f"{what} was still running {_children.EXIT_WAIT:g} s after its output ended"
+        _children.end_command(ch)  # we stop reading: end it, and what it started
+        return None
 
 
 def _set_rcvlowat(ch: Channel, lowat: int) -> bool:

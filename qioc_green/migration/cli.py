@@ -123,7 +123,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                       forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout)
+                      idle_timeout=args.idle_timeout, label=str(incoming.endpoint))
         out = rx.receive(ch)
         json_path = name(args.json)
         if json_path is not None:
