@@ -289,3 +289,29 @@ def test_exec_source_tree_ended_when_the_stream_is_refused(tmp_path):
     assert rc == 1 and "expected magic QEVM" in err and len(err.splitlines()) == 1, err
     assert seconds < 10
     assert gone(int(pid_file.read_text()))
+
+
+def test_save_or_ram_dir_never_overwrites_the_input(tmp_path):
+    """``file:X --save X`` truncated X to 0 bytes before reading it. The same file under
+    another name (a hard link) is the same input."""
+    data = load("none")
+    src = tmp_path / "in.mig"
+    src.write_bytes(data)
+    os.link(src, tmp_path / "link.mig")
+    for save in (src, tmp_path / "link.mig"):
+        rc, err, _ = run_receiver(f"file:{src}", "--save", str(save))
+        assert rc == 1
+        assert err.strip() == (f"qioc-migration-receiver: offset 0: the save file {save} is the "
+                               "input itself; not touching it")
+        assert src.read_bytes() == data
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    (ram / "ram").write_bytes(data)  # the one RAM block of -M none is named "ram"
+    rc, err, _ = run_receiver(f"file:{ram / 'ram'}", "--ram-dir", str(ram))
+    assert rc == 1 and "is the input itself" in err, err
+    assert (ram / "ram").read_bytes() == data
+    # an ordinary save still replaces what the file held
+    old = tmp_path / "old.mig"
+    old.write_bytes(b"x" * (len(data) * 2))
+    assert run_receiver(f"file:{src}", "--save", str(old))[0] == 0
+    assert old.read_bytes() == data

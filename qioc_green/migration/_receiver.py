@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -158,10 +159,11 @@ class Receiver:
         t0 = time.monotonic()
         cpu0 = time.process_time()
         try:
+            source = _identity(channel)
             if self.save is not None:
-                save = FileChannel.open(self.save, "w", name="save")
+                save = _open_save(self.save, source)
             if self.ram_dir is not None:
-                ram = RamDir(self.ram_dir)
+                ram = RamDir(self.ram_dir, keep=source)
             if self.forward is not None:
                 assert self.forward_context is not None
                 fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
@@ -318,6 +320,34 @@ class Receiver:
             return f"{what} was still running {_children.EXIT_WAIT:g} s after its output ended"
         _children.end_command(ch)  # we stop reading: end it, and what it started
         return None
+
+
+def _identity(ch: Channel) -> tuple[int, int] | None:
+    """(device, inode) of what a file channel reads, so no output can be made of it."""
+    fileno = getattr(ch, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        st = os.fstat(fileno())
+    except (OSError, ChannelError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_save(path: str, source: tuple[int, int] | None) -> FileChannel:
+    """Open ``path`` for the raw stream; truncate it only once it is known not to be the input
+    (``file:X --save X`` used to empty X before reading it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == source:
+            raise ReceiveError(0, f"the save file {path} is the input itself; not touching it")
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(fd, 0)
+        return FileChannel.from_fd(fd, name="save")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _set_rcvlowat(ch: Channel, lowat: int) -> bool:

@@ -51,11 +51,13 @@ class RamDir:
 
     Disk used is bounded by what arrived: only page data is ever written where there was none
     (zero pages with another fill byte are refused by the parser, as QEMU 8.2+ refuses them),
-    every write lies inside a block the stream declared, and files are sparse.
+    every write lies inside a block the stream declared, and files are sparse. ``keep``: the
+    (device, inode) of the input, which is never truncated (an error instead).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, keep: tuple[int, int] | None = None) -> None:
         self.path = path
+        self._keep = keep
         os.makedirs(path, exist_ok=True)
         self._files: dict[str, FileChannel] = {}
         self._index: dict[str, dict[str, Any]] = {}
@@ -70,10 +72,18 @@ class RamDir:
             while fname in taken or fname == "blocks.json":
                 fname += "_"
             taken.add(fname)
-            ch = FileChannel.open(os.path.join(self.path, fname), "w+", name=f"ram-{b.name}")
+            path = os.path.join(self.path, fname)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._keep:
+                os.close(fd)
+                raise OSError(errno.EEXIST, f"RAM block {b.name!r}: {path} is the input itself; "
+                                            "not touching it")
+            ch = FileChannel.from_fd(fd, name=f"ram-{b.name}")
             self._files[b.name] = ch
             self._index[b.name] = {"file": fname, "size": b.size}
             try:
+                os.ftruncate(ch.fileno(), 0)
                 os.ftruncate(ch.fileno(), b.size)
             except OSError as exc:
                 raise OSError(exc.errno, f"RAM block {b.name!r} of {b.size} bytes: "
