@@ -315,3 +315,11 @@ def test_save_or_ram_dir_never_overwrites_the_input(tmp_path):
     old.write_bytes(b"x" * (len(data) * 2))
     assert run_receiver(f"file:{src}", "--save", str(old))[0] == 0
     assert old.read_bytes() == data
+
+
+@pytest.mark.parametrize("uri, says", [("file:/nonexistent/in.mig", "No such file or directory"),
+                                       ("fd:987", "Bad file descriptor")])
+def test_a_source_that_cannot_be_opened_is_one_line(uri, says):
+    rc, err, _ = run_receiver(uri)
+    assert rc == 1
+    assert err.strip() == f"qioc-migration-receiver: cannot open {uri}: {says}"

@@ -111,6 +111,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
             ch = incoming.next_channel()
         except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
             break  # one-shot source used, or told to stop while waiting for a sender
+        except (OSError, qioc_green.ChannelError) as exc:  # file:/nonexistent, fd:99...
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            _error(f"cannot open {incoming.endpoint}: {getattr(cause, 'strerror', None) or cause}")
+            verdicts.append(False)
+            break
         if not args.keep_listening:
             incoming.close()  # one migration per run: later senders are refused, as by QEMU
 
