@@ -55,6 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+import gevent
+
 from qioc_green import (
     BrokenChannelError,
     Channel,
@@ -66,6 +68,7 @@ from qioc_green import (
     FileChannel,
     SocketChannel,
     UnexpectedEOF,
+    current_context,
 )
 
 from . import _children
@@ -78,6 +81,10 @@ from ._summary import Summary
 from ._uri import Endpoint
 
 LOWAT_WAIT = 0.05  # s; see _set_rcvlowat()
+
+
+class _Stop(Exception):
+    """Thrown into the receiving greenlet by :meth:`Receiver.stop`; the message is the reason."""
 
 
 class ReceiveError(Exception):
@@ -114,6 +121,9 @@ class Receiver:
     An ``exec:`` source (a CommandChannel) is waited for once its output ends and must exit
     with status 0, or the migration fails naming it; on any other end (an error, a timeout,
     a stop) it is ended with its descendants: SIGTERM, 2 s, SIGKILL, reaped (``_children``).
+
+    ``stop(reason)``, from any thread, ends the migration being received (or the next one) at
+    once: it is reported as failed with ``reason`` and cleaned up as any failure is.
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
@@ -138,6 +148,9 @@ class Receiver:
         self.parser_factory = parser_factory
         self.received = 0
         self._eof = False  # the source's output ended (a read gave 0)
+        self._stop_reason: str | None = None
+        self._ctx: Context | None = None  # where receive() runs, while it does
+        self._glet: Any = None
         self.section = ""
         self._progress_shown = False
 
@@ -158,7 +171,11 @@ class Receiver:
         finished = False
         t0 = time.monotonic()
         cpu0 = time.process_time()
+        self._ctx = current_context()
+        self._glet = gevent.getcurrent()
         try:
+            if self._stop_reason is not None:
+                raise _Stop(self._stop_reason)
             source = _identity(channel)
             if self.save is not None:
                 save = _open_save(self.save, source)
@@ -186,7 +203,10 @@ class Receiver:
             error = str(exc)
         except (ChannelError, OSError, TimeoutError) as exc:
             error = f"offset {self.received}: {_describe(exc)}"
+        except _Stop as exc:
+            error = f"offset {self.received}: {exc}"
         finally:
+            self._glet = None  # no stop is thrown into the clean-up
             if fwd is not None and not finished:
                 fwd.abort()
             if isinstance(channel, CommandChannel):
@@ -217,6 +237,23 @@ class Receiver:
             if fwd.sha256 is not None:
                 d["sha256_out"] = fwd.sha256
         return Outcome(d, error)
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End the migration being received, or the next one, now: it fails with ``reason``.
+        Thread-safe; never parks (the receiving greenlet does the clean-up)."""
+        self._stop_reason = reason
+        ctx = self._ctx
+        if ctx is not None:
+            try:
+                ctx.schedule(self._throw_stop)
+            except ContextStoppedError:
+                pass  # that thread is ending: its greenlets are being woken anyway
+
+    def _throw_stop(self) -> None:
+        """In the receiving thread's hub: raise _Stop where the receiving greenlet is parked."""
+        g = self._glet
+        if g is not None and not g.dead:
+            g.throw(_Stop(self._stop_reason))
 
     def _pump(self, ch: Channel, parser: StreamParser, summary: Summary,
               save: FileChannel | None, ram: RamDir | None, fwd: Forwarder | None,
