@@ -323,3 +323,54 @@ def test_a_source_that_cannot_be_opened_is_one_line(uri, says):
     rc, err, _ = run_receiver(uri)
     assert rc == 1
     assert err.strip() == f"qioc-migration-receiver: cannot open {uri}: {says}"
+
+
+def wait_for_pid_file(path: Path) -> int:
+    deadline = time.monotonic() + WAIT
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, "the command never started"
+        poll_pause(0.01)  # the child writes it: nothing to wait on
+    return int(path.read_text())
+
+
+@pytest.mark.parametrize("sig, ignores_term", [(signal.SIGTERM, False), (signal.SIGINT, False),
+                                               (signal.SIGTERM, True)])
+def test_signal_ends_the_exec_command_and_says_one_line(tmp_path, sig, ignores_term):
+    """SIGTERM or SIGINT to the receiver: the command gets SIGTERM (SIGKILL 2 s later if it
+    ignores it), is reaped, and one line says why. Before, the receiver exited at once without
+    a word and the command ran on, holding its stderr."""
+    pid_file = tmp_path / "cmd.pid"
+    trap = "trap '' TERM; " if ignores_term else ""
+    proc = subprocess.Popen([*PROGRAM, f"exec:{trap}echo $$ > '{pid_file}'; exec sleep 30", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        pid = wait_for_pid_file(pid_file)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=WAIT)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    print(f"\n{sig.name}: exited and closed stderr after {seconds:.2f} s")
+    assert proc.returncode == 1
+    assert err.decode().strip() == f"qioc-migration-receiver: offset 0: stopped by {sig.name}"
+    assert gone(pid)
+    assert seconds < (6 if ignores_term else 3)
+
+
+def test_signal_before_any_migration_says_so():
+    proc = subprocess.Popen([*PROGRAM, "tcp:127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening on ")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert err.decode().strip() == ("qioc-migration-receiver: stopped by SIGTERM before any "
+                                    "migration arrived")

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import qioc_green
@@ -30,6 +31,7 @@ from ._sinks import BUFFERS, CHUNK
 from ._uri import Endpoint, Incoming, parse_uri
 
 PROG = "qioc-migration-receiver"
+STOP_WAIT = 30.0  # s a stopped migration may take to clean up (end commands, drop a forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,9 +102,33 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class _Run:
+    """What a signal must reach: the migration being received, or the next one. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._rx: Receiver | None = None
+
+    def attach(self, rx: Receiver) -> None:
+        with self._lock:
+            self._rx = rx
+            reason = self.reason
+        if reason is not None:
+            rx.stop(reason)
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            rx = self._rx
+        if rx is not None:
+            rx.stop(reason)
+
+
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None) -> list[bool]:
+          forward_ctx: qioc_green.Context | None, run: _Run | None = None) -> list[bool]:
     """Take migrations one after another (in the receiving IOThread); return their verdicts."""
+    run = run or _Run()
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -129,6 +155,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
                       idle_timeout=args.idle_timeout, label=str(incoming.endpoint))
+        run.attach(rx)
         out = rx.receive(ch)
         json_path = name(args.json)
         if json_path is not None:
@@ -143,9 +170,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
 class _Interrupted(SystemExit):
     """SIGINT or SIGTERM."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+
 
 def _interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(128 + signum)
+    raise _Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,33 +200,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_listening and not incoming.can_repeat:
         incoming.close()
         parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
-    if incoming.listening is not None:
-        where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
-        print(f"listening on {where}", flush=True)
-
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
     # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
-    # it would print).
+    # it would print). The migration in progress is stopped where it is parked
+    # (Receiver.stop), so it reports one line and ends an exec: command before the threads
+    # stop; a second signal, or a clean-up past STOP_WAIT, stops the threads at once. The
+    # handlers are in place before "listening on" is printed: a caller may signal right then.
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     recv_thread = qioc_green.IOThread("mig-recv").start()
     fwd_thread = qioc_green.IOThread("mig-forward").start() if forward is not None else None
+    run = _Run()
+    fut = None
     try:
-        fut = recv_thread.context.spawn(
-            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None)
         try:
+            if incoming.listening is not None:
+                where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
+                print(f"listening on {where}", flush=True)
+            fut = recv_thread.context.spawn(
+                serve, incoming, args, forward, fwd_thread.context if fwd_thread else None, run)
             verdicts = fut.result()
-        except _Interrupted:
-            # Stop taking migrations; a migration in progress is cut short (its greenlet is
-            # woken with ContextStoppedError), reported as incomplete, its files kept.
+        except _Interrupted as sig:
+            # Stop taking migrations; one in progress is cut short, reported, its files kept.
+            run.stop(f"stopped by {sig.signame}")
             incoming.close()
-            recv_thread.stop()
             try:
-                verdicts = fut.result(10)
-            except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
+                verdicts = fut.result(STOP_WAIT) if fut is not None else []
+            except (_Interrupted, TimeoutError):
+                recv_thread.stop()  # wakes whatever still waits with ContextStoppedError
                 verdicts = [False]
+            if not verdicts:
+                _error(f"stopped by {sig.signame} before any migration arrived")
     finally:
         incoming.close()
         recv_thread.stop()
