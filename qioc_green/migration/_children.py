@@ -46,6 +46,12 @@ def _signal_all(procs: list[psutil.Process], sig: int) -> list[psutil.Process]:
     return alive
 
 
+def terminate(ch: CommandChannel) -> None:
+    """SIGTERM to the command and its descendants, now. Never parks."""
+    if ch.returncode is None:
+        _signal_all(_tree(ch.pid), signal.SIGTERM)
+
+
 def end_command(ch: CommandChannel, grace: float = GRACE) -> None:
     """End the command behind ``ch`` and everything it started: SIGTERM to the tree, ``grace``
     seconds, SIGKILL to what is left; reap the child; close the channel. May park (the child's

@@ -9,6 +9,11 @@ writer; the writer sends it and gives it back. When the destination is slow the 
 the reader stops reading, the kernel's socket buffers fill and the source is held back by TCP
 itself: back-pressure, with memory bounded by the pool. A failure on either side is
 ``Queue.fail(exc)``: it wakes the other side, parked or not, with that exception.
+
+A destination that stops taking data (accepts and never reads) would hold the relay for ever:
+with ``idle_timeout`` the writer gives up once a write has made no progress for that long. An
+``exec:`` destination must exit with status 0 once its input is closed; when the stream is
+refused it is ended with its descendants (``_children``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from qioc_green import (
     Shutdown,
 )
 
+from . import _children
 from ._events import RamBlocks, RamPages, ZeroPages
 from ._uri import Endpoint, open_outgoing
 
@@ -121,6 +127,10 @@ class _Abort(Exception):
     """Tells the writer the stream was refused: drop the destination, send nothing more."""
 
 
+class _Failed(BrokenChannelError):
+    """The destination failed in a way that names itself (an exec: command's status)."""
+
+
 class Forwarder:
     """A writer greenlet in another context, fed from a fixed pool of receive buffers.
 
@@ -133,7 +143,7 @@ class Forwarder:
 
     def __init__(self, endpoint: Endpoint, context: Context, *, chunk: int = CHUNK,
                  buffers: int = BUFFERS, digest: bool = False,
-                 connect_timeout: float | None = 30.0) -> None:
+                 connect_timeout: float | None = 30.0, idle_timeout: float | None = None) -> None:
         if buffers < 2:
             raise ValueError("forwarding needs at least 2 buffers")
         self.endpoint = endpoint
@@ -149,6 +159,7 @@ class Forwarder:
         self.bytes_out = 0
         self._sha = hashlib.sha256() if digest else None
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
         self._channel: Channel | None = None
         self._done: Future[None] = context.spawn(self._run)
 
@@ -182,6 +193,10 @@ class Forwarder:
         """Drop the destination now (it must not load a stream we refused). Never raises."""
         self._full.fail(_Abort())
         ch = self._channel
+        if isinstance(ch, CommandChannel):  # the writer ends it; a TERM wakes a parked write
+            _children.terminate(ch)
+            with contextlib.suppress(BaseException):
+                self._done.result(_children.GRACE)
         if ch is not None:
             ch.close()  # wakes the writer if it is parked on the destination
         # the stream error is the one to report; the writer's own end does not matter now
@@ -196,7 +211,8 @@ class Forwarder:
         except _Abort:
             pass
         except Exception as exc:
-            err = BrokenChannelError(f"forward to {self.endpoint}: {exc}")
+            msg = str(exc) if isinstance(exc, _Failed) else f"forward to {self.endpoint}: {exc}"
+            err = BrokenChannelError(msg)
             self._free.fail(err)
             raise err from exc
         except BaseException as exc:  # stopped (GreenletExit...): tell the reader, go on
@@ -207,6 +223,8 @@ class Forwarder:
         ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
         self._channel = ch
         sha = self._sha
+        idle = self._idle_timeout
+        done = False
         try:
             while True:
                 item = self._full.get()  # raises _Abort when the stream was refused
@@ -214,7 +232,10 @@ class Forwarder:
                     break
                 buf, n = item
                 view = memoryview(buf)[:n]
-                ch.write_all(view)
+                if idle is None:
+                    ch.write_all(view)
+                else:
+                    _write_progressing(ch, view, idle)
                 if sha is not None:
                     sha.update(view)
                 self.bytes_out += n
@@ -222,7 +243,26 @@ class Forwarder:
                 self._free.put(buf)
             if isinstance(ch, CommandChannel):
                 ch.shutdown(Shutdown.WRITE)
-                ch.wait_exit(self._connect_timeout)
+                what = f"destination {str(self.endpoint)!r}"
+                if not ch.wait_exit(_children.EXIT_WAIT):
+                    raise _Failed(f"{what} was still running {_children.EXIT_WAIT:g} s after "
+                                  "its input ended")
+                problem = _children.failure(ch, what)
+                if problem is not None:
+                    raise _Failed(problem)
+            done = True
         finally:
+            if isinstance(ch, CommandChannel) and not done:
+                _children.end_command(ch)
             ch.close()
+
+
+def _write_progressing(ch: Channel, view: memoryview, idle: float) -> None:
+    """write_all(), failing once no byte could be written for ``idle`` seconds."""
+    while len(view):
+        try:
+            n = ch.write(view, timeout=idle)
+        except TimeoutError:
+            raise BrokenChannelError(f"the destination took no data for {idle:g} s") from None
+        view = view[n:]
 
