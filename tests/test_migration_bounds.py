@@ -374,3 +374,79 @@ def test_signal_before_any_migration_says_so():
     assert proc.returncode == 1
     assert err.decode().strip() == ("qioc-migration-receiver: stopped by SIGTERM before any "
                                     "migration arrived")
+
+
+# -- forwarding: a destination that stops, fails or is dropped --------------------------------
+
+
+def page_stream(mib: int) -> bytes:
+    """A well-formed stream prefix of ``mib`` MiB of (non-zero) page data."""
+    pages = mib * 256
+    body = b.page(0, b"\x01" * 4096, "pc.ram") + b"".join(
+        b.page(i * 4096, bytes([i % 255 + 1]) * 4096) for i in range(1, pages))
+    return (b.header() + b.configuration() + b.ram_start({"pc.ram": pages * 4096})
+            + b.section_part(2) + body)
+
+
+def test_idle_timeout_covers_a_destination_that_never_reads(tmp_path):
+    """Before, --idle-timeout only watched the sender: a destination that accepted and never
+    read held the relay (and the source) for ever."""
+    src = tmp_path / "big.mig"
+    src.write_bytes(page_stream(8))
+    with short_dir() as d, socket.socket(socket.AF_UNIX) as lst:
+        lst.bind(f"{d}/dst.sock")
+        lst.listen(1)
+        proc = subprocess.Popen([*PROGRAM, f"file:{src}", "--forward", f"unix:{d}/dst.sock",
+                                 "--idle-timeout", "0.5", "--buffers", "2",
+                                 "--buffer-size", "65536", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            lst.settimeout(WAIT)
+            conn, _ = lst.accept()  # and never read from it
+            with conn:
+                t0 = time.monotonic()
+                _, err = proc.communicate(timeout=20)
+                seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    print(f"\nexited {seconds:.2f} s after the destination stopped reading")
+    assert proc.returncode == 1
+    line = err.decode().strip()
+    assert "\n" not in line and line.endswith(
+        f"forward to unix:{d}/dst.sock: the destination took no data for 0.5 s"), line
+    assert seconds < 10
+
+
+def test_exec_destination_status_and_end(tmp_path):
+    src = tmp_path / "none.mig"
+    src.write_bytes(load("none"))
+    rc, err, _ = run_receiver(f"file:{src}", "--forward", "exec:cat > /dev/null; exit 4")
+    assert rc == 1
+    assert err.strip().endswith("destination 'exec:cat > /dev/null; exit 4' exited with status 4"), err
+    assert run_receiver(f"file:{src}", "--forward", "exec:cat > /dev/null")[:2] == (0, "")
+    # a refused stream ends the destination command and what it started, at once
+    pid_file = tmp_path / "sleep.pid"
+    with short_dir() as d:
+        proc = subprocess.Popen(
+            [*PROGRAM, f"unix:{d}/s.sock", "-q", "--forward",
+             f"exec:sleep 30 & echo $! > '{pid_file}'; cat > /dev/null; wait"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(f"{d}/s.sock")
+                pid = wait_for_pid_file(pid_file)  # the destination runs: now refuse the stream
+                s.sendall(b"garbage!" * 100)
+                t0 = time.monotonic()
+                _, err = proc.communicate(timeout=20)
+                seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    assert proc.returncode == 1
+    assert "expected magic QEVM" in err.decode() and len(err.splitlines()) == 1, err
+    assert seconds < 5
+    assert gone(pid)

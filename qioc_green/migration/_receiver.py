@@ -184,7 +184,8 @@ class Receiver:
             if self.forward is not None:
                 assert self.forward_context is not None
                 fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
-                                buffers=self.buffers, digest=self.digest)
+                                buffers=self.buffers, digest=self.digest,
+                                idle_timeout=self.idle_timeout)
             last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
                 raise ReceiveError(self.received, "stream incomplete")
