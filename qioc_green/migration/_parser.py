@@ -20,7 +20,7 @@ with one ``struct`` call over all their headers, and it carries a memoryview of 
 page ``i`` is ``data[i*stride : i*stride + page_size]``, its guest offset ``offset + i*page_size``
 (so ``os.pwritev(fd, ev.iov(), ev.offset)`` writes a run in one call). Zero-page records are
 folded into :class:`ZeroPages` runs the same way. A page cut by the end of a fed chunk is the one
-thing copied (into a fresh 4 KiB buffer), so every event holds whole pages. How records fall into
+thing copied (pages are 1 KiB to 64 KiB: ``_ram``), so every event holds whole pages. How records fall into
 runs therefore depends on how the input was chunked; the pages, offsets and bytes do not
 (:func:`expand_pages` gives the chunking-free view, and every other event is identical whatever
 the chunking).
@@ -32,9 +32,9 @@ buffer then, after it has consumed the events that view it.
 
 *Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``.
 
-*Memory is bounded whatever the input*: page data is not buffered; headers are at most a few
-hundred bytes; device data and the JSON have caps; a length over a cap is an error at once, not
-after buffering.
+*Memory is bounded whatever the input*: page data is not buffered; headers are a few hundred
+bytes; held device state (data and events), the JSON (bytes and values), section ids and block
+names have caps, each an error at once, not after buffering (measured: the migration README).
 
 *Speed, measured* (2 shared cores, CPython 3.11, a 64 MiB random-RAM capture from QEMU 7.2 fed
 as memoryview slices, events folded into the summary): 6 GB/s with 64 KiB chunks, 14.5 GB/s
@@ -53,7 +53,6 @@ the parser (feeding after close) is a ``RuntimeError``.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections import deque
 from typing import Any, Literal, NamedTuple
@@ -96,16 +95,12 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
-from ._ram import MAX_PAGE_BITS, MIN_PAGE_BITS, RamReader
+from ._ram import RamReader, check_page_bits
 from ._receivebuffer import SHORT, Cursor
-from ._vmdesc import Retained, check_described
+from ._vmdesc import Retained, check_described, load_description
 
 _SCAN_WINDOW = 64 * 1024  # device bytes copied per footer search step
-# What one held event or retained section costs in memory beyond its data bytes, charged
-# against max_device_bytes so that thousands of empty sections cannot hold gigabytes (measured
-# with tracemalloc: 100-150 bytes each for the event objects, their offsets and list slots).
-_ITEM_COST = 160
-_JSON_DEPTH = 64  # QEMU's descriptions nest 13-14 deep (pc, q35); walk_vmsd stops at 64 too
+_ITEM_COST = 160  # memory a held event or retained section takes beside its data (100-150 B)
 
 
 class _Section(NamedTuple):
@@ -114,29 +109,6 @@ class _Section(NamedTuple):
     instance_id: int
     version_id: int
     is_ram: bool
-
-
-def _size(bits: int) -> str:
-    """2**bits bytes as a short size: 4 KiB, 1 GiB, 2^40 B."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if shift <= bits < shift + 10:
-            return f"{1 << (bits - shift)} {unit}"
-    return f"{1 << bits} B" if bits < 10 else f"2^{bits} B"
-
-
-def _depth_over(value: Any, limit: int) -> bool:
-    """Does a parsed JSON value nest more than ``limit`` containers deep? (Iterative.)"""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict):
-            v = v.values()
-        elif not isinstance(v, list):
-            continue
-        if d >= limit:
-            return True
-        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
-    return False
 
 
 def _printable(b: bytes | bytearray | memoryview) -> bool:
@@ -151,13 +123,10 @@ class StreamParser(RamReader):
     is the number of stream bytes parsed so far. None of these ever blocks or switches greenlets.
 
     ``page_size``: the target page size (4096 on x86; a ``target-page-bits`` configuration
-    subsection overrides it; 1 KiB to 64 KiB). The caps, each an error at once when crossed:
-    ``max_device_bytes``: device state held until the description can check it (the data of
-    FULL sections, and every event held meanwhile at a fixed cost each). ``max_json_bytes``,
-    ``max_json_values``: the description JSON's size and number of values (counted on the raw
-    bytes before it is parsed: a value costs 50-100 bytes parsed), and it nests at most 64
-    deep. ``max_ram_blocks``: RAM blocks named by MEM_SIZE, all lists together.
-    ``max_sections``: distinct section ids.
+    subsection overrides it; 1 KiB to 64 KiB). Caps, an error once crossed: ``max_device_bytes``
+    on device state held for the description (FULL data, and each event held meanwhile at a
+    fixed cost), ``max_json_bytes`` and ``max_json_values`` on the description (see
+    ``_vmdesc.load_description``), ``max_ram_blocks`` on block names, ``max_sections`` on ids.
     """
 
     def __init__(
@@ -266,18 +235,16 @@ class StreamParser(RamReader):
 
     def _emit(self, ev: Event) -> Event | None:
         """Return ev, or hold it if device events are being held."""
-        if self._held is not None:
-            cost = _ITEM_COST
-            if type(ev) is DeviceState and self._cur_kind != QEMU_VM_SECTION_FULL:
-                cost += len(ev.data)  # FULL data is counted once, as retained
-            self._held_bytes += cost
+        if self._held is not None:  # a FULL section's data is counted once, as retained
+            data = type(ev) is DeviceState and self._cur_kind != QEMU_VM_SECTION_FULL
+            self._held_bytes += _ITEM_COST + (len(ev.data) if data else 0)  # type: ignore[union-attr]
             self._check_held()
             self._held.append(ev)
             return None
         return ev
 
-    def _check_held(self) -> None:
-        if self._device_bytes + self._held_bytes > self.max_device_bytes:
+    def _check_held(self, more: int = 0) -> None:  # (``more`` alone over the cap: the caller's)
+        if self._device_bytes + self._held_bytes + more > self.max_device_bytes >= more:
             raise self._err(f"device state held for the VM description is over the "
                             f"{self.max_device_bytes}-byte cap", self._cur_offset)
 
@@ -360,12 +327,7 @@ class StreamParser(RamReader):
             name = c.string("configuration subsection name")
             c.be32()  # version
             if name == "configuration/target-page-bits":
-                page_bits = c.be32()
-                if not MIN_PAGE_BITS <= page_bits <= MAX_PAGE_BITS:
-                    raise MigrationStreamError(
-                        at, f"target page bits {page_bits} ({_size(page_bits)} pages) is outside "
-                            f"what QEMU uses ({MIN_PAGE_BITS}..{MAX_PAGE_BITS}: "
-                            f"{_size(MIN_PAGE_BITS)} to {_size(MAX_PAGE_BITS)})")
+                page_bits = check_page_bits(c.be32(), at)
             elif name == "configuration/capabilities":
                 count = c.be32()
                 if count > 256:
@@ -448,7 +410,6 @@ class StreamParser(RamReader):
         self._step = self._st_device
         return self._emit(ev)
 
-
     def _st_footer(self) -> Event | None | NeedData:
         sec = self._cur
         assert sec is not None
@@ -506,10 +467,8 @@ class StreamParser(RamReader):
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
             take = min(len(self._buf) - self._pos, _SCAN_WINDOW)
-            if self._device_bytes + self._held_bytes + len(body) + take > self.max_device_bytes:
-                if len(body) + take <= self.max_device_bytes:
-                    raise self._err(f"device state held for the VM description is over the "
-                                    f"{self.max_device_bytes}-byte cap", self._cur_offset)
+            self._check_held(len(body) + take)
+            if len(body) + take > self.max_device_bytes:
                 raise self._err(
                     f"device data over the {self.max_device_bytes}-byte cap in section "
                     f"{sec.section_id} ({sec.idstr!r}) (no footer found)", self._cur_offset)
@@ -611,20 +570,8 @@ class StreamParser(RamReader):
             self._json += self._buf[self._pos : self._pos + take]
             self._pos += take
         at = self._json_offset
-        raw = self._json
-        # Every value but the first follows a ',' or opens a container (a key is a value
-        # here): an upper bound, counted at C speed before anything is built.
-        values = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
-        if values > self.max_json_values:
-            raise self._err(f"VM description has up to {values} values, over the cap of "
-                            f"{self.max_json_values}", at + 5)
-        try:
-            desc = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise self._err(f"VM description is not valid JSON: {exc}", at + 5) from None
+        desc = load_description(self._json, self.max_json_values, at + 5)
         self._json = bytearray()
-        if _depth_over(desc, _JSON_DEPTH):
-            raise self._err(f"VM description nests deeper than {_JSON_DEPTH}", at + 5)
         if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
             raise self._err("VM description has no device list", at + 5)
         self._check_described(desc)

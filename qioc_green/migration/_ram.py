@@ -41,6 +41,25 @@ _ZERO_STRUCTS: dict[int, struct.Struct] = {}
 Step = Callable[[], "Event | None | NeedData"]
 
 
+def _size(bits: int) -> str:
+    """2**bits bytes as a short size: 4 KiB, 1 GiB, 2^40 B."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if shift <= bits < shift + 10:
+            return f"{1 << (bits - shift)} {unit}"
+    return f"{1 << bits} B" if bits < 10 else f"2^{bits} B"
+
+
+def check_page_bits(bits: int, at: int) -> int:
+    """A configuration's ``target-page-bits``, or MigrationStreamError for sizes QEMU never
+    uses (see MIN_PAGE_BITS)."""
+    if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+        raise MigrationStreamError(
+            at, f"target page bits {bits} ({_size(bits)} pages) is outside what QEMU uses "
+                f"({MIN_PAGE_BITS}..{MAX_PAGE_BITS}: {_size(MIN_PAGE_BITS)} to "
+                f"{_size(MAX_PAGE_BITS)})")
+    return bits
+
+
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Length of the common prefix of two equal-length tuples (a[0] == b[0]); C-speed compares."""
     lo, hi = 1, len(a)  # a[:lo] == b[:lo]; a[:hi+1] != b[:hi+1] or hi == len

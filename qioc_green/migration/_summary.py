@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import Any
 
-MAX_LISTED_COMMANDS = 256
-
 from ._events import (
     Command,
     Configuration,
@@ -41,6 +39,8 @@ from ._events import (
     VmDescription,
     ZeroPages,
 )
+
+MAX_LISTED_COMMANDS = 256
 
 
 class Summary:
