@@ -37,7 +37,7 @@ from qioc_green import (
     Shutdown,
 )
 
-from . import _children
+from ._children import EXIT_WAIT, GRACE, end_command, failure, terminate
 from ._events import RamBlocks, RamPages, ZeroPages
 from ._uri import Endpoint, open_outgoing
 
@@ -167,10 +167,10 @@ class Forwarder:
     def sha256(self) -> str | None:
         return self._sha.hexdigest() if self._sha is not None else None
 
-    def acquire(self) -> bytearray:
-        """A free buffer; parks while all are queued or being sent. Reader side."""
-        buf = self._free.get()
-        return buf
+    def acquire(self, timeout: float | None = None) -> bytearray:
+        """A free buffer; parks while all are queued or being sent (TimeoutError after
+        ``timeout``). Reader side."""
+        return self._free.get(timeout)
 
     def submit(self, buf: bytearray, n: int) -> None:
         """Queue ``buf[:n]`` for the destination. Never parks."""
@@ -194,9 +194,9 @@ class Forwarder:
         self._full.fail(_Abort())
         ch = self._channel
         if isinstance(ch, CommandChannel):  # the writer ends it; a TERM wakes a parked write
-            _children.terminate(ch)
+            terminate(ch)
             with contextlib.suppress(BaseException):
-                self._done.result(_children.GRACE)
+                self._done.result(GRACE)
         if ch is not None:
             ch.close()  # wakes the writer if it is parked on the destination
         # the stream error is the one to report; the writer's own end does not matter now
@@ -244,16 +244,16 @@ class Forwarder:
             if isinstance(ch, CommandChannel):
                 ch.shutdown(Shutdown.WRITE)
                 what = f"destination {str(self.endpoint)!r}"
-                if not ch.wait_exit(_children.EXIT_WAIT):
-                    raise _Failed(f"{what} was still running {_children.EXIT_WAIT:g} s after "
+                if not ch.wait_exit(EXIT_WAIT):
+                    raise _Failed(f"{what} was still running {EXIT_WAIT:g} s after "
                                   "its input ended")
-                problem = _children.failure(ch, what)
+                problem = failure(ch, what)
                 if problem is not None:
                     raise _Failed(problem)
             done = True
         finally:
             if isinstance(ch, CommandChannel) and not done:
-                _children.end_command(ch)
+                end_command(ch)
             ch.close()
 
 
