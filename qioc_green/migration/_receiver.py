@@ -71,8 +71,7 @@ from qioc_green import (
     current_context,
 )
 
-from . import _children
-
+from ._children import EXIT_WAIT, end_command, failure
 from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
 from ._parser import StreamParser
@@ -115,7 +114,11 @@ class Receiver:
     accept a stream that ends without the VM description (QEMU's ``suppress-vmdesc``, postcopy);
     ``digest``: put the sha256 of the bytes received (and forwarded) into the summary;
     ``progress``: a text stream for a progress line (a terminal); ``idle_timeout``: give up
-    when no byte arrives for that long. ``label``: how error lines name the source
+    when no byte arrives for that long (or a forward destination takes none). ``deadline``:
+    give up when the migration has not ended that many seconds after it began; ``min_rate``:
+    give up when fewer than ``min_rate`` bytes a second arrived over the last ``rate_window``
+    seconds (a sender trickling a byte now and then is never idle). ``label``: how error
+    lines name the source
     (``exec:CMD``; default: the channel's name).
 
     An ``exec:`` source (a CommandChannel) is waited for once its output ends and must exit
@@ -130,7 +133,9 @@ class Receiver:
                  forward: Endpoint | None = None, forward_context: Context | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
-                 idle_timeout: float | None = None, label: str | None = None,
+                 idle_timeout: float | None = None, deadline: float | None = None,
+                 min_rate: float | None = None, rate_window: float = 10.0,
+                 label: str | None = None,
                  parser_factory: Callable[[], StreamParser] = StreamParser) -> None:
         if forward is not None and forward_context is None:
             raise ValueError("forwarding needs a context for its writer")
@@ -144,7 +149,13 @@ class Receiver:
         self.digest = digest
         self.progress = progress
         self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.rate_window = rate_window
         self.label = label
+        self._t0 = 0.0
+        self._window_end = self._next_check = float("inf")
+        self._window_bytes = 0
         self.parser_factory = parser_factory
         self.received = 0
         self._eof = False  # the source's output ended (a read gave 0)
@@ -169,8 +180,12 @@ class Receiver:
         sha = hashlib.sha256() if self.digest else None
         error: str | None = None
         finished = False
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         cpu0 = time.process_time()
+        if self.min_rate is not None:
+            self._window_end = t0 + self.rate_window
+        self._next_check = min(self._window_end,
+                               t0 + self.deadline if self.deadline is not None else float("inf"))
         self._ctx = current_context()
         self._glet = gevent.getcurrent()
         try:
@@ -196,7 +211,11 @@ class Receiver:
             if fwd is not None:
                 if last is not None:
                     fwd.submit(*last)
-                fwd.finish()
+                try:
+                    fwd.finish(self._left())
+                except TimeoutError:
+                    raise ReceiveError(self.received, f"not complete within the deadline of "
+                                       f"{self.deadline:g} s (still forwarding)") from None
                 finished = True
         except MigrationStreamError as exc:
             error = str(exc)
@@ -274,17 +293,24 @@ class Receiver:
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
         t0 = last = time.monotonic()
+        paced = self._next_check != float("inf")
+        timeout = wait
         pending: tuple[bytearray, int] | None = None
         while True:
+            if paced:
+                timeout = self._pace(wait)
             if fwd is not None:
-                buf = fwd.acquire()
+                try:
+                    buf = fwd.acquire(timeout if paced else None)
+                except TimeoutError:
+                    continue  # a slow destination: the deadline still applies
                 view = memoryview(buf)
             else:
                 assert own is not None
                 buf = None
                 view = own
             try:
-                n = ch.readinto(view, timeout=wait)
+                n = ch.readinto(view, timeout=timeout)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
                 raise ReceiveError(self.received,
                                    f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
@@ -348,15 +374,41 @@ class Receiver:
         return pending
 
 
+    def _left(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        if self.deadline is None:
+            return None
+        return max(self._t0 + self.deadline - time.monotonic(), 0.0)
+
+    def _pace(self, wait: float | None) -> float:
+        """Check the deadline and the minimum rate; the longest a read may wait now."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            if self.deadline is not None and now >= self._t0 + self.deadline:
+                raise ReceiveError(self.received, f"not complete within the deadline of "
+                                                  f"{self.deadline:g} s")
+            if self.min_rate is not None and now >= self._window_end:
+                got = self.received - self._window_bytes
+                if got < self.min_rate * self.rate_window:
+                    raise ReceiveError(self.received, f"{got} bytes in the last "
+                                       f"{self.rate_window:g} s, below the minimum rate of "
+                                       f"{self.min_rate:g} bytes/s")
+                self._window_bytes = self.received
+                self._window_end = now + self.rate_window
+            self._next_check = min(self._window_end, self._t0 + self.deadline
+                                   if self.deadline is not None else float("inf"))
+        left = max(self._next_check - now, 0.001)
+        return left if wait is None else min(wait, left)
+
     def _end_command(self, ch: CommandChannel) -> str | None:
         """The source command is done with: why it failed, or None. Parks while it exits."""
         what = f"source {self.label or ch.name!r}"
         if self._eof:  # its output ended: let it finish by itself, then judge its status
-            if ch.wait_exit(_children.EXIT_WAIT):
-                return _children.failure(ch, what)
-            _children.end_command(ch)
-            return f"{what} was still running {_children.EXIT_WAIT:g} s after its output ended"
-        _children.end_command(ch)  # we stop reading: end it, and what it started
+            if ch.wait_exit(EXIT_WAIT):
+                return failure(ch, what)
+            end_command(ch)
+            return f"{what} was still running {EXIT_WAIT:g} s after its output ended"
+        end_command(ch)  # we stop reading: end it, and what it started
         return None
 
 
