@@ -450,3 +450,47 @@ def test_exec_destination_status_and_end(tmp_path):
     assert "expected magic QEVM" in err.decode() and len(err.splitlines()) == 1, err
     assert seconds < 5
     assert gone(pid)
+
+
+# -- time: a sender that trickles -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit, says", [
+    (["--deadline", "1.5"], "not complete within the deadline of 1.5 s"),
+    (["--min-rate", "1K/0.5"], "bytes in the last 0.5 s, below the minimum rate of 1024 bytes/s"),
+])
+def test_a_trickling_sender_is_timed_out(limit, says):
+    """One byte every 0.1 s is never idle for --idle-timeout 1; a deadline or a minimum rate
+    ends it. Before, nothing did."""
+    data = load("pc")
+    with short_dir() as d:
+        proc = subprocess.Popen([*PROGRAM, f"unix:{d}/s.sock", "--idle-timeout", "1", *limit,
+                                 "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(f"{d}/s.sock")
+                t0 = time.monotonic()
+                with contextlib.suppress(OSError):
+                    for i in range(200):  # at most 20 s
+                        s.sendall(data[i : i + 1])
+                        if proc.poll() is not None:
+                            break
+                        poll_pause(0.1)  # the trickle itself: what the test is about
+                _, err = proc.communicate(timeout=WAIT)
+                seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+    print(f"\n{limit}: ended after {seconds:.2f} s: {err.decode().strip()}")
+    assert proc.returncode == 1
+    assert says in err.decode() and len(err.splitlines()) == 1, err
+    assert seconds < 5
+
+
+def test_limits_do_not_disturb_a_good_stream(tmp_path):
+    src = tmp_path / "pc.mig"
+    src.write_bytes(load("pc"))
+    assert run_receiver(f"file:{src}", "--deadline", "30", "--min-rate", "1M/5",
+                        "--idle-timeout", "5")[:2] == (0, "")

@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", action="store_true",
                    help="add the sha256 of the bytes received (and forwarded) to the summary")
     p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="fail when no byte arrives for S seconds")
+                   help="fail when no byte arrives for S seconds, or a --forward destination "
+                        "takes none for S seconds")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="fail a migration that has not ended S seconds after it began")
+    p.add_argument("--min-rate", type=_rate, metavar="BYTES[/S]",
+                   help="fail when fewer than BYTES a second (K, M, G: binary multiples) "
+                        "arrive, averaged over each S seconds (default 10)")
     p.add_argument("--buffer-size", type=int, default=CHUNK, metavar="BYTES",
                    help=f"receive buffer size (default {CHUNK})")
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
@@ -71,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {BUFFERS})")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stdout")
     return p
+
+
+def _rate(text: str) -> tuple[float, float]:
+    """``--min-rate BYTES[/S]`` as (bytes a second, window seconds)."""
+    amount, _, window = text.partition("/")
+    scale = 1
+    if amount[-1:].upper() in ("K", "M", "G"):
+        scale = 1 << (10 * "KMG".index(amount[-1].upper()) + 10)
+        amount = amount[:-1]
+    try:
+        rate, secs = float(amount) * scale, float(window) if window else 10.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BYTES[/SECONDS] (e.g. 1M/10), got {text!r}") from None
+    if rate <= 0 or secs <= 0:
+        raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
+    return rate, secs
 
 
 def _error(msg: str) -> None:
@@ -154,7 +176,10 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                       forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout, label=str(incoming.endpoint))
+                      idle_timeout=args.idle_timeout, deadline=args.deadline,
+                      min_rate=args.min_rate[0] if args.min_rate else None,
+                      rate_window=args.min_rate[1] if args.min_rate else 10.0,
+                      label=str(incoming.endpoint))
         run.attach(rx)
         out = rx.receive(ch)
         json_path = name(args.json)
@@ -191,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    for opt in ("idle_timeout", "deadline"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            parser.error(f"--{opt.replace('_', '-')} must be positive")
     incoming = Incoming(source)
     try:
         incoming.open()
