@@ -139,6 +139,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_stream_memory_is_bounded(baseline, case):
     make, bound, says = HOSTILE[case]
@@ -333,8 +334,9 @@ def wait_for_pid_file(path: Path) -> int:
     return int(path.read_text())
 
 
-@pytest.mark.parametrize("sig, ignores_term", [(signal.SIGTERM, False), (signal.SIGINT, False),
-                                               (signal.SIGTERM, True)])
+@pytest.mark.parametrize("sig, ignores_term", [
+    (signal.SIGTERM, False), (signal.SIGINT, False),
+    pytest.param(signal.SIGTERM, True, marks=pytest.mark.slow)])
 def test_signal_ends_the_exec_command_and_says_one_line(tmp_path, sig, ignores_term):
     """SIGTERM or SIGINT to the receiver: the command gets SIGTERM (SIGKILL 2 s later if it
     ignores it), is reaped, and one line says why. Before, the receiver exited at once without

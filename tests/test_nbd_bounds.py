@@ -131,6 +131,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_replies_a_client_never_reads_are_bounded(tmp_path, case):
     """Every queued reply counts against the connection's budget; once it is spent the server
@@ -268,6 +269,7 @@ def test_handshake_limit_zero_disables_and_a_finished_handshake_is_not_limited(t
             assert option(s, p.Opt.LIST)[-1][0] == p.Rep.ACK  # still served
 
 
+@pytest.mark.slow
 def test_idle_timeout(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="nbd.server")
     with short_dir() as d, InProcessServer([MemoryExport("x", 8 * MiB)], f"{d}/s.sock",

@@ -55,10 +55,11 @@ def terminate(ch: CommandChannel) -> None:
 def end_command(ch: CommandChannel, grace: float = GRACE) -> None:
     """End the command behind ``ch`` and everything it started: SIGTERM to the tree, ``grace``
     seconds, SIGKILL to what is left; reap the child; close the channel. May park (the child's
-    exit is waited for on the caller's hub). Never raises for a child already gone."""
-    if ch.returncode is None and not ch.wait_exit(0):
-        procs = _tree(ch.pid)
-        try:
+    exit is waited for on the caller's hub); interrupted while parked, it still kills the tree
+    and closes. Never raises for a child already gone."""
+    procs = _tree(ch.pid) if ch.returncode is None else []
+    try:
+        if procs and not ch.wait_exit(0):
             deadline = time.monotonic() + grace
             alive = _signal_all(procs, signal.SIGTERM)
             ch.wait_exit(grace)
@@ -66,10 +67,9 @@ def end_command(ch: CommandChannel, grace: float = GRACE) -> None:
                 alive = [p for p in alive if _running(p)]
                 if alive:
                     gevent.sleep(0.02)  # bounded by the grace: descendants have no fd to wait on
-        finally:  # also when interrupted while parked: never leave the tree running
-            _signal_all(procs, signal.SIGKILL)
-        ch.wait_exit(None)
-    ch.close()
+    finally:  # whatever is still running gets SIGKILL; close() reaps the child
+        _signal_all(procs, signal.SIGKILL)
+        ch.close()
 
 
 def _running(p: psutil.Process) -> bool:
