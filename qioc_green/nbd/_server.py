@@ -360,6 +360,8 @@ class _Session:
     def _check_writer(self) -> None:
         if self.write_error is not None:
             raise BrokenChannelError(f"{self.name}: {self.write_error}")
+        if self.ch.closed:  # close_all() while waiting for room: nothing parks on the channel
+            raise ChannelClosedError(f"{self.name}: closed while waiting for room")
 
     def _charge(self, n: int) -> None:
         """Count ``n`` bytes held for replies (negative: released). Never parks."""
