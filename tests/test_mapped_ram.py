@@ -194,10 +194,10 @@ def test_header_field_errors():
     h = b.header_offset
     cases = [
         (h, ">I", 2, f"offset {h}: mapped-ram header version 2 of block 'ram', expected 1"),
-        (h + 4, ">Q", 1024, f"offset {h + 4}: page size 1024 of block 'ram' refused: QEMU's "
-                            "target pages are powers of two from 4 KiB to 64 KiB"),
+        (h + 4, ">Q", 512, f"offset {h + 4}: page size 512 of block 'ram' refused: QEMU's "
+                           "target pages are powers of two from 1 KiB to 64 KiB"),
         (h + 4, ">Q", 12288, f"offset {h + 4}: page size 12288 of block 'ram' refused: QEMU's "
-                             "target pages are powers of two from 4 KiB to 64 KiB"),
+                             "target pages are powers of two from 1 KiB to 64 KiB"),
         (h + 4, ">Q", 65536, f"offset {h + 4}: page size 65536 of block 'ram' differs from the "
                              "stream's 4096"),
         (h + 12, ">Q", h + 4, f"offset {h + 12}: bitmap of block 'ram' at {h + 4} (0x80 bytes) is "

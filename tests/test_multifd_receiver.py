@@ -358,9 +358,9 @@ def test_a_multifd_source_into_a_receiver_not_told(receivers):
     assert rx.wait() == 1
     for t in threads:
         t.join(WAIT)
-    assert one_line(rx).endswith(
-        "offset 0: a multifd channel (magic 0x11223344), but the receiver was not told to "
-        "expect any: start it with --multifd-channels N (the source's multifd-channels)")
+    assert re.fullmatch(r"offset [08]: connection [12] is a multifd channel \(magic 0x11223344\), "
+                        r"but the receiver was not told to expect any: start it with "
+                        r"--multifd-channels N \(the source's multifd-channels\)", one_line(rx))
 
 
 def test_an_unknown_capability_in_the_configuration(receivers):
@@ -517,3 +517,28 @@ def _receive_from(lst, rx):
     first = lst.accept(timeout=WAIT)
     first.set_follow_coroutine_ctx(True)
     return rx.receive([first], lambda timeout: lst.accept(timeout=timeout))
+
+
+def test_sigterm_stops_a_multifd_migration_with_one_line(receivers, tmp_path):
+    import signal
+
+    from tests.polling import wait_until
+
+    main, (a, b) = split()
+    save = tmp_path / "s.mig"
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--save", str(save))
+    # channel a is cut before its second SYNC, so the main stream waits at its second FLUSH
+    threads = send_connections(rx.address, [main[:5000], a[:3000], b], hold=frozenset({0, 1}))
+    # the whole of channel b arrived (saved as .multifd-0 or -1: numbered as they say what
+    # they are), so every connection is in and the main stream waits
+    assert wait_until(lambda: len(b) in [p.stat().st_size for p in tmp_path.glob("s.mig.multifd-*")],
+                      WAIT)
+    rx.proc.send_signal(signal.SIGTERM)
+    assert rx.wait() == 1
+    for t in threads:
+        t.join(WAIT)
+    kept = save.read_bytes()
+    # the main stream stopped right after its second MULTIFD_FLUSH record (8 bytes)
+    second_flush = [i for i in range(200) if main[i : i + 8] == b"\0" * 6 + b"\x02\x00"][1]
+    assert one_line(rx) == f"offset {second_flush + 8}: stopped by SIGTERM"
+    assert len(kept) > second_flush and main.startswith(kept)  # what came is kept

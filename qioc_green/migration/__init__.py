@@ -40,7 +40,7 @@ from ._events import (
     expand_pages,
 )
 from ._file_input import MappedRamReceiver
-from ._format import COMMANDS, NEED_DATA, MigrationStreamError, check_page_size
+from ._format import COMMANDS, NEED_DATA, MigrationStreamError
 from ._mapped_ram import MappedRamBlock, MappedRamError, MappedRamFile, NotMappedRam
 from ._multifd import MultifdChannels, MultifdParser, packet_size, sniff_channel
 from ._multifd_compress import COMPRESSIONS
@@ -113,7 +113,6 @@ __all__ = [
     "VmDescription",
     "ZeroPages",
     "check_configuration",
-    "check_page_size",
     "expand_pages",
     "open_outgoing",
     "packet_size",

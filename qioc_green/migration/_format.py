@@ -133,16 +133,3 @@ class NeedData(enum.Enum):
 #: Returned by ``next_event()`` when it needs more input: one sentinel for every parser of the
 #: package (the main stream's and the multifd channels').
 NEED_DATA: Final = NeedData.NEED_DATA
-
-#: QEMU's target pages are 4 KiB to 64 KiB (powers of two).
-MIN_PAGE_SIZE = 4096
-MAX_PAGE_SIZE = 65536
-
-
-def check_page_size(page_size: int) -> int:
-    """Return page_size if QEMU could use it for RAM pages (4 KiB..64 KiB, a power of two);
-    raise ValueError otherwise."""
-    if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
-        raise ValueError(f"page size {page_size} refused: QEMU's target pages are powers of two "
-                         f"from 4 KiB to 64 KiB")
-    return page_size

@@ -46,8 +46,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ._format import (
-    MAX_PAGE_SIZE,
-    MIN_PAGE_SIZE,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_SECTION_START,
@@ -55,6 +53,7 @@ from ._format import (
     RAM_SAVE_FLAG_MEM_SIZE,
     MigrationStreamError,
 )
+from ._ram import MAX_PAGE_BITS, MIN_PAGE_BITS, check_page_size
 
 __all__ = ["MappedRamBlock", "MappedRamError", "MappedRamFile", "NotMappedRam"]
 
@@ -256,9 +255,9 @@ class MappedRamFile:
             r.be32("a subsection version")
             if name == "configuration/target-page-bits":
                 bits = r.be32("target-page-bits")
-                if not 12 <= bits <= 16:
-                    raise MappedRamError(at, f"target page bits {bits} refused: QEMU's target "
-                                             "pages are 4 KiB to 64 KiB (12 to 16 bits)")
+                if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+                    raise MappedRamError(at, f"target page bits {bits} refused: QEMU uses "
+                                             f"{MIN_PAGE_BITS} to {MAX_PAGE_BITS}")
                 self.page_size = 1 << bits
             elif name == "configuration/capabilities":
                 count = r.be32("the capability count")
@@ -278,9 +277,11 @@ class MappedRamFile:
         what = f"block {name!r}"
         if version != MAPPED_RAM_HDR_VERSION:
             raise MappedRamError(h, f"mapped-ram header version {version} of {what}, expected 1")
-        if not MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
-            raise MappedRamError(h + 4, f"page size {page_size} of {what} refused: QEMU's target "
-                                        "pages are powers of two from 4 KiB to 64 KiB")
+        try:
+            check_page_size(page_size)
+        except ValueError as exc:
+            raise MappedRamError(h + 4, str(exc).replace("refused", f"of {what} refused", 1)) \
+                from None
         if page_size != self.page_size:
             raise MappedRamError(h + 4, f"page size {page_size} of {what} differs from the "
                                         f"stream's {self.page_size}")

@@ -63,7 +63,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
-from ._format import QEMU_VM_FILE_MAGIC, check_page_size
+from ._format import QEMU_VM_FILE_MAGIC
 from ._multifd_compress import COMPRESSIONS, DecompressError, Decompressor, decompressor_for
 from ._multifd_events import (
     NEED_BLOCKS,
@@ -78,6 +78,7 @@ from ._multifd_events import (
     RamPacket,
     SyncPacket,
 )
+from ._ram import check_page_size
 
 __all__ = [
     "INIT_PACKET_SIZE",

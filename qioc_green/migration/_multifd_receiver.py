@@ -65,7 +65,7 @@ from qioc_green import (
 
 from ._events import Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
-from ._format import MigrationStreamError, check_page_size
+from ._format import MigrationStreamError
 from ._multifd import MultifdChannels, sniff_channel
 from ._multifd_channel import ChannelReader, Connection, Stopped
 from ._multifd_events import MultifdError
@@ -87,15 +87,17 @@ class MultifdReceiver:
     """Receive one multifd migration: the main channel and ``settings.multifd_channels``
     multifd channels, each read in its own IOThread (see the module notes).
 
-    The options are :class:`~._receiver.Receiver`'s; ``channel_timeout``: how long to wait for
-    connections that are missing once others have come.
+    The options are :class:`~._receiver.Receiver`'s (``idle_timeout`` and ``deadline`` span
+    every connection); ``channel_timeout``: how long to wait for connections that are missing
+    once others have come. ``stop(reason)``, from any thread, ends the migration at once.
     """
 
     def __init__(self, settings: IncomingSettings, *, save: str | None = None,
                  ram_dir: str | None = None, forward: Endpoint | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
-                 idle_timeout: float | None = None, channel_timeout: float = 10.0) -> None:
+                 idle_timeout: float | None = None, deadline: float | None = None,
+                 channel_timeout: float = 10.0) -> None:
         if not settings.multifd:
             raise ValueError("a multifd receiver needs the multifd capability")
         self.settings = settings
@@ -109,6 +111,7 @@ class MultifdReceiver:
         self.digest = digest
         self.progress = progress
         self.idle_timeout = idle_timeout
+        self.deadline = deadline
         self.channel_timeout = channel_timeout
         self.connections: list[Connection] = []
         self.registry = MultifdChannels(self.channels)
@@ -132,6 +135,11 @@ class MultifdReceiver:
         self._sync_points = 0
         self._stopping = False
         self._last = time.monotonic()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End the migration now: it fails with ``reason``. Any thread; never parks (it closes
+        every connection, which wakes every reader)."""
+        self._fail(Stopped(f"offset {self._main_bytes()}: {reason}"))
 
     # -- what the readers share --------------------------------------------------------------
 
@@ -256,7 +264,10 @@ class MultifdReceiver:
                     sum(c.kind == "multifd" for c in done) == self.channels:
                 return
             now = time.monotonic()
-            if self.idle_timeout is not None and now - self._last >= self.idle_timeout:
+            if self.deadline is not None and now - t0 >= self.deadline:
+                self._fail(Stopped(f"offset {self._main_bytes()}: not complete within the "
+                                   f"deadline of {self.deadline:g} s"))
+            elif self.idle_timeout is not None and now - self._last >= self.idle_timeout:
                 self._fail(Stopped(f"offset {self._main_bytes()}: no data for "
                                    f"{self.idle_timeout:g} s on any connection"))
             elif not self._main_seen and self.connections and now - t0 > self.channel_timeout:
@@ -304,6 +315,11 @@ class MultifdReceiver:
         return sorted(c.channel_id for c in list(self.connections) if c.channel_id is not None)
 
     def _main_bytes(self) -> int:
+        """How far the main stream got (the offset a line about the whole migration names): its
+        parser's offset while it waits at a sync point inside a chunk, else the bytes taken."""
+        rx = self._main
+        if rx is not None:
+            return max(rx.received, rx.parser.offset if rx.parser is not None else 0)
         return next((c.bytes for c in self.connections if c.kind == "main"), 0)
 
     def _outcome(self, elapsed: float, cpu: float) -> Outcome:
@@ -415,11 +431,8 @@ class MultifdReceiver:
         if t is Configuration:
             assert isinstance(ev, Configuration)
             check_configuration(ev, rx.parser.offset)
-            if ev.target_page_bits is not None:
-                try:
-                    self.page_size = check_page_size(1 << ev.target_page_bits)
-                except ValueError as exc:
-                    raise MigrationStreamError(rx.parser.offset, str(exc)) from None
+            if ev.target_page_bits is not None:  # the parser checked them
+                self.page_size = 1 << ev.target_page_bits
             if ev.uuid is not None:
                 self.registry.set_uuid(ev.uuid)
             self.config_ready.set()
@@ -464,7 +477,7 @@ class StrayWatcher:
     destination not told of multifd sees its second connection refused and gives up without
     sending a byte on the first: the destination learns nothing. Taking that connection instead
     lets the receiver say why. Other connections are closed at once; at most ``MAX_EXTRA`` are
-    looked at. ``on_multifd(line)`` is called (once) from this watcher's greenlet.
+    looked at. ``on_multifd(reason)`` (``Receiver.stop``) is called from this watcher's greenlet.
     """
 
     def __init__(self, accept: Callable[[float], Channel], on_multifd: Callable[[str], None]) -> None:
@@ -503,9 +516,9 @@ class StrayWatcher:
                 return
             if kind == "multifd":
                 self._on_multifd(
-                    f"connection {k}: offset 0: a multifd channel (magic 0x11223344), but the "
-                    "receiver was not told to expect any: start it with --multifd-channels N "
-                    "(the source's multifd-channels)")
+                    f"connection {k} is a multifd channel (magic 0x11223344), but the receiver "
+                    "was not told to expect any: start it with --multifd-channels N (the "
+                    "source's multifd-channels)")
 
     def stop(self) -> None:
         """Stop taking connections (the greenlet ends within a tick). Never parks."""

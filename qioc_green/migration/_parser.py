@@ -20,7 +20,7 @@ with one ``struct`` call over all their headers, and it carries a memoryview of 
 page ``i`` is ``data[i*stride : i*stride + page_size]``, its guest offset ``offset + i*page_size``
 (so ``os.pwritev(fd, ev.iov(), ev.offset)`` writes a run in one call). Zero-page records are
 folded into :class:`ZeroPages` runs the same way. A page cut by the end of a fed chunk is the one
-thing copied (into a fresh 4 KiB buffer), so every event holds whole pages. How records fall into
+thing copied (pages are 1 KiB to 64 KiB: ``_ram``), so every event holds whole pages. How records fall into
 runs therefore depends on how the input was chunked; the pages, offsets and bytes do not
 (:func:`expand_pages` gives the chunking-free view, and every other event is identical whatever
 the chunking).
@@ -32,9 +32,9 @@ buffer then, after it has consumed the events that view it.
 
 *Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``.
 
-*Memory is bounded whatever the input*: page data is not buffered; headers are at most a few
-hundred bytes; device data and the JSON have caps; a length over a cap is an error at once, not
-after buffering.
+*Memory is bounded whatever the input*: page data is not buffered; headers are a few hundred
+bytes; held device state (data and events), the JSON (bytes and values), section ids and block
+names have caps, each an error at once, not after buffering (measured: the migration README).
 
 *Speed, measured* (2 shared cores, CPython 3.11, a 64 MiB random-RAM capture from QEMU 7.2 fed
 as memoryview slices, events folded into the summary): 6 GB/s with 64 KiB chunks, 14.5 GB/s
@@ -53,7 +53,6 @@ the parser (feeding after close) is a ``RuntimeError``.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections import deque
 from typing import Any, Literal, NamedTuple
@@ -96,11 +95,12 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
-from ._ram import RamReader
+from ._ram import RamReader, check_page_bits
 from ._receivebuffer import SHORT, Cursor
-from ._vmdesc import Retained, check_described
+from ._vmdesc import Retained, check_described, load_description
 
 _SCAN_WINDOW = 64 * 1024  # device bytes copied per footer search step
+_ITEM_COST = 160  # memory a held event or retained section takes beside its data (100-150 B)
 
 
 class _Section(NamedTuple):
@@ -123,8 +123,10 @@ class StreamParser(RamReader):
     is the number of stream bytes parsed so far. None of these ever blocks or switches greenlets.
 
     ``page_size``: the target page size (4096 on x86; a ``target-page-bits`` configuration
-    subsection overrides it). ``max_device_bytes``: cap on buffered device-section bytes.
-    ``max_json_bytes``: cap on the description JSON. ``max_ram_blocks``: cap on MEM_SIZE's list.
+    subsection overrides it; 1 KiB to 64 KiB). Caps, an error once crossed: ``max_device_bytes``
+    on device state held for the description (FULL data, and each event held meanwhile at a
+    fixed cost), ``max_json_bytes`` and ``max_json_values`` on the description (see
+    ``_vmdesc.load_description``), ``max_ram_blocks`` on block names, ``max_sections`` on ids.
     """
 
     def __init__(
@@ -133,11 +135,15 @@ class StreamParser(RamReader):
         page_size: int = 4096,
         max_device_bytes: int = 64 << 20,
         max_json_bytes: int = 16 << 20,
+        max_json_values: int = 1_000_000,
         max_ram_blocks: int = 4096,
+        max_sections: int = 32768,
     ) -> None:
         super().__init__(page_size, max_ram_blocks)
         self.max_device_bytes = max_device_bytes
         self.max_json_bytes = max_json_bytes
+        self.max_json_values = max_json_values
+        self.max_sections = max_sections
         self._error: MigrationStreamError | None = None
         self._events: deque[Event] = deque()
         self._step = self._st_header
@@ -154,7 +160,8 @@ class StreamParser(RamReader):
         self._body_start = 0
         self._scan = 0
         self._rejected: tuple[int, bytes] | None = None
-        self._device_bytes = 0
+        self._device_bytes = 0  # retained FULL data + _ITEM_COST per retained section
+        self._held_bytes = 0  # _ITEM_COST per held event (+ data not counted as retained)
         self._retained: list[Retained] = []
         self._held: list[Event] | None = None
 
@@ -228,15 +235,24 @@ class StreamParser(RamReader):
 
     def _emit(self, ev: Event) -> Event | None:
         """Return ev, or hold it if device events are being held."""
-        if self._held is not None:
+        if self._held is not None:  # a FULL section's data is counted once, as retained
+            data = type(ev) is DeviceState and self._cur_kind != QEMU_VM_SECTION_FULL
+            self._held_bytes += _ITEM_COST + (len(ev.data) if data else 0)  # type: ignore[union-attr]
+            self._check_held()
             self._held.append(ev)
             return None
         return ev
+
+    def _check_held(self, more: int = 0) -> None:  # (``more`` alone over the cap: the caller's)
+        if self._device_bytes + self._held_bytes + more > self.max_device_bytes >= more:
+            raise self._err(f"device state held for the VM description is over the "
+                            f"{self.max_device_bytes}-byte cap", self._cur_offset)
 
     def _release(self) -> None:
         if self._held:
             self._events.extend(self._held)
         self._held = None
+        self._held_bytes = 0
 
     def _released_then(self, ev: Event) -> Event | None:
         """Release held events, then ev (queued behind them, so order is kept)."""
@@ -311,9 +327,7 @@ class StreamParser(RamReader):
             name = c.string("configuration subsection name")
             c.be32()  # version
             if name == "configuration/target-page-bits":
-                page_bits = c.be32()
-                if not 9 <= page_bits <= 30:
-                    raise MigrationStreamError(at, f"target page bits {page_bits} is absurd")
+                page_bits = check_page_bits(c.be32(), at)
             elif name == "configuration/capabilities":
                 count = c.be32()
                 if count > 256:
@@ -368,6 +382,8 @@ class StreamParser(RamReader):
             if is_ram and version_id != RAM_VERSION:
                 raise MigrationStreamError(at, f"ram section version {version_id}, expected 4")
             sec = _Section(sid, idstr, instance_id, version_id, is_ram)
+            if sid not in self._sections and len(self._sections) >= self.max_sections:
+                raise MigrationStreamError(at, f"more than {self.max_sections} sections")
             self._sections[sid] = sec
             if t == QEMU_VM_SECTION_START:
                 self._live.add(sid)
@@ -393,7 +409,6 @@ class StreamParser(RamReader):
         self._rejected = None
         self._step = self._st_device
         return self._emit(ev)
-
 
     def _st_footer(self) -> Event | None | NeedData:
         sec = self._cur
@@ -452,7 +467,8 @@ class StreamParser(RamReader):
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
             take = min(len(self._buf) - self._pos, _SCAN_WINDOW)
-            if self._device_bytes + len(body) + take > self.max_device_bytes:
+            self._check_held(len(body) + take)
+            if len(body) + take > self.max_device_bytes:
                 raise self._err(
                     f"device data over the {self.max_device_bytes}-byte cap in section "
                     f"{sec.section_id} ({sec.idstr!r}) (no footer found)", self._cur_offset)
@@ -471,7 +487,8 @@ class StreamParser(RamReader):
         data = bytes(body[:q])
         self._body = bytearray()
         if self._cur_kind == QEMU_VM_SECTION_FULL:
-            self._device_bytes += len(data)
+            self._device_bytes += len(data) + _ITEM_COST
+            self._check_held()
             self._retained.append(
                 Retained(sec.section_id, sec.idstr, sec.instance_id, sec.version_id, data,
                           self._body_start))
@@ -553,14 +570,11 @@ class StreamParser(RamReader):
             self._json += self._buf[self._pos : self._pos + take]
             self._pos += take
         at = self._json_offset
-        try:
-            desc = json.loads(bytes(self._json))
-        except (ValueError, RecursionError) as exc:
-            raise self._err(f"VM description is not valid JSON: {exc}", at + 5) from None
+        desc = load_description(self._json, self.max_json_values, at + 5)
+        self._json = bytearray()
         if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
             raise self._err("VM description has no device list", at + 5)
         self._check_described(desc)
-        self._json = bytearray()
         self._release()
         self._events.append(VmDescription(desc, at, self._json_len))
         self._events.append(StreamEnd(self.offset, True))

@@ -22,20 +22,22 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import qioc_green
 
 from ._file_input import MappedRamReceiver, input_kind, replay_channels, saved_channels
 from ._multifd_compress import COMPRESSIONS
 from ._multifd_receiver import MultifdReceiver, StrayWatcher
-from ._receiver import Outcome, Receiver, describe, numbered, stderr_is_terminal
+from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
 from ._settings import IncomingSettings, plain_stream_checks
 from ._sinks import BUFFERS, CHUNK
 from ._uri import Endpoint, Incoming, parse_uri
 
 PROG = "qioc-migration-receiver"
+STOP_WAIT = 30.0  # s a stopped migration may take to clean up (end commands, drop a forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", action="store_true",
                    help="add the sha256 of the bytes received (and forwarded) to the summary")
     p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="fail when no byte arrives for S seconds")
+                   help="fail when no byte arrives for S seconds, or a --forward destination "
+                        "takes none for S seconds")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="fail a migration that has not ended S seconds after it began")
+    p.add_argument("--min-rate", type=_rate, metavar="BYTES[/S]",
+                   help="fail when fewer than BYTES a second (K, M, G: binary multiples) "
+                        "arrive, averaged over each S seconds (default 10)")
     p.add_argument("--buffer-size", type=int, default=CHUNK, metavar="BYTES",
                    help=f"receive buffer size (default {CHUNK})")
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
@@ -99,6 +107,22 @@ def settings_from(args: argparse.Namespace) -> IncomingSettings:
             raise ValueError("--multifd-compression needs --multifd-channels")
         settings.set_parameters({"multifd-compression": args.multifd_compression})
     return settings
+
+
+def _rate(text: str) -> tuple[float, float]:
+    """``--min-rate BYTES[/S]`` as (bytes a second, window seconds)."""
+    amount, _, window = text.partition("/")
+    scale = 1
+    if amount[-1:].upper() in ("K", "M", "G"):
+        scale = 1 << (10 * "KMG".index(amount[-1].upper()) + 10)
+        amount = amount[:-1]
+    try:
+        rate, secs = float(amount) * scale, float(window) if window else 10.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BYTES[/SECONDS] (e.g. 1M/10), got {text!r}") from None
+    if rate <= 0 or secs <= 0:
+        raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
+    return rate, secs
 
 
 def _error(msg: str) -> None:
@@ -133,13 +157,41 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class _Stoppable(Protocol):
+    def stop(self, reason: str = ...) -> None: ...
+
+
+class _Run:
+    """What a signal must reach: the migration being received, or the next one. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._rx: _Stoppable | None = None
+
+    def attach(self, rx: _Stoppable) -> None:
+        with self._lock:
+            self._rx = rx
+            reason = self.reason
+        if reason is not None:
+            rx.stop(reason)
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            rx = self._rx
+        if rx is not None:
+            rx.stop(reason)
+
+
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None,
+          forward_ctx: qioc_green.Context | None, run: _Run | None = None,
           settings: IncomingSettings | None = None, file_kind: str = "stream") -> list[bool]:
     """Take migrations one after another (in the receiving IOThread); return their verdicts.
 
     ``file_kind``: what a ``file:`` source holds (``_file_input.input_kind``).
     """
+    run = run or _Run()
     settings = settings or IncomingSettings()
     verdicts: list[bool] = []
     n = 0
@@ -158,8 +210,9 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 settings, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
                 chunk=args.buffer_size, buffers=args.buffers,
                 allow_undescribed=args.allow_undescribed, digest=args.digest,
-                progress=progress, idle_timeout=args.idle_timeout,
+                progress=progress, idle_timeout=args.idle_timeout, deadline=args.deadline,
                 channel_timeout=args.channel_timeout)
+            run.attach(multifd)
         if file_kind == "mapped-ram":
             out = MappedRamReceiver(incoming.endpoint, ram_dir=args.ram_dir,
                                     allow_undescribed=args.allow_undescribed,
@@ -172,8 +225,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 ch = incoming.next_channel()
             except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
                 break  # one-shot source used, or told to stop while waiting for a sender
+            except (OSError, qioc_green.ChannelError) as exc:  # file:/nonexistent, fd:99...
+                _error(f"cannot open {incoming.endpoint}: {_why(exc)}")
+                verdicts.append(False)
+                break
             # One migration per run: later senders are refused, as by QEMU, except that a
-            # listener looks at them first, to name a multifd source (StrayWatcher).
+            # listener looks at them first, to name a multifd source (StrayWatcher), and a
+            # multifd receiver takes its channels from it.
             accept = _acceptor(incoming) if not args.keep_listening else None
             if not args.keep_listening and accept is None:
                 incoming.close()
@@ -186,9 +244,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                               forward_context=forward_ctx, chunk=args.buffer_size,
                               buffers=args.buffers, allow_undescribed=args.allow_undescribed,
                               digest=args.digest, progress=progress,
-                              idle_timeout=args.idle_timeout)
+                              idle_timeout=args.idle_timeout, deadline=args.deadline,
+                              min_rate=args.min_rate[0] if args.min_rate else None,
+                              rate_window=args.min_rate[1] if args.min_rate else 10.0,
+                              label=str(incoming.endpoint))
                 rx.on_event = plain_stream_checks(rx)
-                watcher = StrayWatcher(accept, rx.abort) if accept is not None else None
+                run.attach(rx)
+                watcher = StrayWatcher(accept, rx.stop) if accept is not None else None
                 try:
                     out = rx.receive(ch)
                 finally:
@@ -205,8 +267,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
     return verdicts
 
 
+def _why(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return str(getattr(cause, "strerror", None) or cause)
+
+
 def _acceptor(incoming: Incoming) -> Callable[[float], qioc_green.Channel] | None:
-    """``accept(timeout)`` for the multifd receiver's further connections (None: no listener)."""
+    """``accept(timeout)`` for further connections (None: no listener)."""
     if incoming.listener is None:
         return None
     return lambda timeout: incoming.next_channel(timeout=timeout)
@@ -215,9 +282,13 @@ def _acceptor(incoming: Incoming) -> Callable[[float], qioc_green.Channel] | Non
 class _Interrupted(SystemExit):
     """SIGINT or SIGTERM."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+
 
 def _interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(128 + signum)
+    raise _Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    for opt in ("idle_timeout", "deadline"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            parser.error(f"--{opt.replace('_', '-')} must be positive")
     try:
         settings = settings_from(args)
     except ValueError as exc:
@@ -241,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             file_kind = input_kind(source)
         except OSError as exc:
-            _error(f"offset 0: {describe(exc)}")
+            _error(f"cannot open {source}: {_why(exc)}")
             return 1
     if file_kind == "multifd":  # a saved multifd migration says how many channels it had
         saved = len(saved_channels(source.path))
@@ -256,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{opt} does not apply to a mapped-ram file (RAM at fixed offsets, "
                              "not a stream): copy the file, or restore it with a QEMU started "
                              "-incoming defer and migrate-incoming file:")
-    elif settings.multifd and source.kind not in ("tcp", "unix", "fd"):
+    if settings.multifd and args.min_rate:
+        parser.error("--min-rate does not apply with multifd (its main channel is quiet while "
+                     "the channels carry RAM): use --deadline or --idle-timeout")
+    if file_kind not in ("multifd", "mapped-ram") and settings.multifd and \
+            source.kind not in ("tcp", "unix", "fd"):
         parser.error(f"--multifd-channels needs a listening URI (tcp:, unix:) or a file: "
                      f"saved with it, not {source}")
     incoming = Incoming(source, backlog=settings.channels + 1)
@@ -268,35 +346,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_listening and not incoming.can_repeat:
         incoming.close()
         parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
-    if incoming.listening is not None:
-        where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
-        print(f"listening on {where}", flush=True)
-
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
     # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
-    # it would print).
+    # it would print). The migration in progress is stopped where it is parked
+    # (Receiver.stop), so it reports one line and ends an exec: command before the threads
+    # stop; a second signal, or a clean-up past STOP_WAIT, stops the threads at once. The
+    # handlers are in place before "listening on" is printed: a caller may signal right then.
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     recv_thread = qioc_green.IOThread("mig-recv").start()
     fwd_thread = (qioc_green.IOThread("mig-forward").start()
                   if forward is not None and not settings.multifd else None)
+    run = _Run()
+    fut = None
     try:
-        fut = recv_thread.context.spawn(
-            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None,
-            settings, file_kind)
         try:
+            if incoming.listening is not None:
+                where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
+                print(f"listening on {where}", flush=True)
+            fut = recv_thread.context.spawn(
+                serve, incoming, args, forward, fwd_thread.context if fwd_thread else None, run,
+                settings, file_kind)
             verdicts = fut.result()
-        except _Interrupted:
-            # Stop taking migrations; a migration in progress is cut short (its greenlet is
-            # woken with ContextStoppedError), reported as incomplete, its files kept.
+        except _Interrupted as sig:
+            # Stop taking migrations; one in progress is cut short, reported, its files kept.
+            run.stop(f"stopped by {sig.signame}")
             incoming.close()
-            recv_thread.stop()
             try:
-                verdicts = fut.result(10)
-            except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
+                verdicts = fut.result(STOP_WAIT) if fut is not None else []
+            except (_Interrupted, TimeoutError):
+                recv_thread.stop()  # wakes whatever still waits with ContextStoppedError
                 verdicts = [False]
+            if not verdicts:
+                _error(f"stopped by {sig.signame} before any migration arrived")
     finally:
         incoming.close()
         recv_thread.stop()
