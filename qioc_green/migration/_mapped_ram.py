@@ -32,7 +32,7 @@ parses it unchanged (offsets in its errors are offsets in that stream; :meth:`fi
 them back). :attr:`segments` lists the file ranges it is made of.
 
 *Checked before anything is trusted*: the capability is declared in the configuration, versions,
-page sizes (4 KiB..64 KiB, and the stream's own), every region inside the file, in order and not
+page sizes (the stream parser's rule, and the stream's own), every region inside the file, in order and not
 overlapping, pages regions page aligned, block sizes whole pages; counts capped. Bitmaps are read
 in bounded chunks, so memory does not grow with RAM size. Errors are :class:`MappedRamError` (a
 ``ValueError``) whose message starts with the file offset.

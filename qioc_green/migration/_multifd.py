@@ -31,8 +31,8 @@ Decisions
 ---------
 
 *The page size is the main stream's* (``configuration/target-page-bits``, else 4 KiB): it fixes
-the packet size, which no field of the packet states. Page sizes outside 4 KiB..64 KiB (powers of
-two) are refused: QEMU's targets use 4 KiB to 64 KiB pages.
+the packet size, which no field of the packet states. Page sizes are held to the stream
+parser's rule (``_ram.check_page_size``: powers of two, 1 KiB to 64 KiB).
 
 *Nothing is allocated from a peer's number.* Every count and size is checked against what QEMU
 can send before its bytes are awaited (at most 512 KiB of pages, 1 MiB of compressed payload, a
