@@ -4,19 +4,19 @@ Input goes in whole, one byte at a time and with trailing bytes; garbage, over-l
 over-deep nesting must each cost one error reply and leave the connection usable; hypothesis
 feeds random input and checks that nothing hangs, memory stays bounded, every reply is one
 JSON line, and a control character always brings the parser back. The dispatcher is driven
-with ``Target``, a small in-test implementation of the MigrationTarget interface (the
-collaborator the receiver will be), recording what it was asked.
+with ``RecordingTarget`` (tests/qmp_harness.py), a small in-test implementation of the
+MigrationTarget interface (the collaborator the receiver will be), recording what it was asked.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from qmp_harness import RecordingTarget
 
 from qioc_green.migration._qmp import (
     NEED_DATA,
@@ -35,10 +35,8 @@ from qioc_green.migration._qmp import (
 )
 from qioc_green.migration._qmp_dispatch import (
     CAPABILITIES,
-    DEFAULT_PARAMETERS,
     Broadcast,
     Close,
-    CommandError,
     IncomingInfo,
     QmpDispatcher,
     RamStats,
@@ -393,55 +391,6 @@ def test_fuzz_never_hangs_stays_bounded_and_recovers(data, piece, negotiated):
 # -- the dispatcher, over an in-test migration target -------------------------------------------
 
 
-class Target:
-    """A MigrationTarget that records calls; it refuses what a receiver would not do."""
-
-    def __init__(self) -> None:
-        self.caps: dict[str, bool] = {}
-        self.params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
-        self.info = IncomingInfo()
-        self.state = "inmigrate"
-        self.calls: list[tuple[str, Any]] = []
-        self.quitted = False
-
-    def incoming_info(self) -> IncomingInfo:
-        return self.info
-
-    def run_state(self) -> str:
-        return self.state
-
-    def capabilities(self) -> Mapping[str, bool]:
-        return self.caps
-
-    def set_capabilities(self, changes: Mapping[str, bool]) -> None:
-        for name, state in changes.items():
-            if state and name in ("xbzrle", "x-colo", "mapped-ram"):
-                raise CommandError(f"Capability '{name}' is not supported by this receiver")
-        self.calls.append(("caps", dict(changes)))
-        self.caps.update(changes)
-
-    def parameters(self) -> Mapping[str, Any]:
-        return self.params
-
-    def set_parameters(self, changes: Mapping[str, Any]) -> None:
-        if changes.get("multifd-compression") in ("qpl", "uadk", "qatzip"):
-            raise CommandError(f"multifd-compression '{changes['multifd-compression']}' is not "
-                               "supported by this receiver")
-        self.calls.append(("params", dict(changes)))
-        self.params.update(changes)
-
-    def migrate_incoming(self, uri: str, exit_on_error: bool) -> None:
-        if self.info.status is not None:
-            raise CommandError("The incoming migration has already been started")
-        if not uri.startswith(("tcp:", "unix:")):
-            raise CommandError(f"unknown migration protocol: {uri}")
-        self.calls.append(("incoming", (uri, exit_on_error)))
-        self.info = IncomingInfo("setup", [{"type": "inet", "host": "127.0.0.1", "port": "4444"}])
-
-    def quit(self) -> None:
-        self.quitted = True
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1700000000.0
@@ -451,8 +400,8 @@ class Clock:
         return self.now
 
 
-def session(target: Target | None = None) -> tuple[QmpDispatcher, QmpConnection, Target]:
-    target = target or Target()
+def session(target: RecordingTarget | None = None) -> tuple[QmpDispatcher, QmpConnection, RecordingTarget]:
+    target = target or RecordingTarget()
     disp = QmpDispatcher(target, clock=Clock(), package="test")
     conn = QmpConnection()
     greeting = json.loads(disp.greeting(conn))
@@ -652,7 +601,7 @@ def test_hang_up_closes():
 
 
 def test_a_bug_in_the_target_is_a_generic_error_and_the_monitor_goes_on():
-    class Broken(Target):
+    class Broken(RecordingTarget):
         def incoming_info(self) -> IncomingInfo:
             raise KeyError("oops")
 
