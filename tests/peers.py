@@ -30,3 +30,20 @@ def need(*programs: str) -> dict[str, str]:
             pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
         pytest.skip(msg)
     return found
+
+
+def need_qemu10() -> list[str]:
+    """The argv prefix that runs QEMU 10.0's system emulator, or skip (fail when required).
+
+    It is unpacked beside 7.2 by ``.ci/install-qemu10`` into ``$QIOC_QEMU10`` (default
+    /opt/qioc-qemu10), so its ROMs are found with ``-L``.
+    """
+    root = os.environ.get("QIOC_QEMU10", "/opt/qioc-qemu10")
+    binary = os.path.join(root, "usr", "bin", "qemu-system-x86_64")
+    if not os.access(binary, os.X_OK):
+        msg = f"QEMU 10.0 not found at {binary} (run .ci/install-qemu10, or set QIOC_QEMU10)"
+        if REQUIRED:
+            pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
+        pytest.skip(msg)
+    return [binary, "-L", os.path.join(root, "usr", "share", "qemu"),
+            "-L", os.path.join(root, "usr", "share", "seabios")]

@@ -13,7 +13,9 @@ that keeps what it is told and refuses what a receiver would refuse.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gevent
@@ -164,3 +166,16 @@ class QmpTestServer:
     def close(self) -> None:
         self.listener.close(grace=2)
         self.thread.stop()
+
+
+@contextlib.contextmanager
+def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A private asyncio loop for qemu.qmp's sync client in this thread, closed afterwards (so
+    its epoll fd and self-pipe do not outlive the test)."""
+    lp = asyncio.new_event_loop()
+    asyncio.set_event_loop(lp)
+    try:
+        yield lp
+    finally:
+        asyncio.set_event_loop(None)
+        lp.close()

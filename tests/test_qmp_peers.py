@@ -11,14 +11,18 @@ makes its own and closes it, so it leaves no fd behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from qmp_harness import QmpTestServer, RecordingTarget
+from qmp_harness import QmpTestServer, RecordingTarget, event_loop
 
-from peers import REQUIRED
+from peers import REQUIRED, need_qemu10
+from polling import poll_pause
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
 
@@ -33,13 +37,8 @@ except ImportError:  # pragma: no cover - the test extra installs it
 
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    lp = asyncio.new_event_loop()
-    asyncio.set_event_loop(lp)
-    try:
+    with event_loop() as lp:
         yield lp
-    finally:
-        asyncio.set_event_loop(None)
-        lp.close()
 
 
 @pytest.fixture
@@ -163,3 +162,103 @@ def test_garbage_from_another_client_leaves_this_one_alone(monitor, loop):
     finally:
         raw.close()
         qmp.close()
+
+
+# -- differential: the same bytes to QEMU 10.0's monitor and to ours ------------------------------
+
+PROBES = [
+    b'{"execute": "query-status", "id": 1}\n',  # before negotiation
+    b"garbage\n",
+    b'{"execute": }\n',
+    b"[1, 2]\n",
+    b"42\n",
+    b'{"execute": "qmp_capabilities", "arguments": {"x": 1}, "id": 2}\n',
+    b'{"execute": "qmp_capabilities", "id": "n"}\n',
+    b'{"execute": "qmp_capabilities", "id": "again"}\n',
+    b'{"execute": "no-such-command", "id": {"a": [1]}}\n',
+    b'{"execute": "query-status", "foo": 1, "id": 3}\n',
+    b'{"execute": "query-status", "arguments": 5, "id": 4}\n',
+    b'{"execute": 5, "id": 5}\n',
+    b'{"id": 6}\n',
+    b'{"exec-oob": "query-status", "id": 7}\n',
+    b"{'execute': 'query-status', 'id': 'it\\'s'}\n",
+    b'{"execute": "query-status", "arguments": {"x": 1}, "id": 8}\n',
+    b'{"execute": "query-status", "id": "\xc3\x28"}\n',
+    b'{"execute": "query-status", "id": "half\x01{"execute": "query-status", "id": 9}\n',
+    b'{"execute": "query-status", "id": 10}\xff{"execute": "query-status", "id": 11}\n',
+    b'{"execute": "query-migrate", "id": 12}\n',
+    b'{"execute": "query-migrate-capabilities", "id": 13}\n',
+    b'{"execute": "query-migrate-parameters", "id": 14}\n',
+    b'{"execute": "migrate-set-capabilities", "id": 15}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "nope", "state": true}]}, "id": 16}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events", "state": "yes"}]}, "id": 17}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events"}]}, "id": 18}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "switchover-ack", "state": true}]}, "id": 19}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"nope": 1}, "id": 20}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": "4"}, "id": 21}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 256}, "id": 22}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"multifd-compression": "lz9"}, "id": 23}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"tls-creds": 5}, "id": 24}\n',
+    b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 4, "tls-creds": null}, "id": 25}\n',
+    b'{"execute": "migrate-incoming", "id": 26}\n',
+    b'{"execute": "migrate-incoming", "arguments": {"uri": 5}, "id": 27}\n',
+    b'{"execute": "migrate-incoming", "arguments": {"uri": "bogus:1"}, "id": 28}\n',
+    b'{"execute": "query-migrate",\n "id": 29}\n',
+    b'{"execute": "query-migrate", "id": 30}{"execute": "query-migrate", "id": 31}\n',
+    b'  {"execute": "query-migrate", "id": 32}',
+    b'{"execute": "query-migrate", "id": "A' + b"A" * (1 << 19) + b'"}\n',  # half a MiB: fine
+]
+
+
+class _Raw:
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                poll_pause(0.01)  # waiting for a child to create its socket
+        self.file = self.sock.makefile("rb")
+        self.greeting = json.loads(self.file.readline())
+
+    def replies(self, probe: bytes) -> list[Any]:
+        """Send ``probe``; read replies until a marker request is answered."""
+        self.sock.sendall(probe + b'{"execute": "query-commands", "id": "marker"}\n')
+        out = []
+        while True:
+            msg = json.loads(self.file.readline())
+            if msg.get("id") == "marker":
+                return out
+            out.append(msg)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def test_same_replies_as_qemu_10(monitor, tmp_path):
+    argv = need_qemu10()
+    qpath = os.path.join(tmp_path, "qemu-qmp.sock")
+    proc = subprocess.Popen([*argv, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
+                             "-S", "-incoming", "defer", "-qmp", f"unix:{qpath},server=on,wait=off"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qemu = ours = None
+    try:
+        qemu, ours = _Raw(qpath), _Raw(monitor[2])
+        assert set(ours.greeting["QMP"]["version"]) == set(qemu.greeting["QMP"]["version"])
+        for probe in PROBES:
+            want = qemu.replies(probe)
+            assert ours.replies(probe) == want, probe
+    finally:
+        for raw in (qemu, ours):
+            if raw is not None:
+                raw.close()
+        proc.kill()
+        proc.wait(10)

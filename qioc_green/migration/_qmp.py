@@ -192,9 +192,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid keyword '{name}'")
 
 
-def _stray(byte: int) -> str:
-    # QEMU names the character (a byte that cannot start UTF-8 shows as U+FFFD)
-    return f"JSON parse error, stray '{chr(0xFFFD if byte >= 0x80 else byte)}'"
+def _stray(byte: int, token: bytes = b"") -> str:
+    # QEMU names the token the character ends (a byte that cannot be UTF-8 shows as U+FFFD)
+    text = token[:_WORD_KEPT].decode("utf-8", "replace") + ("..." if len(token) > _WORD_KEPT else "")
+    return f"JSON parse error, stray '{text}{chr(0xFFFD if byte >= 0x80 else byte)}'"
 
 
 class QmpConnection:
@@ -224,6 +225,7 @@ class QmpConnection:
         self._depth = 0
         self._skipping = False  # over a limit: track the value to its end, keep nothing
         self._escape = False  # a backslash ended the last chunk inside a string
+        self._string_at = 0  # where in _msg the current string starts (for error texts)
         self._quiet = False  # an error was reported on this line
         self._pending: str | None = None  # command awaiting its reply
         self._ready: list[Request | BadRequest] = []
@@ -373,6 +375,7 @@ class QmpConnection:
         if b in _LEXICAL_ERROR:
             self._abandon(b)
         elif b in (0x22, 0x27):
+            self._string_at = len(self._msg)
             self._keep(b'"')
             self._mode = _Mode.DQ if b == 0x22 else _Mode.SQ
         else:
@@ -422,12 +425,14 @@ class QmpConnection:
 
     def _abandon(self, byte: int) -> None:
         """A lexical error inside a value: drop it and start over (QEMU's reset)."""
+        in_string = self._mode in (_Mode.DQ, _Mode.SQ)
+        token = bytes(self._msg[self._string_at :]) if in_string else b""
         self._mode = _Mode.TOP
         self._escape = False
         skipped, self._skipping = self._skipping, False
         self._msg = bytearray()
         if not skipped:
-            self._error(_stray(byte))
+            self._error(_stray(byte, token))
         if byte == 0x0A:
             self._quiet = False  # a newline ends the line even when it is the error
 
