@@ -35,8 +35,8 @@ What the source waits for:
   (``qemu_loadvm_state()`` reads it), with 1 when its input had an error.
 - **PONG** for every PING, with its value (``loadvm_process_command()``; a PING before
   OPEN_RETURN_PATH fails the destination). 10.0 only counts them (postcopy-preempt waits for
-  one); QEMU 10.2 adds a PING inside the postcopy package whose PONG moves the source from
-  ``postcopy-device`` to ``postcopy-active``. Echoing every PING covers both.
+  one); QEMU's tree after 10.1 adds a PING inside the postcopy package whose PONG moves the
+  source from ``postcopy-device`` to ``postcopy-active``. Echoing every PING covers both.
 - **SWITCHOVER_ACK** once, when ``switchover-ack`` is on (on both sides): a running source does
   not switch over without it (``migration_can_switchover()``). A destination whose devices need
   no ack sends it right after OPEN_RETURN_PATH.
