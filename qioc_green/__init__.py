@@ -26,7 +26,7 @@ from .errors import (
 )
 from .future import Future
 from .net_listener import NetListener
-from .sync import Event, Queue, QueueClosed
+from .sync import Event, Lock, Queue, QueueClosed
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -42,14 +42,15 @@ __all__ = [
     "ChannelTimeoutError",
     "CommandChannel",
     "Context",
-    "Event",
     "ContextStoppedError",
+    "Event",
     "Feature",
     "FileChannel",
     "Future",
     "IOCondition",
     "IOThread",
     "IOThreadPool",
+    "Lock",
     "NetListener",
     "NotSupportedError",
     "NullChannel",

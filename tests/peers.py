@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import pytest
 
@@ -32,12 +33,18 @@ def need(*programs: str) -> dict[str, str]:
     return found
 
 
-def need_qemu10() -> list[str]:
-    """The argv prefix that runs QEMU 10.0's system emulator, or skip (fail when required).
+def qemu_args(version: str = "7.2") -> dict[str, Any]:
+    """``binary`` and ``data_dirs`` for ``qioc_green.migration.qemu.Qemu`` (and ``capture``):
+    QEMU ``version`` ("7.2", Debian's, or "10", unpacked beside it), or skip (fail when
+    required).
 
-    It is unpacked beside 7.2 by ``.ci/install-qemu10`` into ``$QIOC_QEMU10`` (default
+    QEMU 10.0 is unpacked by ``.ci/install-qemu10`` into ``$QIOC_QEMU10`` (default
     /opt/qioc-qemu10), so its ROMs are found with ``-L``.
     """
+    if version == "7.2":
+        return {"binary": need("qemu-system-x86_64")["qemu-system-x86_64"], "data_dirs": []}
+    if version != "10":
+        raise ValueError(f"QEMU {version!r}: the peers are 7.2 and 10")
     root = os.environ.get("QIOC_QEMU10", "/opt/qioc-qemu10")
     binary = os.path.join(root, "usr", "bin", "qemu-system-x86_64")
     if not os.access(binary, os.X_OK):
@@ -45,5 +52,11 @@ def need_qemu10() -> list[str]:
         if REQUIRED:
             pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
         pytest.skip(msg)
-    return [binary, "-L", os.path.join(root, "usr", "share", "qemu"),
-            "-L", os.path.join(root, "usr", "share", "seabios")]
+    return {"binary": binary, "data_dirs": [os.path.join(root, "usr", "share", "qemu"),
+                                            os.path.join(root, "usr", "share", "seabios")]}
+
+
+def need_qemu10() -> list[str]:
+    """The argv prefix that runs QEMU 10.0's system emulator, or skip (fail when required)."""
+    args = qemu_args("10")
+    return [args["binary"], *(a for d in args["data_dirs"] for a in ("-L", d))]

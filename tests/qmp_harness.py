@@ -21,15 +21,16 @@ from typing import Any
 import gevent
 
 from qioc_green import BrokenChannelError, Channel, ChannelClosedError, IOThread, NetListener, Queue
-from qioc_green.migration._qmp import Event, QmpConnection
-from qioc_green.migration._qmp_dispatch import (
+from qioc_green.migration import (
     DEFAULT_PARAMETERS,
-    Broadcast,
+    BroadcastEvent,
     CommandError,
     IncomingInfo,
     MigrationTarget,
+    QmpConnection,
     QmpDispatcher,
-    Send,
+    QmpEvent,
+    SendReply,
 )
 
 OUTBOX = 64  # messages queued to one client before it is dropped
@@ -126,9 +127,9 @@ class QmpTestServer:
                 data = channel.read(65536)
                 client.conn.receive_data(data)
                 for action in self.dispatcher.handle(client.conn):
-                    if isinstance(action, Send):
+                    if isinstance(action, SendReply):
                         client.put(action.data)
-                    elif isinstance(action, Broadcast):
+                    elif isinstance(action, BroadcastEvent):
                         self._broadcast(action.event)
                     else:
                         return
@@ -149,7 +150,7 @@ class QmpTestServer:
         except Exception:  # noqa: BLE001 - closed queue, or the client went away
             return
 
-    def _broadcast(self, event: Event) -> None:
+    def _broadcast(self, event: QmpEvent) -> None:
         for client in list(self._clients):
             client.put(client.conn.send(event))
 

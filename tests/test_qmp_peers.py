@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from qmp_harness import QmpTestServer, RecordingTarget, event_loop
 
-from peers import REQUIRED, need_qemu10
-from polling import poll_pause
+from tests.peers import REQUIRED, need_qemu10
+from tests.polling import poll_pause
+from tests.qmp_harness import QmpTestServer, RecordingTarget, event_loop
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
 

@@ -16,44 +16,42 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qmp_harness import RecordingTarget
 
-from qioc_green.migration._qmp import (
+from qioc_green.migration import (
+    CAPABILITIES,
     NEED_DATA,
     NO_ID,
     PAUSED,
-    BadRequest,
-    ConnectionClosed,
-    Error,
+    BroadcastEvent,
+    CloseClient,
     ErrorClass,
-    Event,
-    Greeting,
-    LocalProtocolError,
-    QmpConnection,
-    Request,
-    Return,
-)
-from qioc_green.migration._qmp_dispatch import (
-    CAPABILITIES,
-    Broadcast,
-    Close,
     IncomingInfo,
+    LocalProtocolError,
+    QmpBadRequest,
+    QmpClosed,
+    QmpConnection,
     QmpDispatcher,
+    QmpError,
+    QmpEvent,
+    QmpGreeting,
+    QmpRequest,
+    QmpReturn,
     RamStats,
-    Send,
+    SendReply,
 )
+from tests.qmp_harness import RecordingTarget
 
 VERSION = {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": "test"}
 
 
 def connection(negotiated: bool = False, **kw: Any) -> QmpConnection:
     conn = QmpConnection(**kw)
-    conn.send(Greeting(VERSION))
+    conn.send(QmpGreeting(VERSION))
     if negotiated:
         conn.receive_data(b'{"execute": "qmp_capabilities"}')
         ev = conn.next_event()
-        assert ev == Request("qmp_capabilities", {})
-        conn.send(Return({}))
+        assert ev == QmpRequest("qmp_capabilities", {})
+        conn.send(QmpReturn({}))
     return conn
 
 
@@ -64,23 +62,23 @@ def drain(conn: QmpConnection, data: bytes = b"", *, answer: bool = True) -> lis
     out = []
     for _ in range(100000):
         ev = conn.next_event()
-        if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
-            if isinstance(ev, ConnectionClosed):
+        if ev is NEED_DATA or isinstance(ev, QmpClosed):
+            if isinstance(ev, QmpClosed):
                 out.append(ev)
             return out
         assert ev is not PAUSED
         out.append(ev)
         if answer:
-            conn.send(ev.reply() if isinstance(ev, BadRequest) else Return({}, ev.id))
+            conn.send(ev.reply() if isinstance(ev, QmpBadRequest) else QmpReturn({}, ev.id))
     raise AssertionError("next_event() never said NEED_DATA")
 
 
 def errors(events: list[Any]) -> list[str]:
-    return [ev.desc for ev in events if isinstance(ev, BadRequest)]
+    return [ev.desc for ev in events if isinstance(ev, QmpBadRequest)]
 
 
 def commands(events: list[Any]) -> list[str]:
-    return [ev.command for ev in events if isinstance(ev, Request)]
+    return [ev.command for ev in events if isinstance(ev, QmpRequest)]
 
 
 # -- the connection: greeting, negotiation, replies, events ----------------------------------------
@@ -88,44 +86,44 @@ def commands(events: list[Any]) -> list[str]:
 
 def test_greeting_is_one_crlf_line_with_version_and_capabilities():
     conn = QmpConnection()
-    line = conn.send(Greeting(VERSION))
+    line = conn.send(QmpGreeting(VERSION))
     assert line.endswith(b"\r\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"QMP": {"version": VERSION, "capabilities": []}}
     with pytest.raises(LocalProtocolError):
-        conn.send(Greeting(VERSION))
+        conn.send(QmpGreeting(VERSION))
 
 
 def test_nothing_but_the_greeting_first():
     conn = QmpConnection()
     with pytest.raises(LocalProtocolError):
-        conn.send(Event("X", None, 1.0))
+        conn.send(QmpEvent("X", None, 1.0))
 
 
 def test_commands_before_negotiation_get_command_not_found():
     conn = connection()
     conn.receive_data(b'{"execute": "query-status", "id": 1}{"execute": "nope"}')
     ev = conn.next_event()
-    assert ev == BadRequest(ErrorClass.CommandNotFound,
+    assert ev == QmpBadRequest(ErrorClass.CommandNotFound,
                             "Expecting capabilities negotiation with 'qmp_capabilities'", 1)
     assert json.loads(conn.send(ev.reply())) == {
         "id": 1, "error": {"class": "CommandNotFound",
                            "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}
     ev = conn.next_event()
-    assert isinstance(ev, BadRequest) and ev.id is NO_ID and ev.error_class == "CommandNotFound"
+    assert isinstance(ev, QmpBadRequest) and ev.id is NO_ID and ev.error_class == "CommandNotFound"
     conn.send(ev.reply())
     assert not conn.negotiated
 
 
 def test_negotiation_then_second_qmp_capabilities_is_refused():
     conn = connection()
-    assert conn.send(Event("MIGRATION", {"status": "setup"}, 5.0)) == b""  # not delivered yet
+    assert conn.send(QmpEvent("MIGRATION", {"status": "setup"}, 5.0)) == b""  # not delivered yet
     conn.receive_data(b'{"execute": "qmp_capabilities", "id": "n"}')
     ev = conn.next_event()
-    assert ev == Request("qmp_capabilities", {}, "n")
-    assert json.loads(conn.send(Return({}, "n"))) == {"return": {}, "id": "n"}
+    assert ev == QmpRequest("qmp_capabilities", {}, "n")
+    assert json.loads(conn.send(QmpReturn({}, "n"))) == {"return": {}, "id": "n"}
     assert conn.negotiated
     ev = drain(conn, b'{"execute": "qmp_capabilities", "id": 2}')[0]
-    assert ev == BadRequest(ErrorClass.CommandNotFound,
+    assert ev == QmpBadRequest(ErrorClass.CommandNotFound,
                             "Capabilities negotiation is already complete, command ignored", 2)
 
 
@@ -142,11 +140,11 @@ def test_negotiation_refused_stays_negotiating():
 
 def test_events_after_negotiation_carry_a_timestamp():
     conn = connection(negotiated=True)
-    line = conn.send(Event("MIGRATION", {"status": "active"}, 1700000000.25))
+    line = conn.send(QmpEvent("MIGRATION", {"status": "active"}, 1700000000.25))
     assert line.endswith(b"\r\n")
     assert json.loads(line) == {"timestamp": {"seconds": 1700000000, "microseconds": 250000},
                                 "event": "MIGRATION", "data": {"status": "active"}}
-    assert "data" not in json.loads(conn.send(Event("RESUME", None, 1.0)))
+    assert "data" not in json.loads(conn.send(QmpEvent("RESUME", None, 1.0)))
 
 
 @pytest.mark.parametrize("rid", [7, "x", {"a": [1, None]}, None, 1.5, [True]])
@@ -155,7 +153,7 @@ def test_id_is_echoed_in_returns_and_errors(rid):
     conn.receive_data(json.dumps({"execute": "a", "id": rid}).encode())
     ev = conn.next_event()
     assert ev.id == rid
-    assert json.loads(conn.send(Return([1], ev.id))) == {"return": [1], "id": rid}
+    assert json.loads(conn.send(QmpReturn([1], ev.id))) == {"return": [1], "id": rid}
     conn.receive_data(json.dumps({"execute": "a", "bogus": 1, "id": rid}).encode())
     ev = conn.next_event()
     assert json.loads(conn.send(ev.reply())) == {
@@ -166,26 +164,26 @@ def test_no_id_means_no_id_member():
     conn = connection(negotiated=True)
     conn.receive_data(b'{"execute": "a"}')
     ev = conn.next_event()
-    assert "id" not in json.loads(conn.send(Error(ErrorClass.GenericError, "no", ev.id)))
+    assert "id" not in json.loads(conn.send(QmpError(ErrorClass.GenericError, "no", ev.id)))
 
 
 def test_one_request_at_a_time():
     conn = connection(negotiated=True)
     conn.receive_data(b'{"execute": "a"}{"execute": "b"}')
-    assert conn.next_event() == Request("a")
+    assert conn.next_event() == QmpRequest("a")
     assert conn.next_event() is PAUSED
-    conn.send(Return({}))
-    assert conn.next_event() == Request("b")
+    conn.send(QmpReturn({}))
+    assert conn.next_event() == QmpRequest("b")
     with pytest.raises(LocalProtocolError):
-        conn.send(Return({}))
-        conn.send(Return({}))
+        conn.send(QmpReturn({}))
+        conn.send(QmpReturn({}))
 
 
 def test_output_is_ascii():
     conn = connection(negotiated=True)
     conn.receive_data('{"execute": "a", "id": "é😀"}'.encode())
     ev = conn.next_event()
-    line = conn.send(Return({"k": "ü"}, ev.id))
+    line = conn.send(QmpReturn({"k": "ü"}, ev.id))
     assert line.isascii()
     assert json.loads(line) == {"return": {"k": "ü"}, "id": "é😀"}
 
@@ -196,10 +194,10 @@ SCRIPT = (b'{"execute": "one", "id": 1}\n'
           b'  {"execute": "two",\n "arguments": {"s": "a}b]c{\\"d", "n": [1, {"x": []}]}}'
           b"{'execute': 'three', 'arguments': {'q': 'it\\'s \"quoted\"'}}\r\n"
           b'{"execute": "four", "id": "\\u00e9\\n"}')
-EXPECTED = [Request("one", {}, 1),
-            Request("two", {"s": 'a}b]c{"d', "n": [1, {"x": []}]}),
-            Request("three", {"q": "it's \"quoted\""}),
-            Request("four", {}, "é\n")]
+EXPECTED = [QmpRequest("one", {}, 1),
+            QmpRequest("two", {"s": 'a}b]c{"d', "n": [1, {"x": []}]}),
+            QmpRequest("three", {"q": "it's \"quoted\""}),
+            QmpRequest("four", {}, "é\n")]
 
 
 def test_values_not_lines_whole():
@@ -218,14 +216,14 @@ def test_values_not_lines_byte_by_byte():
 def test_trailing_bytes_wait_for_the_rest():
     conn = connection(negotiated=True)
     assert drain(conn, SCRIPT + b'{"execute": "fi') == EXPECTED
-    assert drain(conn, b've"}') == [Request("five")]
+    assert drain(conn, b've"}') == [QmpRequest("five")]
 
 
 def test_eof_drops_an_unfinished_value_and_closes_once():
     conn = connection(negotiated=True)
     conn.receive_data(b'{"execute": "a"}{"execute": ')
     conn.receive_data(b"")
-    assert drain(conn) == [Request("a"), ConnectionClosed()]
+    assert drain(conn) == [QmpRequest("a"), QmpClosed()]
     with pytest.raises(LocalProtocolError):
         conn.next_event()
 
@@ -374,18 +372,18 @@ def test_fuzz_never_hangs_stays_bounded_and_recovers(data, piece, negotiated):
             ev = conn.next_event()
             if ev is NEED_DATA:
                 break
-            assert isinstance(ev, Request | BadRequest)
-            if isinstance(ev, BadRequest):
+            assert isinstance(ev, QmpRequest | QmpBadRequest)
+            if isinstance(ev, QmpBadRequest):
                 assert ev.error_class in ("GenericError", "CommandNotFound")
                 _check_output(conn.send(ev.reply()))
             else:
-                _check_output(conn.send(Return({}, ev.id)))
+                _check_output(conn.send(QmpReturn({}, ev.id)))
         else:
             raise AssertionError("next_event() did not settle")
         assert conn.buffered <= 256 + piece + 2
     # the spec's resynchronisation: a control character, then a request is answered
     evs = drain(conn, b'\x01\n{"execute": "qmp_capabilities", "id": "r"}')
-    assert [ev.id for ev in evs if isinstance(ev, Request | BadRequest)][-1] == "r"
+    assert [ev.id for ev in evs if isinstance(ev, QmpRequest | QmpBadRequest)][-1] == "r"
 
 
 # -- the dispatcher, over an in-test migration target -------------------------------------------
@@ -418,12 +416,12 @@ def run(disp: QmpDispatcher, conn: QmpConnection, command: str, **args: Any) -> 
     conn.receive_data(json.dumps(msg).encode())
     out: list[Any] = []
     for action in disp.handle(conn):
-        if isinstance(action, Send):
+        if isinstance(action, SendReply):
             out.append(("send", json.loads(action.data)))
-        elif isinstance(action, Broadcast):
+        elif isinstance(action, BroadcastEvent):
             out.append(("event", json.loads(conn.send(action.event))))
         else:
-            assert isinstance(action, Close)
+            assert isinstance(action, CloseClient)
             out.append(("close", None))
     return out
 
@@ -591,13 +589,13 @@ def test_bad_requests_are_answered_by_the_dispatcher_too():
     disp, conn, _ = session()
     conn.receive_data(b"garbage\n")
     (action,) = disp.handle(conn)
-    assert isinstance(action, Send) and b"invalid keyword" in action.data
+    assert isinstance(action, SendReply) and b"invalid keyword" in action.data
 
 
 def test_hang_up_closes():
     disp, conn, _ = session()
     conn.receive_data(b"")
-    assert disp.handle(conn) == [Close()]
+    assert disp.handle(conn) == [CloseClient()]
 
 
 def test_a_bug_in_the_target_is_a_generic_error_and_the_monitor_goes_on():

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qioc_green.migration._return_path import (
+from qioc_green.migration import (
     MAX_MESSAGE_DATA,
     NEED_DATA,
     DestinationReturnPath,

@@ -28,23 +28,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from qmp_harness import event_loop
 
-from migration.stream import NEED_DATA, Command, RamPages, StreamEnd, StreamParser
-from peers import need, need_qemu10
-from polling import poll_pause
 from qioc_green import Channel, IOThread, SocketChannel
-from qioc_green.migration._qmp_dispatch import RamStats
-from qioc_green.migration._return_path import NEED_DATA as RP_NEED_DATA
-from qioc_green.migration._return_path import (
+from qioc_green.migration import (
+    NEED_DATA,
+    Command,
     DestinationReturnPath,
     MigCommand,
     Pong,
+    RamPages,
+    RamStats,
     ReturnPathError,
     ReturnPathReader,
     Shut,
+    StreamEnd,
+    StreamParser,
     SwitchoverAck,
 )
+from tests.peers import need, need_qemu10
+from tests.polling import poll_pause
+from tests.qmp_harness import event_loop
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(90)]
 
@@ -366,7 +369,7 @@ def replies(sent: bytes) -> list[Any]:
     reader = ReturnPathReader()
     reader.feed(sent)
     got: list[Any] = []
-    while (m := reader.next_message()) is not RP_NEED_DATA:
+    while (m := reader.next_message()) is not NEED_DATA:
         got.append(m.value if isinstance(m, Pong) else m)
     reader.close()
     return got

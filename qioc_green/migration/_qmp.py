@@ -46,8 +46,8 @@ Decisions
 - **At most one error reply per line of malformed input**: after an error, further errors are
   not reported until the next newline (a random binary line gets one reply, not one per
   brace); well-formed requests on that line are still answered.
-- One request at a time, as QEMU runs in-band commands: after a :class:`Request` (or
-  :class:`BadRequest`), ``next_event()`` returns :data:`PAUSED` until its reply is sent.
+- One request at a time, as QEMU runs in-band commands: after a :class:`QmpRequest` (or
+  :class:`QmpBadRequest`), ``next_event()`` returns :data:`PAUSED` until its reply is sent.
 """
 
 from __future__ import annotations
@@ -58,25 +58,24 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from ._format import NEED_DATA, LocalProtocolError, NeedData
+
 __all__ = [
-    "NEED_DATA",
     "NO_ID",
     "PAUSED",
-    "BadRequest",
-    "ConnectionClosed",
-    "Error",
     "ErrorClass",
-    "Event",
-    "Greeting",
-    "LocalProtocolError",
+    "QmpBadRequest",
+    "QmpClosed",
     "QmpConnection",
-    "Request",
-    "Return",
+    "QmpError",
+    "QmpEvent",
+    "QmpGreeting",
+    "QmpRequest",
+    "QmpReturn",
 ]
 
 
 class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
     PAUSED = "PAUSED"
     NO_ID = "NO_ID"
 
@@ -84,8 +83,6 @@ class _Sentinel(enum.Enum):
         return self.value
 
 
-#: next_event(): feed more input
-NEED_DATA: Final = _Sentinel.NEED_DATA
 #: next_event(): send the reply to the last request first
 PAUSED: Final = _Sentinel.PAUSED
 #: a request without an ``id`` member (``"id": null`` is an id)
@@ -102,16 +99,12 @@ class ErrorClass(enum.StrEnum):
     KVMMissingCap = "KVMMissingCap"
 
 
-class LocalProtocolError(RuntimeError):
-    """Misuse by the caller: a reply with no request pending, a greeting sent twice..."""
-
-
 # -- events in (from the client) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    """A well-formed command: run it and send a :class:`Return` or :class:`Error` with ``id``."""
+class QmpRequest:
+    """A well-formed command: run it and send a :class:`QmpReturn` or :class:`QmpError` with ``id``."""
 
     command: str
     arguments: dict[str, Any] = field(default_factory=dict)
@@ -119,19 +112,19 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class BadRequest:
-    """Input that gets an error reply from the protocol itself: send ``Error(...)`` of it."""
+class QmpBadRequest:
+    """Input that gets an error reply from the protocol itself: send ``QmpError(...)`` of it."""
 
     error_class: ErrorClass
     desc: str
     id: Any = NO_ID
 
-    def reply(self) -> Error:
-        return Error(self.error_class, self.desc, self.id)
+    def reply(self) -> QmpError:
+        return QmpError(self.error_class, self.desc, self.id)
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class QmpClosed:
     """The client hung up (a value it had not finished is dropped, as QEMU does)."""
 
 
@@ -139,7 +132,7 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
-class Greeting:
+class QmpGreeting:
     """The server's first message. ``version``: as ``query-version`` returns it."""
 
     version: dict[str, Any]
@@ -147,20 +140,20 @@ class Greeting:
 
 
 @dataclass(frozen=True, slots=True)
-class Return:
+class QmpReturn:
     value: Any
     id: Any = NO_ID
 
 
 @dataclass(frozen=True, slots=True)
-class Error:
+class QmpError:
     error_class: ErrorClass | str
     desc: str
     id: Any = NO_ID
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class QmpEvent:
     """An asynchronous event; ``timestamp`` in seconds since the epoch (the caller's clock)."""
 
     name: str
@@ -201,9 +194,9 @@ def _stray(byte: int, token: bytes = b"") -> str:
 class QmpConnection:
     """One client of a QMP server, sans-IO (h11-style). Never blocks or switches greenlets.
 
-    ``send(Greeting(...))`` first; then ``receive_data(chunk)`` (``b""`` at EOF) and
-    ``next_event()`` until :data:`NEED_DATA`; answer each :class:`Request` and
-    :class:`BadRequest` with ``send(Return(...))`` / ``send(Error(...))``; ``send(Event(...))``
+    ``send(QmpGreeting(...))`` first; then ``receive_data(chunk)`` (``b""`` at EOF) and
+    ``next_event()`` until :data:`NEED_DATA`; answer each :class:`QmpRequest` and
+    :class:`QmpBadRequest` with ``send(QmpReturn(...))`` / ``send(QmpError(...))``; ``send(QmpEvent(...))``
     at any time (``b""`` while negotiating: events are not delivered then).
     """
 
@@ -228,7 +221,7 @@ class QmpConnection:
         self._string_at = 0  # where in _msg the current string starts (for error texts)
         self._quiet = False  # an error was reported on this line
         self._pending: str | None = None  # command awaiting its reply
-        self._ready: list[Request | BadRequest] = []
+        self._ready: list[QmpRequest | QmpBadRequest] = []
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -251,21 +244,21 @@ class QmpConnection:
         """Bytes held: unparsed input plus the value being framed."""
         return len(self._buf) - self._pos + len(self._msg)
 
-    def next_event(self) -> Request | BadRequest | ConnectionClosed | Literal[
-            _Sentinel.NEED_DATA, _Sentinel.PAUSED]:
-        """The next request or error to answer, ConnectionClosed, PAUSED or NEED_DATA."""
+    def next_event(self) -> QmpRequest | QmpBadRequest | QmpClosed | Literal[
+            NeedData.NEED_DATA, _Sentinel.PAUSED]:
+        """The next request or error to answer, QmpClosed, PAUSED or NEED_DATA."""
         if self._pending is not None:
             return PAUSED
         while not self._ready:
             if not self._frame():
                 if self._eof:
                     if self._closed_reported:
-                        raise LocalProtocolError("next_event() after ConnectionClosed")
+                        raise LocalProtocolError("next_event() after QmpClosed")
                     self._closed_reported = True
-                    return ConnectionClosed()
+                    return QmpClosed()
                 return NEED_DATA
         ev = self._ready.pop(0)
-        self._pending = ev.command if isinstance(ev, Request) else ""
+        self._pending = ev.command if isinstance(ev, QmpRequest) else ""
         return ev
 
     def _error(self, desc: str, id: Any = NO_ID, *, error_class: ErrorClass = ErrorClass.GenericError,
@@ -273,7 +266,7 @@ class QmpConnection:
         if self._quiet and not force:
             return
         self._quiet = True
-        self._ready.append(BadRequest(error_class, desc, id))
+        self._ready.append(QmpBadRequest(error_class, desc, id))
 
     def _frame(self) -> bool:
         """Advance through the buffer; True once something was queued in ``_ready``."""
@@ -502,7 +495,7 @@ class QmpConnection:
             self._error("Capabilities negotiation is already complete, command ignored", rid,
                         error_class=ErrorClass.CommandNotFound, force=True)
             return
-        self._ready.append(Request(execute, args, rid))
+        self._ready.append(QmpRequest(execute, args, rid))
 
     def _check_enable(self, args: dict[str, Any]) -> str | None:
         for key in args:
@@ -522,13 +515,13 @@ class QmpConnection:
 
     # -- output ---------------------------------------------------------------------------------
 
-    def send(self, msg: Greeting | Return | Error | Event) -> bytes:
+    def send(self, msg: QmpGreeting | QmpReturn | QmpError | QmpEvent) -> bytes:
         """The bytes for one message to the client. Never blocks.
 
         Raises LocalProtocolError for a reply with no request pending, anything before the
         greeting, or a second greeting.
         """
-        if isinstance(msg, Greeting):
+        if isinstance(msg, QmpGreeting):
             if self._greeted:
                 raise LocalProtocolError("greeting sent twice")
             self._greeted = True
@@ -536,7 +529,7 @@ class QmpConnection:
             return _line({"QMP": {"version": msg.version, "capabilities": list(msg.capabilities)}})
         if not self._greeted:
             raise LocalProtocolError("send the greeting first")
-        if isinstance(msg, Event):
+        if isinstance(msg, QmpEvent):
             if not self.negotiated:
                 return b""
             seconds = int(msg.timestamp)
@@ -551,7 +544,7 @@ class QmpConnection:
         if self._pending is None:
             raise LocalProtocolError(f"{type(msg).__name__} with no request to answer")
         command, self._pending = self._pending, None
-        if isinstance(msg, Return):
+        if isinstance(msg, QmpReturn):
             if command == "qmp_capabilities":
                 self.negotiated = True
             reply: dict[str, Any] = {"return": msg.value}

@@ -2,8 +2,8 @@
 
 :class:`QmpDispatcher` runs the requests a :class:`~._qmp.QmpConnection` reports against a
 :class:`MigrationTarget` (the receiver implements that small interface) and returns what to do,
-in order: :class:`Send` bytes to that client, :class:`Broadcast` an event to every client,
-:class:`Close` that client. No sockets, no threads; the clock is a parameter.
+in order: :class:`SendReply` bytes to that client, :class:`BroadcastEvent` an event to every client,
+:class:`CloseClient` that client. No sockets, no threads; the clock is a parameter.
 
 What QEMU 10.0's destination answers (seen on one started ``-incoming defer``)
 ---------------------------------------------------------------------------
@@ -41,39 +41,38 @@ value by raising :class:`CommandError` naming it, and the client gets that as a
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from qioc_green import __version__
-
+from ._format import NEED_DATA
 from ._qmp import (
-    NEED_DATA,
     PAUSED,
-    BadRequest,
-    ConnectionClosed,
-    Error,
     ErrorClass,
-    Event,
-    Greeting,
+    QmpBadRequest,
+    QmpClosed,
     QmpConnection,
-    Request,
-    Return,
+    QmpError,
+    QmpEvent,
+    QmpGreeting,
+    QmpRequest,
+    QmpReturn,
 )
 
 __all__ = [
     "CAPABILITIES",
     "DEFAULT_PARAMETERS",
     "SOURCE_ONLY_CAPABILITIES",
-    "Broadcast",
-    "Close",
+    "BroadcastEvent",
+    "CloseClient",
     "CommandError",
     "IncomingInfo",
     "MigrationTarget",
     "QmpDispatcher",
     "RamStats",
-    "Send",
+    "SendReply",
 ]
 
 #: QEMU 10.0's migration capabilities, in its order (``query-migrate-capabilities``)
@@ -103,6 +102,11 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
     "x-vcpu-dirty-limit-period": 1000, "vcpu-dirty-limit": 1, "mode": "normal",
     "zero-page-detection": "multifd", "direct-io": False,
 }
+
+try:  # the installed distribution's version (qioc_green.__version__ is not in its __all__)
+    _VERSION = importlib.metadata.version("qioc_green")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+    _VERSION = "unknown"
 
 _U64 = (1 << 64) - 1
 # name -> (kind, low, high or the enum's values); ranges from QEMU's migrate_params_check()
@@ -212,31 +216,31 @@ class MigrationTarget(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Send:
+class SendReply:
     """Write ``data`` to the client whose requests were handled."""
 
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class Broadcast:
+class BroadcastEvent:
     """Send ``event`` to every client (``QmpConnection.send`` drops it for those negotiating)."""
 
-    event: Event
+    event: QmpEvent
 
 
 @dataclass(frozen=True, slots=True)
-class Close:
+class CloseClient:
     """Close the client whose requests were handled (it hung up, or after ``quit``)."""
 
 
-Action = Send | Broadcast | Close
+Action = SendReply | BroadcastEvent | CloseClient
 _Handler = Callable[[dict[str, Any]], Any]
 
 
 @dataclass
 class _Run:
-    events: list[Event] = field(default_factory=list)
+    events: list[QmpEvent] = field(default_factory=list)
     close: bool = False
 
 
@@ -249,7 +253,7 @@ class QmpDispatcher:
     """
 
     def __init__(self, target: MigrationTarget, *, version: tuple[int, int, int] = (10, 0, 0),
-                 package: str = f"qioc-green {__version__}",
+                 package: str = f"qioc-green {_VERSION}",
                  clock: Callable[[], float] = time.time) -> None:
         self.target = target
         self.version = {"qemu": {"micro": version[2], "minor": version[1], "major": version[0]},
@@ -278,9 +282,9 @@ class QmpDispatcher:
 
     def greeting(self, conn: QmpConnection) -> bytes:
         """The greeting for a new client (send it before anything else)."""
-        return conn.send(Greeting(self.version, ()))
+        return conn.send(QmpGreeting(self.version, ()))
 
-    def migration_status(self, status: str) -> Event | None:
+    def migration_status(self, status: str) -> QmpEvent | None:
         """The incoming migration is now in ``status``: the MIGRATION event to broadcast, or
         None (same status as last said, or the ``events`` capability is off)."""
         if status == self._last_status:
@@ -288,7 +292,7 @@ class QmpDispatcher:
         self._last_status = status
         if not self.target.capabilities().get("events", False):
             return None
-        return Event("MIGRATION", {"status": status}, self.clock())
+        return QmpEvent("MIGRATION", {"status": status}, self.clock())
 
     def handle(self, conn: QmpConnection) -> list[Action]:
         """Answer everything ``conn`` has ready; return the actions, in order."""
@@ -297,33 +301,33 @@ class QmpDispatcher:
             ev = conn.next_event()
             if ev is NEED_DATA or ev is PAUSED:
                 return actions
-            if isinstance(ev, ConnectionClosed):
-                actions.append(Close())
+            if isinstance(ev, QmpClosed):
+                actions.append(CloseClient())
                 return actions
-            if isinstance(ev, BadRequest):
-                actions.append(Send(conn.send(ev.reply())))
+            if isinstance(ev, QmpBadRequest):
+                actions.append(SendReply(conn.send(ev.reply())))
                 continue
-            assert isinstance(ev, Request)
+            assert isinstance(ev, QmpRequest)
             self._run = run = _Run()
             reply = self._execute(ev)
-            actions.extend(Broadcast(e) for e in run.events)
-            actions.append(Send(conn.send(reply)))
+            actions.extend(BroadcastEvent(e) for e in run.events)
+            actions.append(SendReply(conn.send(reply)))
             if run.close:
-                actions.append(Close())
+                actions.append(CloseClient())
                 return actions
 
-    def _execute(self, req: Request) -> Return | Error:
+    def _execute(self, req: QmpRequest) -> QmpReturn | QmpError:
         handler = self._handlers.get(req.command)
         if handler is None:
-            return Error(ErrorClass.CommandNotFound, f"The command {req.command} has not been found",
+            return QmpError(ErrorClass.CommandNotFound, f"The command {req.command} has not been found",
                          req.id)
         try:
-            return Return(handler(req.arguments), req.id)
+            return QmpReturn(handler(req.arguments), req.id)
         except CommandError as exc:
-            return Error(exc.error_class, exc.desc, req.id)
+            return QmpError(exc.error_class, exc.desc, req.id)
         except Exception as exc:  # the monitor outlives a bug in the target
             self.internal_errors += 1
-            return Error(ErrorClass.GenericError, f"internal error: {type(exc).__name__}: {exc}",
+            return QmpError(ErrorClass.GenericError, f"internal error: {type(exc).__name__}: {exc}",
                          req.id)
 
     # -- the commands -------------------------------------------------------------------------
@@ -436,7 +440,7 @@ class QmpDispatcher:
     def _quit(self, args: dict[str, Any]) -> Any:
         _no_args(args)
         self.target.quit()
-        self._run.events.append(Event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"},
+        self._run.events.append(QmpEvent("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"},
                                       self.clock()))
         self._run.close = True
         return {}

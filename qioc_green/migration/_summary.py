@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stream import (
+from ._events import (
     Command,
     Configuration,
     Event,

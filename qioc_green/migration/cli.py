@@ -1,14 +1,14 @@
-#!/usr/bin/env python3
-"""Receive a QEMU live migration where a destination QEMU's ``-incoming`` would stand.
+"""``qioc-migration-receiver``: receive a QEMU live migration where a destination QEMU's
+``-incoming`` would stand.
 
 A real QEMU runs ``migrate`` to this program unchanged; it receives the stream in blocking
 style in a greenlet of an IOThread, parses it on the fly, and can save it byte for byte, rebuild
 the guest's RAM blocks as files, write a JSON summary, and pass the stream on to a real
 destination QEMU (which then resumes the VM).
 
-    python examples/migration_receiver.py tcp:127.0.0.1:0 --save vm.mig --json vm.json
-    python examples/migration_receiver.py tcp::4444 --forward tcp:127.0.0.1:4445
-    python examples/migration_receiver.py exec:'cat vm.mig' --ram-dir ram/
+    qioc-migration-receiver tcp:127.0.0.1:0 --save vm.mig --json vm.json
+    qioc-migration-receiver tcp::4444 --forward tcp:127.0.0.1:4445
+    python -m qioc_green.migration exec:'cat vm.mig' --ram-dir ram/
 
 Exit status: 0 when every migration received was complete and well formed; 1 otherwise (the
 one-line error on stderr names the stream offset and what was expected); 2 for bad usage.
@@ -23,25 +23,13 @@ import signal
 import sys
 from typing import Any
 
-# Run from a clone, the library next door wins over an installed one.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
 import qioc_green
-from migration.receiver import (
-    BUFFERS,
-    CHUNK,
-    Endpoint,
-    Incoming,
-    Outcome,
-    Receiver,
-    numbered,
-    parse_uri,
-    stderr_is_terminal,
-)
 
-PROG = "migration_receiver"
+from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
+from ._sinks import BUFFERS, CHUNK
+from ._uri import Endpoint, Incoming, parse_uri
+
+PROG = "qioc-migration-receiver"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +197,3 @@ def main(argv: list[str] | None = None) -> int:
         if fwd_thread is not None:
             fwd_thread.stop()
     return 0 if verdicts and all(verdicts) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
