@@ -42,9 +42,10 @@ with 256 KiB, 21 GB/s with 1 MiB, 24 GB/s with 4 MiB, so at the ~1.9 GB/s QEMU s
 costs about a tenth of a core with 1 MiB receives. Run structs are compiled once per run
 length and shared by all parsers.
 
+*PACKAGED (postcopy's device state) is parsed in place*, bounded by its length: see ``_package``.
+
 *Not supported, refused with a clear error*: XBZRLE and compressed pages (switch those
-capabilities off), RDMA hooks, PACKAGED (postcopy's device-state package: the receiver would need
-to answer on the return path anyway), streams without section footers.
+capabilities off), RDMA hooks, streams without section footers.
 
 Errors are all :class:`MigrationStreamError` (a ``ValueError``), whose message starts with the
 stream offset: ``offset 1234: expected section footer 0x7e for section 5, got 0x12``. Misuse of
@@ -96,6 +97,7 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
+from ._package import PackageReader
 from ._ram import RamReader
 from ._receivebuffer import SHORT, Cursor
 from ._vmdesc import Retained, check_described
@@ -115,7 +117,7 @@ def _printable(b: bytes | bytearray | memoryview) -> bool:
     return all(0x20 < c < 0x7F for c in b)
 
 
-class StreamParser(RamReader):
+class StreamParser(PackageReader, RamReader):
     """Parse one QEMU migration stream, sans-IO (h11-style).
 
     ``feed(data)`` adds input, ``next_event()`` returns the next event or :data:`NEED_DATA`,
@@ -261,6 +263,8 @@ class StreamParser(RamReader):
         return StreamHeader(version)
 
     def _st_section(self) -> Event | None | NeedData:
+        if self._package_end is not None and self._leave_package():
+            return None
         if not self._ensure(1):
             return self._starve("the next section (no EOF marker yet)")
         t = self._buf[self._pos]
@@ -271,6 +275,8 @@ class StreamParser(RamReader):
                 return self._starve(f"a {SECTION_KINDS[t]} section header")
             return res  # type: ignore[return-value]
         if t == QEMU_VM_EOF:
+            if self._package_end is not None:
+                raise self._err("EOF (0x00) inside the postcopy package")
             self._pos += 1
             self._step = self._st_after_eof
             return self._emit(EndOfState(at))
@@ -341,9 +347,7 @@ class StreamParser(RamReader):
             raise MigrationStreamError(at, f"command {name} has length {length}, expected {want}")
         data = c.take(length)
         if cmd == MIG_CMD_PACKAGED:
-            (size,) = BE32.unpack(data)
-            raise MigrationStreamError(
-                at, f"PACKAGED command (postcopy device state, {size} bytes) is not supported")
+            self._open_package(at, c.offset, BE32.unpack(data)[0], self.max_device_bytes)
         return Command(cmd, name, data, at)
 
     def _parse_section_header(self, c: Cursor, t: int) -> Event | None:
@@ -359,6 +363,8 @@ class StreamParser(RamReader):
             if not idstr.isprintable() or not idstr.isascii() or " " in idstr:
                 raise MigrationStreamError(idstr_at, f"section idstr {idstr!r} is not printable")
             is_ram = idstr == RAM_SECTION
+            if is_ram and self._package_end is not None:
+                raise MigrationStreamError(at, "a ram section inside the postcopy package")
             if is_ram and instance_id != 0:
                 raise MigrationStreamError(at, f"ram section with instance id {instance_id}")
             if sid in self._live:
@@ -438,6 +444,8 @@ class StreamParser(RamReader):
                     self._rejected = (self._body_start + q, bytes(body[q + 5 : q + 7]))
                 q = body.find(footer, q + 1)
             self._scan = q if q != -1 else max(0, len(body) - 4)
+            room = self._package_room(self._body_start, len(body),
+                                      f"section {sec.section_id} ({sec.idstr!r})")
             if not self._next_chunk():
                 if self._closed and self._rejected is not None:
                     at, after = self._rejected
@@ -451,7 +459,7 @@ class StreamParser(RamReader):
                     raise self._err(f"stream ends inside section {sec.section_id} "
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
-            take = min(len(self._buf) - self._pos, _SCAN_WINDOW)
+            take = min(len(self._buf) - self._pos, _SCAN_WINDOW, room or _SCAN_WINDOW)
             if self._device_bytes + len(body) + take > self.max_device_bytes:
                 raise self._err(
                     f"device data over the {self.max_device_bytes}-byte cap in section "
@@ -482,37 +490,42 @@ class StreamParser(RamReader):
     def _plausible_next(self, data: bytearray, i: int) -> bool | None:
         """Is data[i:] a plausible start of what follows a footer? None: cannot tell yet."""
         end = len(data)
-        unsure = not self._closed
+        cut = None if not self._closed else True  # what running out of bytes means
+        pkg = self._package_end
+        if pkg is not None and self._body_start + end >= pkg:  # the package ends the data
+            if self._body_start + i == pkg:
+                return True
+            cut = False  # what follows must fit before the package end
 
         def short(n: int) -> bool:
             return i + n > end
 
         if short(1):
-            return None if unsure else True
+            return cut
         t = data[i]
         if t == QEMU_VM_EOF:
             if short(2):
-                return None if unsure else True
+                return cut
             # EOF then the description marker: its length and JSON are checked after
             return data[i + 1] == QEMU_VM_VMDESCRIPTION
         if t in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
             if short(6):
-                return None if unsure else True
+                return cut
             n = data[i + 5]
             if n == 0:
                 return False
             if short(6 + n + 8):
-                return None if unsure else True
+                return cut
             (version,) = BE32.unpack_from(data, i + 6 + n + 4)
             return _printable(data[i + 6 : i + 6 + n]) and version < 0x10000
         if t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
             if short(5):
-                return None if unsure else True
+                return cut
             (sid,) = BE32.unpack_from(data, i + 1)
             return sid in self._live
         if t == QEMU_VM_COMMAND:
             if short(5):
-                return None if unsure else True
+                return cut
             cmd, length = struct.unpack_from(">HH", data, i + 1)
             known = COMMANDS.get(cmd)
             return known is not None and (known[1] is None or known[1] == length)
