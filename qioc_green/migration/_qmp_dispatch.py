@@ -130,6 +130,15 @@ _PARAMETERS: dict[str, tuple[str, Any, Any]] = {
     "direct-io": ("bool", None, None),
 }
 _BITS = {"uint8": 8, "uint32": 32, "uint64": 64, "size": 64}
+#: the object types ``object-add`` takes here, with their properties (QEMU's QAPI types)
+_OBJECT_PROPERTIES: dict[str, dict[str, tuple[str, Any, Any]]] = {
+    "tls-creds-x509": {
+        "dir": ("str", None, None), "endpoint": ("enum", None, ("client", "server")),
+        "verify-peer": ("bool", None, None), "priority": ("str", None, None),
+        "sanity-check": ("bool", None, None), "loaded": ("bool", None, None),
+        "passwordid": ("str", None, None),
+    },
+}
 
 
 class CommandError(Exception):
@@ -214,6 +223,12 @@ class MigrationTarget(Protocol):
         """The monitor was told to quit; the receiver should stop."""
         ...
 
+    def object_add(self, qom_type: str, id: str, props: Mapping[str, Any]) -> None:
+        """Create object ``id`` (only ``tls-creds-x509`` here; ``props`` type-checked)."""
+        ...
+
+    def object_del(self, id: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class SendReply:
@@ -273,6 +288,8 @@ class QmpDispatcher:
             "migrate-set-capabilities": self._set_capabilities,
             "migrate-set-parameters": self._set_parameters,
             "migrate-incoming": self._migrate_incoming,
+            "object-add": self._object_add,
+            "object-del": self._object_del,
             "quit": self._quit,
         }
 
@@ -437,6 +454,35 @@ class QmpDispatcher:
                 self._run.events.append(ev)  # QEMU sends it before the reply
         return {}
 
+    def _object_add(self, args: dict[str, Any]) -> Any:
+        for key in ("qom-type", "id"):
+            if key not in args:
+                raise CommandError(f"Parameter '{key}' is missing")
+            if not isinstance(args[key], str):
+                raise CommandError(f"Invalid parameter type for '{key}', expected: string")
+        qom_type, oid = args["qom-type"], args["id"]
+        spec = _OBJECT_PROPERTIES.get(qom_type)
+        if spec is None:
+            raise CommandError(f"object type '{qom_type}' is not supported by this receiver "
+                               f"(only {', '.join(_OBJECT_PROPERTIES)})")
+        props = {k: v for k, v in args.items() if k not in ("qom-type", "id")}
+        for name, value in props.items():
+            kind = spec.get(name)
+            if kind is None:
+                raise CommandError(f"Parameter '{name}' is unexpected")
+            _check_parameter(name, value, kind)
+        self.target.object_add(qom_type, oid, props)
+        return {}
+
+    def _object_del(self, args: dict[str, Any]) -> Any:
+        _only(args, "id")
+        if "id" not in args:
+            raise CommandError("Parameter 'id' is missing")
+        if not isinstance(args["id"], str):
+            raise CommandError("Invalid parameter type for 'id', expected: string")
+        self.target.object_del(args["id"])
+        return {}
+
     def _quit(self, args: dict[str, Any]) -> Any:
         _no_args(args)
         self.target.quit()
@@ -461,6 +507,10 @@ def _check_parameter(name: str, value: Any, spec: tuple[str, Any, Any]) -> Any:
     if kind == "bool":
         if not isinstance(value, bool):
             raise CommandError(f"Invalid parameter type for '{name}', expected: boolean")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise CommandError(f"Invalid parameter type for '{name}', expected: string")
         return value
     if kind == "str_or_null":
         if value is None:

@@ -66,9 +66,11 @@ from qioc_green import (
     UnexpectedEOF,
 )
 
+from ._destination import EVENTS, Destination
 from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
 from ._parser import StreamParser
+from ._rp_codec import ReturnPathError
 from ._sinks import BUFFERS, CHUNK, Forwarder, RamDir
 from ._summary import Summary
 from ._uri import Endpoint
@@ -104,7 +106,8 @@ class Receiver:
     accept a stream that ends without the VM description (QEMU's ``suppress-vmdesc``, postcopy);
     ``digest``: put the sha256 of the bytes received (and forwarded) into the summary;
     ``progress``: a text stream for a progress line (a terminal); ``idle_timeout``: give up
-    when no byte arrives for that long.
+    when no byte arrives for that long. ``destination``: the return path of this migration
+    (``_destination``): answered, or relayed from the forwarding destination.
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
@@ -112,7 +115,8 @@ class Receiver:
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None,
-                 parser_factory: Callable[[], StreamParser] = StreamParser) -> None:
+                 parser_factory: Callable[[], StreamParser] = StreamParser,
+                 destination: Destination | None = None) -> None:
         if forward is not None and forward_context is None:
             raise ValueError("forwarding needs a context for its writer")
         self.save = save
@@ -126,6 +130,8 @@ class Receiver:
         self.progress = progress
         self.idle_timeout = idle_timeout
         self.parser_factory = parser_factory
+        self.destination = destination
+        self.summary = Summary()  # of the migration being received: read by the QMP monitor
         self.received = 0
         self.section = ""
         self._progress_shown = False
@@ -138,7 +144,8 @@ class Receiver:
         are reported the same way.)
         """
         parser = self.parser_factory()
-        summary = Summary()
+        summary = self.summary = Summary()
+        dest = self.destination
         save: FileChannel | None = None
         ram: RamDir | None = None
         fwd: Forwarder | None = None
@@ -148,6 +155,8 @@ class Receiver:
         t0 = time.monotonic()
         cpu0 = time.process_time()
         try:
+            if dest is not None:
+                dest.start(channel)
             if self.save is not None:
                 save = FileChannel.open(self.save, "w", name="save")
             if self.ram_dir is not None:
@@ -155,11 +164,13 @@ class Receiver:
             if self.forward is not None:
                 assert self.forward_context is not None
                 fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
-                                buffers=self.buffers, digest=self.digest)
+                                buffers=self.buffers, digest=self.digest,
+                                connect=dest.connect_forward if dest is not None else None)
             last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
                 raise ReceiveError(self.received, "stream incomplete")
-            if not summary.described and not self.allow_undescribed:
+            if not summary.described and not (self.allow_undescribed
+                                              or (dest is not None and dest.postcopy)):
                 summary.complete = False
                 raise ReceiveError(self.received, "expected the VM description (0x06) after "
                                    "EOF, the stream ended (--allow-undescribed accepts that)")
@@ -172,11 +183,17 @@ class Receiver:
             error = str(exc)
         except ReceiveError as exc:
             error = str(exc)
+        except ReturnPathError as exc:
+            error = f"offset {self.received}: {exc}"
         except (ChannelError, OSError, TimeoutError) as exc:
             error = f"offset {self.received}: {_describe(exc)}"
         finally:
+            if dest is not None and dest.error is not None:  # the relay failed it first
+                error = f"offset {self.received}: {dest.error}"
             if fwd is not None and not finished:
                 fwd.abort()
+            if dest is not None:
+                dest.finish(error)
             channel.close()
             if save is not None:
                 save.close()
@@ -193,6 +210,8 @@ class Receiver:
             d["error"] = error
         if sha is not None:
             d["sha256_in"] = sha.hexdigest()
+        if dest is not None:
+            d["return_path"] = dest.as_dict()
         if fwd is not None:
             d["forward"] = {"uri": str(fwd.endpoint), "bytes": fwd.bytes_out,
                             "buffers_high_water": fwd.high_water,
@@ -220,6 +239,8 @@ class Receiver:
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
         t0 = last = time.monotonic()
         pending: tuple[bytearray, int] | None = None
+        dest = self.destination
+        flush = False
         while True:
             if fwd is not None:
                 buf = fwd.acquire()
@@ -231,8 +252,10 @@ class Receiver:
             try:
                 n = ch.readinto(view, timeout=wait)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
-                raise ReceiveError(self.received,
-                                   f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
+                if dest is None or not dest.done:
+                    raise ReceiveError(self.received,
+                                       f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
+                n = 0  # after SHUT: a TLS source hangs up without close_notify
             except TimeoutError:
                 # With a low-water mark, a quiet sender may leave fewer bytes than the mark
                 # waiting: the retry's read takes them (it tries before it parks).
@@ -267,6 +290,8 @@ class Receiver:
                         self.section = ev.idstr
                     elif tev is RamBlocks and ram is not None:
                         ram.blocks(ev)  # type: ignore[arg-type]
+                    elif dest is not None and tev in EVENTS and dest.event(ev):
+                        flush = True
                     add(ev)
             finally:
                 self.received += n
@@ -277,6 +302,13 @@ class Receiver:
                 if pending is not None:
                     fwd.submit(*pending)
                 pending = (buf, n)  # type: ignore[assignment]
+                if flush or (dest is not None and dest.postcopy):
+                    # the source waits for the destination (its SHUT; in postcopy, pages its
+                    # guest faults on): hold nothing back
+                    assert buf is not None
+                    fwd.submit(buf, n)
+                    pending = None
+                    flush = False
             if progress is not None:
                 now = time.monotonic()
                 if now >= next_progress:
@@ -288,6 +320,8 @@ class Receiver:
                     self._progress_shown = True
         parser.close()  # raises MigrationStreamError when the stream is cut short
         while (ev := next_event()) is not NEED_DATA:
+            if dest is not None and type(ev) in EVENTS:
+                dest.event(ev)
             add(ev)
         return pending
 

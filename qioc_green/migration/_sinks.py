@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from qioc_green import (
@@ -115,11 +116,14 @@ class Forwarder:
     the destination, which sees EOF) and waits for the writer; ``abort(reason)`` drops the
     destination without sending what is queued. A writer failure surfaces in the reader's next
     ``acquire()`` as BrokenChannelError. ``high_water`` is the most buffers ever in flight.
+    ``connect(endpoint, timeout)`` opens the destination in the writer's greenlet (default
+    ``open_outgoing``; the receiver's adds TLS and the return-path relay).
     """
 
     def __init__(self, endpoint: Endpoint, context: Context, *, chunk: int = CHUNK,
                  buffers: int = BUFFERS, digest: bool = False,
-                 connect_timeout: float | None = 30.0) -> None:
+                 connect_timeout: float | None = 30.0,
+                 connect: Callable[[Endpoint, float | None], Channel] | None = None) -> None:
         if buffers < 2:
             raise ValueError("forwarding needs at least 2 buffers")
         self.endpoint = endpoint
@@ -135,6 +139,7 @@ class Forwarder:
         self.bytes_out = 0
         self._sha = hashlib.sha256() if digest else None
         self._connect_timeout = connect_timeout
+        self._connect = connect
         self._channel: Channel | None = None
         self._done: Future[None] = context.spawn(self._run)
 
@@ -190,7 +195,10 @@ class Forwarder:
             raise
 
     def _write(self) -> None:
-        ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
+        if self._connect is not None:
+            ch = self._connect(self.endpoint, self._connect_timeout)
+        else:
+            ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
         self._channel = ch
         sha = self._sha
         try:

@@ -9,9 +9,17 @@ destination QEMU (which then resumes the VM).
     qioc-migration-receiver tcp:127.0.0.1:0 --save vm.mig --json vm.json
     qioc-migration-receiver tcp::4444 --forward tcp:127.0.0.1:4445
     python -m qioc_green.migration exec:'cat vm.mig' --ram-dir ram/
+    qioc-migration-receiver tcp:127.0.0.1:4444 --tls-creds /etc/pki/qemu --ram-dir ram/
+    qioc-migration-receiver --qmp unix:/tmp/rx.qmp defer
+
+It answers on the return path as a destination QEMU does (PONG, SWITCHOVER_ACK, SHUT; or, with
+--forward, relays the real destination's answers), takes postcopy migrations, speaks TLS, and
+with --qmp serves a QMP monitor (``-incoming defer`` then ``migrate-incoming``, as libvirt
+drives a destination); see the package README.
 
 Exit status: 0 when every migration received was complete and well formed; 1 otherwise (the
-one-line error on stderr names the stream offset and what was expected); 2 for bad usage.
+one-line error on stderr names the stream offset and what was expected); 2 for bad usage. With
+--qmp the monitor stays up after the migration until ``quit``; then 0 if it completed.
 """
 
 from __future__ import annotations
@@ -25,8 +33,13 @@ from typing import Any
 
 import qioc_green
 
+from ._destination import answers_back
+from ._monitor import Monitor
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
+from ._settings import DestinationSettings
 from ._sinks import BUFFERS, CHUNK
+from ._summary import Summary
+from ._tls import HANDSHAKE_TIMEOUT, TlsCreds, TlsError, accept_tls
 from ._uri import Endpoint, Incoming, parse_uri
 
 PROG = "qioc-migration-receiver"
@@ -42,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                "fd:N (an inherited socket, pipe or file; a listening socket is accepted on), "
                "exec:CMDLINE (reads the command's stdout), file:PATH[,offset=N]. "
                "Exit status: 0 complete and well formed, 1 not, 2 bad usage.")
-    p.add_argument("uri", help="where the stream comes from")
+    p.add_argument("uri", help="where the stream comes from; 'defer' (with --qmp): wait for "
+                                "QMP migrate-incoming to say")
     p.add_argument("--save", metavar="FILE", help="write the raw stream, byte for byte")
     p.add_argument("--ram-dir", metavar="DIR",
                    help="rebuild each RAM block as a (sparse) file in DIR")
@@ -68,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"buffers shared with the forwarding writer: the relay's memory bound "
                         f"(default {BUFFERS})")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stdout")
+    g = p.add_argument_group("as a destination QEMU")
+    g.add_argument("--qmp", metavar="ADDR",
+                   help="serve a QMP monitor on unix:PATH (or tcp:HOST:PORT), as QEMU's -qmp; "
+                        "it stays up after the migration until 'quit'")
+    g.add_argument("--switchover-ack", choices=("auto", "on", "off"), default="auto",
+                   help="without --qmp: answer SWITCHOVER_ACK when the return path opens (auto: "
+                        "if the source's machine type is 8.1 or newer; --qmp: the capability)")
+    g.add_argument("--tls-creds", metavar="DIR",
+                   help="take the source over TLS: DIR in QEMU's tls-creds-x509 layout "
+                        "(ca-cert.pem, server-cert.pem, server-key.pem); plaintext is refused")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate from the source, signed by ca-cert.pem")
+    g.add_argument("--forward-tls-creds", metavar="DIR",
+                   help="speak TLS to the --forward destination: DIR holds ca-cert.pem "
+                        "(and client-cert.pem, client-key.pem if it wants one)")
+    g.add_argument("--forward-tls-hostname", metavar="NAME",
+                   help="the name the destination's certificate must carry (QEMU's "
+                        "tls-hostname; default: the host of the --forward URI)")
     return p
 
 
@@ -100,9 +132,21 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _refused(error: str) -> Outcome:
+    """The outcome of a migration refused before its first byte (its TLS handshake)."""
+    d = Summary().as_dict(elapsed_s=0.0, bytes_total=0)
+    d["error"] = error
+    return Outcome(d, error)
+
+
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None) -> list[bool]:
-    """Take migrations one after another (in the receiving IOThread); return their verdicts."""
+          forward_ctx: qioc_green.Context | None, settings: DestinationSettings | None = None,
+          rp_ctx: qioc_green.Context | None = None,
+          forward_tls: tuple[Any, str | None] | None = None) -> list[bool]:
+    """Take migrations one after another (in the receiving IOThread); return their verdicts.
+
+    ``settings``: TLS and the return path (``rp_ctx``: the IOThread that writes it)."""
+    settings = settings or DestinationSettings()
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -119,12 +163,27 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 return path
             return numbered(path, n)
 
+        dest = None
+        if rp_ctx is not None:
+            dest = settings.destination(
+                rp_ctx, relay=forward is not None and answers_back(forward),
+                allow_undescribed=args.allow_undescribed, forward_tls=forward_tls,
+                write_timeout=args.idle_timeout)
         rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
                       forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout)
-        out = rx.receive(ch)
+                      idle_timeout=args.idle_timeout, destination=dest)
+        settings.receiver = rx
+        tls = settings.server_tls()
+        try:
+            if tls is not None:
+                ch = accept_tls(ch, tls, timeout=args.idle_timeout or HANDSHAKE_TIMEOUT)
+        except TlsError as exc:
+            out = _refused(f"offset 0: {exc}")
+            settings.failed(str(out.error))
+        else:
+            out = rx.receive(ch)
         json_path = name(args.json)
         if json_path is not None:
             _write_json(json_path, out.summary)
@@ -143,11 +202,25 @@ def _interrupted(signum: int, frame: object) -> None:
     raise _Interrupted(128 + signum)
 
 
+def _check_destination_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.uri == "defer" and not args.qmp:
+        parser.error("defer needs --qmp (migrate-incoming then says where to listen)")
+    if args.qmp and args.keep_listening:
+        parser.error("--qmp serves one incoming migration: no --keep-listening")
+    if args.tls_verify_peer and not args.tls_creds:
+        parser.error("--tls-verify-peer needs --tls-creds")
+    if (args.forward_tls_creds or args.forward_tls_hostname) and not args.forward:
+        parser.error("--forward-tls-creds and --forward-tls-hostname need --forward")
+    if args.forward_tls_hostname and not args.forward_tls_creds:
+        parser.error("--forward-tls-hostname needs --forward-tls-creds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_destination_args(parser, args)
     try:
-        source = parse_uri(args.uri)
+        source = parse_uri(args.uri) if args.uri != "defer" else None
         forward = parse_uri(args.forward) if args.forward else None
     except ValueError as exc:
         parser.error(str(exc))
@@ -155,18 +228,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
-    incoming = Incoming(source)
+    settings = DestinationSettings(
+        monitored=bool(args.qmp), deferred=source is None,
+        switchover_ack={"auto": None, "on": True, "off": False}[args.switchover_ack])
+    forward_tls = None
     try:
-        incoming.open()
-    except (OSError, qioc_green.ChannelError) as exc:
-        _error(f"cannot listen on {source}: {exc}")
+        if args.tls_creds:
+            settings.use_tls_dir(args.tls_creds, args.tls_verify_peer)
+        if args.forward_tls_creds:
+            forward_tls = (TlsCreds(args.forward_tls_creds, "client").context(),
+                           args.forward_tls_hostname)
+    except TlsError as exc:
+        _error(str(exc))
         return 1
-    if args.keep_listening and not incoming.can_repeat:
-        incoming.close()
-        parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
-    if incoming.listening is not None:
-        where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
-        print(f"listening on {where}", flush=True)
+    incoming: Incoming | None = None
+    if source is not None:
+        incoming = Incoming(source)
+        try:
+            incoming.open()
+        except (OSError, qioc_green.ChannelError) as exc:
+            _error(f"cannot listen on {source}: {exc}")
+            return 1
+        if args.keep_listening and not incoming.can_repeat:
+            incoming.close()
+            parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
+        _say_listening(incoming)
+        settings.listening(incoming)
 
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
@@ -175,25 +262,101 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
-    recv_thread = qioc_green.IOThread("mig-recv").start()
-    fwd_thread = qioc_green.IOThread("mig-forward").start() if forward is not None else None
+    threads = _Threads(forward is not None)
+    monitor: Monitor | None = None
     try:
-        fut = recv_thread.context.spawn(
-            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None)
-        try:
-            verdicts = fut.result()
-        except _Interrupted:
-            # Stop taking migrations; a migration in progress is cut short (its greenlet is
-            # woken with ContextStoppedError), reported as incomplete, its files kept.
-            incoming.close()
-            recv_thread.stop()
+        if args.qmp:
             try:
-                verdicts = fut.result(10)
-            except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
-                verdicts = [False]
+                monitor = Monitor(args.qmp, settings)
+            except (OSError, qioc_green.ChannelError) as exc:
+                _error(f"cannot serve QMP on {args.qmp}: {exc}")
+                return 1
+            settings.on_status = monitor.status
+            print(f"qmp on {monitor.address}", flush=True)
+        return _run(incoming, args, forward, forward_tls, settings, threads, monitor)
     finally:
-        incoming.close()
-        recv_thread.stop()
-        if fwd_thread is not None:
-            fwd_thread.stop()
+        if incoming is not None:
+            incoming.close()
+        if monitor is not None:
+            monitor.close()
+        threads.stop()
+
+
+def _say_listening(incoming: Incoming) -> None:
+    if incoming.listening is not None:
+        ep = incoming.endpoint
+        where = incoming.listening if ep.kind != "unix" else f"unix:{ep.path}"
+        print(f"listening on {where}", flush=True)
+
+
+class _Threads:
+    """The IOThreads of a run: receiving, the return path, forwarding."""
+
+    def __init__(self, forwarding: bool) -> None:
+        self.recv = qioc_green.IOThread("mig-recv").start()
+        self.rp = qioc_green.IOThread("mig-return-path").start()
+        self.fwd = qioc_green.IOThread("mig-forward").start() if forwarding else None
+
+    def stop(self) -> None:
+        for t in (self.recv, self.rp, self.fwd):
+            if t is not None:
+                t.stop()
+
+
+def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint | None,
+         forward_tls: tuple[Any, str | None] | None, settings: DestinationSettings,
+         threads: _Threads, monitor: Monitor | None) -> int:
+    """Wait for ``migrate-incoming`` (defer), receive, then wait for ``quit`` (with a monitor).
+    Runs in the main thread; every wait lets its hub run."""
+    started = qioc_green.Event()
+    quitting = qioc_green.Event()
+    finished = qioc_green.Event()
+    opened: list[Incoming] = []
+
+    def on_incoming(inc: Incoming) -> None:  # in the monitor's thread
+        opened.append(inc)
+        _say_listening(inc)
+        started.set()
+
+    def on_quit() -> None:
+        quitting.set()
+        started.set()
+        finished.set()
+
+    settings.on_incoming = on_incoming
+    settings.on_quit = on_quit
+    fut: qioc_green.Future[list[bool]] | None = None
+    try:
+        if incoming is None:
+            started.wait()
+            if not opened:
+                return 1  # quit before any migration
+            incoming = opened[0]
+
+        def run() -> list[bool]:
+            try:
+                assert incoming is not None
+                return serve(incoming, args, forward, threads.fwd.context if threads.fwd else None,
+                             settings, threads.rp.context, forward_tls)
+            finally:
+                finished.set()
+
+        fut = threads.recv.context.spawn(run)
+        finished.wait()
+        if quitting.is_set() and not fut.done():
+            incoming.close()  # quit during the migration: it is cut short, reported failed
+            threads.recv.stop()
+        verdicts = fut.result(10)
+        if monitor is not None:
+            quitting.wait()
+    except _Interrupted:
+        # Stop taking migrations; a migration in progress is cut short (its greenlet is
+        # woken with ContextStoppedError), reported as incomplete, its files kept.
+        if incoming is not None:
+            incoming.close()
+        threads.recv.stop()
+        try:
+            verdicts = fut.result(10) if fut is not None else [False]
+        except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
+            verdicts = [False]
     return 0 if verdicts and all(verdicts) else 1
