@@ -1,14 +1,9 @@
-"""Serve the sans-IO QMP dispatcher on a UNIX socket with qioc_green's public channels (tests).
+"""What the QMP tests share: ``RecordingTarget``, a MigrationTarget that keeps what it is told
+and refuses what a receiver would refuse (so the monitor can be driven without a migration),
+and a private asyncio loop for qemu.qmp's blocking client.
 
-``QmpTestServer(path, target)`` runs a monitor in its own IOThread, as the receiver will: a
-NetListener hands each client to a greenlet that reads in blocking style and feeds
-``QmpConnection`` / ``QmpDispatcher``; what goes back to a client goes through a bounded queue
-to that client's writer greenlet, so an event broadcast never writes to a channel another
-greenlet is writing, and a client that stops reading is dropped (not waited for) once its queue
-is full. ``status(s)`` tells the monitor, from any thread, that the migration is now in ``s``.
-
-``RecordingTarget`` is the MigrationTarget the tests hand it: a small, honest implementation
-that keeps what it is told and refuses what a receiver would refuse.
+The monitor itself is the receiver's (``qioc_green.migration.Monitor``): the tests serve this
+target with it, exactly as ``qioc-migration-receiver --qmp`` serves its settings.
 """
 
 from __future__ import annotations
@@ -18,22 +13,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import gevent
-
-from qioc_green import BrokenChannelError, Channel, ChannelClosedError, IOThread, NetListener, Queue
-from qioc_green.migration import (
-    DEFAULT_PARAMETERS,
-    BroadcastEvent,
-    CommandError,
-    IncomingInfo,
-    MigrationTarget,
-    QmpConnection,
-    QmpDispatcher,
-    QmpEvent,
-    SendReply,
-)
-
-OUTBOX = 64  # messages queued to one client before it is dropped
+from qioc_green.migration import DEFAULT_PARAMETERS, CommandError, IncomingInfo
 
 
 class RecordingTarget:
@@ -46,6 +26,7 @@ class RecordingTarget:
         self.state = "inmigrate"
         self.calls: list[tuple[str, Any]] = []
         self.quitted = False
+        self.objects: dict[str, dict[str, Any]] = {}
 
     def incoming_info(self) -> IncomingInfo:
         return self.info
@@ -84,89 +65,16 @@ class RecordingTarget:
     def quit(self) -> None:
         self.quitted = True
 
+    def object_add(self, qom_type: str, id: str, props: Mapping[str, Any]) -> None:
+        if id in self.objects:
+            raise CommandError(f"attempt to add duplicate property '{id}' to object "
+                               "(type 'container')")
+        self.calls.append(("object-add", (qom_type, id, dict(props))))
+        self.objects[id] = dict(props)
 
-class _Client:
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
-        self.conn = QmpConnection()
-        self.outbox: Queue[bytes] = Queue(OUTBOX)
-
-    def put(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            self.outbox.put(data, timeout=0)
-        except TimeoutError:  # it stopped reading: drop it rather than wait for it
-            self.channel.close()
-
-
-class QmpTestServer:
-    """A QMP monitor on ``unix:path`` in its own IOThread; ``close()`` stops it."""
-
-    def __init__(self, path: str, target: MigrationTarget) -> None:
-        self.thread = IOThread("qmp-monitor").start()
-        self.dispatcher = QmpDispatcher(target)
-        self.served = 0
-        self._clients: list[_Client] = []  # only touched in the monitor's thread
-        self.listener = NetListener("qmp-test")
-        try:
-            self.listener.open(f"unix:{path}")
-            self.listener.set_client_handler(self._serve, self.thread.context)
-        except BaseException:
-            self.close()
-            raise
-
-    def _serve(self, channel: Channel) -> None:
-        client = _Client(channel)
-        writer = gevent.spawn(self._write, client)
-        self._clients.append(client)
-        self.served += 1
-        try:
-            client.put(self.dispatcher.greeting(client.conn))
-            while True:
-                data = channel.read(65536)
-                client.conn.receive_data(data)
-                for action in self.dispatcher.handle(client.conn):
-                    if isinstance(action, SendReply):
-                        client.put(action.data)
-                    elif isinstance(action, BroadcastEvent):
-                        self._broadcast(action.event)
-                    else:
-                        return
-                if not data:
-                    return
-        except (BrokenChannelError, ChannelClosedError):
-            pass
-        finally:
-            self._clients.remove(client)
-            client.outbox.close()
-            writer.join(5)
-
-    @staticmethod
-    def _write(client: _Client) -> None:
-        try:
-            while True:
-                client.channel.write_all(client.outbox.get())
-        except Exception:  # noqa: BLE001 - closed queue, or the client went away
-            return
-
-    def _broadcast(self, event: QmpEvent) -> None:
-        for client in list(self._clients):
-            client.put(client.conn.send(event))
-
-    def status(self, status: str) -> None:
-        """The migration is now in ``status``: broadcast MIGRATION (thread-safe, waits)."""
-
-        def say() -> None:
-            ev = self.dispatcher.migration_status(status)
-            if ev is not None:
-                self._broadcast(ev)
-
-        self.thread.context.call(say, timeout=10)
-
-    def close(self) -> None:
-        self.listener.close(grace=2)
-        self.thread.stop()
+    def object_del(self, id: str) -> None:
+        if self.objects.pop(id, None) is None:
+            raise CommandError(f"object '{id}' not found")
 
 
 @contextlib.contextmanager

@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from qioc_green.migration import Monitor
 from tests.peers import REQUIRED, need_qemu10
-from tests.polling import poll_pause
-from tests.qmp_harness import QmpTestServer, RecordingTarget, event_loop
+from tests.polling import poll_pause, wait_until
+from tests.qmp_harness import RecordingTarget, event_loop
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
 
@@ -42,10 +43,10 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture
-def monitor(tmp_path: Any) -> Iterator[tuple[QmpTestServer, RecordingTarget, str]]:
+def monitor(tmp_path: Any) -> Iterator[tuple[Monitor, RecordingTarget, str]]:
     path = os.path.join(tmp_path, "qmp.sock")
     target = RecordingTarget()
-    server = QmpTestServer(path, target)
+    server = Monitor(f"unix:{path}", target)
     try:
         yield server, target, path
     finally:
@@ -132,6 +133,7 @@ def test_quit_sends_shutdown_then_closes(monitor, loop):
         assert qmp.cmd("quit") == {}
         (ev,) = qmp.get_events(wait=5.0)
         assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-qmp-quit"
+        assert wait_until(lambda: server.clients == 0)  # the monitor hung up
     finally:
         # the server hung up after its reply: the library reports that EOF on close, exactly as
         # with QEMU (QEMU's own python/qemu/machine expects it after 'quit')

@@ -18,6 +18,7 @@ Modules, h11-style: ``_format`` (the numbers), ``_events``, ``_receivebuffer``, 
 ``_receiver`` (the glue); ``cli``.
 """
 
+from ._destination import Destination
 from ._events import (
     Command,
     Configuration,
@@ -41,6 +42,7 @@ from ._events import (
     expand_pages,
 )
 from ._format import COMMANDS, NEED_DATA, LocalProtocolError, MigCommand, MigrationStreamError
+from ._monitor import Monitor
 from ._parser import StreamParser
 from ._qmp import (
     NO_ID,
@@ -89,8 +91,10 @@ from ._rp_codec import (
     encode_shut,
     encode_switchover_ack,
 )
+from ._settings import DestinationSettings
 from ._sinks import Forwarder, RamDir
 from ._summary import Summary
+from ._tls import TlsCreds, TlsError, accept_tls, connect_tls
 from ._uri import Endpoint, Incoming, open_outgoing, parse_uri
 
 __all__ = [
@@ -102,7 +106,9 @@ __all__ = [
     "CommandError",
     "Configuration",
     "DEFAULT_PARAMETERS",
+    "Destination",
     "DestinationReturnPath",
+    "DestinationSettings",
     "DeviceState",
     "EndOfState",
     "Endpoint",
@@ -116,6 +122,7 @@ __all__ = [
     "MigCommand",
     "MigrationStreamError",
     "MigrationTarget",
+    "Monitor",
     "NEED_DATA",
     "NO_ID",
     "Outcome",
@@ -160,8 +167,12 @@ __all__ = [
     "StreamParser",
     "Summary",
     "SwitchoverAck",
+    "TlsCreds",
+    "TlsError",
     "VmDescription",
     "ZeroPages",
+    "accept_tls",
+    "connect_tls",
     "decode_advise",
     "decode_ram_discard",
     "encode_message",

@@ -52,7 +52,7 @@ from qioc_green import (
 )
 
 from ._events import Command, Configuration, DeviceState, EndOfState, StreamEnd
-from ._format import NEED_DATA
+from ._format import NEED_DATA, MigrationStreamError
 from ._return_path import DestinationReturnPath, PostcopyState
 from ._rp_codec import (
     Pong,
@@ -186,7 +186,14 @@ class Destination:
     def event(self, ev: Any) -> bool:
         """One of :data:`EVENTS`, in stream order. True when this is where the source waits for
         SHUT: everything up to here must reach the destination now. May park (a full outbox).
-        Raises ReturnPathError where QEMU's destination would fail."""
+        Raises MigrationStreamError (at the event's offset) where QEMU's destination would
+        fail."""
+        try:
+            return self._event(ev)
+        except ReturnPathError as exc:
+            raise MigrationStreamError(getattr(ev, "offset", 0), str(exc)) from None
+
+    def _event(self, ev: Any) -> bool:
         if isinstance(ev, Command):
             before = self.rp.status
             out = self.rp.command(ev.command, ev.data)
@@ -296,11 +303,11 @@ class Destination:
                 except BrokenChannelError as exc:
                     if self._shut_relayed:
                         return  # a TLS destination may hang up without close_notify
-                    raise ReturnPathError(f"broken: {exc}") from None
+                    raise ReturnPathError(f"the connection broke before SHUT ({exc})") from None
                 if not data:
                     reader.close()
                     if self.rp.opened and not self._shut_relayed and not self._failed:
-                        raise ReturnPathError("the destination closed its return path without "
+                        raise ReturnPathError("the destination closed its return path before "
                                               "SHUT (it failed: see its own log)")
                     return
                 reader.feed(data)

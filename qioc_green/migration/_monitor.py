@@ -103,9 +103,10 @@ class Monitor:
         except (BrokenChannelError, ChannelClosedError, ContextStoppedError):
             pass
         finally:
-            self._clients.remove(client)
-            client.outbox.close()
+            client.outbox.close()  # the writer sends what is queued (quit's reply), then ends
             writer.join(5)
+            channel.close()
+            self._clients.remove(client)
 
     @staticmethod
     def _write(client: _Client) -> None:
@@ -114,6 +115,11 @@ class Monitor:
                 client.channel.write_all(client.outbox.get())
         except Exception:  # noqa: BLE001 - closed outbox, or the client went away
             return
+
+    @property
+    def clients(self) -> int:
+        """Clients connected now (a client is gone once its connection is closed)."""
+        return len(self._clients)
 
     def _broadcast(self, event: QmpEvent) -> None:
         for client in list(self._clients):

@@ -70,9 +70,9 @@ from ._destination import EVENTS, Destination
 from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
 from ._parser import StreamParser
-from ._rp_codec import ReturnPathError
 from ._sinks import BUFFERS, CHUNK, Forwarder, RamDir
 from ._summary import Summary
+from ._tls import early_close
 from ._uri import Endpoint
 
 LOWAT_WAIT = 0.05  # s; see _set_rcvlowat()
@@ -183,8 +183,6 @@ class Receiver:
             error = str(exc)
         except ReceiveError as exc:
             error = str(exc)
-        except ReturnPathError as exc:
-            error = f"offset {self.received}: {exc}"
         except (ChannelError, OSError, TimeoutError) as exc:
             error = f"offset {self.received}: {_describe(exc)}"
         finally:
@@ -253,7 +251,8 @@ class Receiver:
                 n = ch.readinto(view, timeout=wait)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
                 if dest is None or not dest.done:
-                    raise ReceiveError(self.received,
+                    why = early_close(ch, self.received)
+                    raise ReceiveError(self.received, why or
                                        f"{_describe(exc)}; {_what_was_cut(parser)}") from exc
                 n = 0  # after SHUT: a TLS source hangs up without close_notify
             except TimeoutError:

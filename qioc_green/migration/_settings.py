@@ -97,6 +97,7 @@ class DestinationSettings:
         self.receiver: Receiver | None = None
         self.destination_state: Destination | None = None
         self.started_at = 0.0
+        self.ended_at: float | None = None
         self.postcopy_from: int | None = None  # bytes received when postcopy began
 
     # -- set up by the command line --------------------------------------------------------------
@@ -142,6 +143,8 @@ class DestinationSettings:
             self.postcopy_from = rx.received
         elif status == "failed" and self.destination_state is not None:
             self.error = self.destination_state.final_error or self.error
+        if status in ("completed", "failed"):
+            self.ended_at = time.monotonic()
         self.status = status
         if self.on_status is not None:
             self.on_status(status)
@@ -173,7 +176,8 @@ class DestinationSettings:
             except RuntimeError:
                 continue
         received = rx.received
-        elapsed = max(time.monotonic() - self.started_at, 1e-9) if self.started_at else 0.0
+        end = self.ended_at if self.ended_at is not None else time.monotonic()
+        elapsed = max(end - self.started_at, 1e-9) if self.started_at else 0.0
         post = self.postcopy_from
         return RamStats(
             transferred=received, total=sum(b["size"] for b in blocks),

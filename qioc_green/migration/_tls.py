@@ -140,6 +140,16 @@ def connect_tls(channel: Channel, ctx: ssl.SSLContext, hostname: str | None, *,
         raise
 
 
+def early_close(channel: Channel, received: int) -> str | None:
+    """What to say when a TLS peer hangs up before the stream's first byte: QEMU checks the
+    server's certificate only after the handshake, so a source that refuses ours closes then."""
+    if received or not isinstance(channel, TLSChannel):
+        return None
+    return ("the source closed its TLS session before the stream began: did it refuse our "
+            "certificate? (its ca-cert.pem must have signed ours, and its tls-hostname, or "
+            "the host of its URI, must be in it)")
+
+
 def _handshake(tls: TLSChannel, peer: str, timeout: float | None) -> None:
     try:
         tls.handshake(timeout=timeout)
