@@ -150,6 +150,48 @@ def _has_shut(data: bytes) -> bool:
     return False
 
 
+class QmpClient:
+    """qemu.qmp's QEMUMonitorProtocol, answering errors as values (``cmd_raw``)."""
+
+    def __init__(self, path: str) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.qmp = QEMUMonitorProtocol(path)
+        self.qmp.settimeout(10)
+        self.greeting = self.qmp.connect(negotiate=True)
+
+    def __call__(self, name: str, **args: Any) -> Any:
+        return self.qmp.cmd_raw(name, args or None)
+
+    def ok(self, name: str, **args: Any) -> Any:
+        reply = self(name, **args)
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def error(self, name: str, **args: Any) -> str:
+        reply = self(name, **args)
+        assert reply["error"]["class"] == "GenericError", reply
+        return str(reply["error"]["desc"])
+
+    def statuses(self, until: str, timeout: float = WAIT) -> list[str]:
+        """MIGRATION statuses, as they come, up to ``until`` (failed ends it too)."""
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while not got or got[-1] not in (until, "failed"):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {until!r} event: {got}"
+            ev = self.qmp.pull_event(wait=left)
+            if ev is not None and ev["event"] == "MIGRATION":
+                got.append(ev["data"]["status"])
+        return got
+
+    def close(self) -> None:
+        try:
+            self.qmp.close()
+        except EOFError:  # the monitor hung up after quit, as QEMU's does
+            pass
+
+
 # -- QEMU ------------------------------------------------------------------------------------
 
 
@@ -197,7 +239,7 @@ def tls_dirs(base: Path) -> dict[str, str]:
     """``tls-creds-x509`` directories: ``server`` (for the receiver or a destination:
     ca-cert, server-cert for DNS:localhost and IP:127.0.0.1, server-key), ``client`` (ca-cert,
     client-cert, client-key), ``client-other-ca`` (a client that trusts another CA only) and
-    ``client-other-cert`` (a client whose certificate another CA signed)."""
+    ``client-other-cert`` (a client whose certificate another CA signed; it trusts both)."""
     d = str(base / "pki")
     os.makedirs(d)
     _ca(d, "ca")
@@ -210,11 +252,15 @@ def tls_dirs(base: Path) -> dict[str, str]:
                    "server-key.pem": "server.key"},
         "client": {"ca-cert.pem": "ca.pem", "client-cert.pem": "client.pem",
                    "client-key.pem": "client.key"},
-        "client-other-ca": {"ca-cert.pem": "otherca.pem", "client-cert.pem": "client.pem",
-                            "client-key.pem": "client.key"},
-        "client-other-cert": {"ca-cert.pem": "ca.pem", "client-cert.pem": "otherclient.pem",
+        "client-other-ca": {"ca-cert.pem": "otherca.pem"},
+        # QEMU checks its own certificate against its own CAs: it trusts both
+        "client-other-cert": {"ca-cert.pem": "both-ca.pem", "client-cert.pem": "otherclient.pem",
                               "client-key.pem": "otherclient.key"},
     }
+    with open(os.path.join(d, "both-ca.pem"), "w") as f:
+        for name in ("ca.pem", "otherca.pem"):
+            with open(os.path.join(d, name)) as ca:
+                f.write(ca.read())
     out = {}
     for name, files in layout.items():
         path = base / name

@@ -188,6 +188,10 @@ class Receiver:
         finally:
             if dest is not None and dest.error is not None:  # the relay failed it first
                 error = f"offset {self.received}: {dest.error}"
+            elif error is not None and dest is not None and dest.postcopy and not dest.done:
+                at, _, what = error.partition(": ")
+                error = (f"{at}: the source went away during postcopy, and postcopy recovery "
+                         f"is not supported: {what}")
             if fwd is not None and not finished:
                 fwd.abort()
             if dest is not None:
