@@ -9,6 +9,9 @@ normal page) migrates from a real QEMU with max-bandwidth raised, in one run, in
 * a plain Python sink: a blocking socket and ``recv_into`` a 1 MiB buffer until EOF;
 * ``socat -u -b 1048576 TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
 * a destination QEMU directly, and through the receiver with ``--forward``;
+* with ``--tls`` also over TLS (certificates made with openssl; the source gets a
+  ``tls-creds-x509`` object): into the receiver with ``--tls-creds``, and into a destination
+  QEMU with TLS, beside the plaintext runs of the same round;
 
 and a saved stream of the same VM is parsed from a file by the receiver, beside a plain Python
 read of that file. A fresh source QEMU serves each migration (7.2 will not migrate a VM twice).
@@ -20,7 +23,7 @@ file parse uses the receiver's own elapsed time (from its JSON), so interpreter 
 not count. Medians are reported, with each round's figure. Processes are killed by pid and the
 big files (under ``--tmp``, /tmp by default) are deleted at the end.
 
-    python bench/migration.py [--mem-mib 1024] [--rounds 3] [--json bench/out/migration.json]
+    python bench/migration.py [--mem-mib 1024] [--rounds 3] [--tls] [--json bench/out/migration.json]
 """
 
 from __future__ import annotations
@@ -73,6 +76,40 @@ print(n, time.monotonic() - t0, flush=True)
 """
 
 
+def make_certs(d: str) -> tuple[str, str]:
+    """A CA, a server certificate for 127.0.0.1, and the tls-creds-x509 directories of a
+    server (ca-cert, server-cert, server-key) and a client (ca-cert): (server dir, client dir)."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=bench CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.cnf"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")
+    server, client = os.path.join(d, "server"), os.path.join(d, "client")
+    os.makedirs(server)
+    os.makedirs(client)
+    for src, dst in (("ca.pem", "server/ca-cert.pem"), ("server.pem", "server/server-cert.pem"),
+                     ("server.key", "server/server-key.pem"), ("ca.pem", "client/ca-cert.pem")):
+        shutil.copy(os.path.join(d, src), os.path.join(d, dst))
+    return server, client
+
+
+def tls_object(qemu: Qemu, creds: str, endpoint: str) -> None:
+    """Give ``qemu`` a tls-creds-x509 object and point its migration at it."""
+    qemu.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds,
+                              "endpoint": endpoint, "verify-peer": False})
+    params = {"tls-creds": "tls0"}
+    if endpoint == "client":
+        params["tls-hostname"] = "localhost"
+    qemu.cmd("migrate-set-parameters", **params)
+
+
 def first_line(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -110,10 +147,18 @@ class Bench:
         self.mem = f"{args.mem_mib}M"
         self.ram_file = os.path.join(tmp, "ram.bin")
         self.stream = os.path.join(tmp, "stream.mig")
+        self.certs = make_certs(tmp) if args.tls else ("", "")
 
-    def source(self) -> Qemu:
-        return Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
-                    timeout=60, name="source")
+    def source(self, tls: bool = False) -> Qemu:
+        src = Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
+                   timeout=60, name="source")
+        if tls:
+            try:
+                tls_object(src, self.certs[1], "client")
+            except BaseException:
+                src.close()
+                raise
+        return src
 
     def make_ram(self) -> None:
         chunk = 64 << 20
@@ -123,9 +168,10 @@ class Bench:
     # -- live into sinks ---------------------------------------------------------------------------
 
     def start_sink(self, kind: str) -> tuple[subprocess.Popen[str], str]:
-        if kind == "receiver":
+        if kind in ("receiver", "receiver-tls"):
+            tls = ["--tls-creds", self.certs[0]] if kind == "receiver-tls" else []
             proc = subprocess.Popen(
-                [*RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                [*RECEIVER, "tcp:127.0.0.1:0", "--quiet", *tls,
                  "--json", os.path.join(self.tmp, "rx.json"), *self.args.receiver_args.split()],
                 stdout=subprocess.PIPE, text=True)
             return proc, first_line(proc)
@@ -146,7 +192,7 @@ class Bench:
     def live_sink(self, kind: str) -> dict[str, Any]:
         proc, addr = self.start_sink(kind)
         try:
-            with self.source() as src:
+            with self.source(tls=kind.endswith("-tls")) as src:
                 c0 = _cpu(src.pid)
                 t0 = time.time()
                 src.migrate(addr)
@@ -162,7 +208,7 @@ class Bench:
                 proc.wait(10)
         nbytes = _stream_bytes(info)
         sink_cpu = None
-        if kind == "receiver":
+        if kind.startswith("receiver"):
             with open(os.path.join(self.tmp, "rx.json")) as f:
                 d = json.load(f)
             if not d["complete"]:
@@ -182,6 +228,8 @@ class Bench:
         extra = ("-mem-prealloc",) if self.args.prealloc else ()
         with Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
                   extra=extra, name="dest") as dst:
+            if mode == "direct-tls":
+                tls_object(dst, self.certs[0], "server")
             target = dst.listen()
             dst_c0 = _cpu(dst.pid)
             try:
@@ -198,7 +246,7 @@ class Bench:
                          "--forward", target, "--json", os.path.join(self.tmp, "fwd.json")],
                         stdout=subprocess.PIPE, text=True)
                     target = first_line(proc)
-                with self.source() as src:
+                with self.source(tls=mode.endswith("-tls")) as src:
                     c0 = _cpu(src.pid)
                     t0 = time.time()
                     src.migrate(target)
@@ -289,11 +337,13 @@ def _stream_bytes(info: dict[str, Any]) -> int:
 
 LABELS = {
     "receiver": "live -> receiver (parsing)",
+    "receiver-tls": "live TLS -> receiver --tls-creds",
     "plain": "live -> Python recv_into sink",
     "socat": "live -> socat -b 1M > /dev/null",
     "direct": "live -> destination QEMU",
     "forward": "live -> receiver --forward -> dest",
     "socat-forward": "live -> socat relay -> dest",
+    "direct-tls": "live TLS -> destination QEMU",
     "parse-file": "file -> receiver (parsing)",
     "read-file": "file -> Python readinto",
 }
@@ -312,9 +362,16 @@ def main() -> int:
                         "inside the timed window)")
     p.add_argument("--sinks", default="receiver,plain,socat",
                    help="live sinks to run, comma-separated (default: all three)")
+    p.add_argument("--tls", action="store_true",
+                   help="also over TLS: the receiver with --tls-creds, and a TLS destination QEMU")
+    p.add_argument("--only-tls", action="store_true",
+                   help="just the TLS comparison: receiver and direct, plaintext and TLS")
     p.add_argument("--receiver-args", default="",
                    help="extra receiver options for the 'receiver' sink (for experiments)")
     args = p.parse_args()
+    if args.only_tls:
+        args.tls = True
+        args.sinks = "receiver"
     if not available() or shutil.which("socat") is None:
         print("needs qemu-system-x86_64 and socat", file=sys.stderr)
         return 2
@@ -332,15 +389,19 @@ def main() -> int:
         b.make_ram()
         size = b.capture()
         print(f"stream size {size} bytes")
-        sinks = [k for k in args.sinks.split(",") if k]
+        sinks = [k for k in args.sinks.split(",") if k] + (["receiver-tls"] if args.tls else [])
         dests = [] if args.skip_forward else ["direct", "forward", "socat-forward"]
+        if args.only_tls:
+            dests = ["direct"]
+        if args.tls:
+            dests.append("direct-tls")
         for r in range(args.rounds):
             rot = r % len(sinks)
             for kind in sinks[rot:] + sinks[:rot]:
                 results[kind].append(b.live_sink(kind))
             for mode in (dests[r % len(dests):] + dests[: r % len(dests)]) if dests else []:
                 results[mode].append(b.live_dest(mode))
-            for kind in (("parse-file", "read-file") if r % 2 == 0
+            for kind in (() if args.only_tls else ("parse-file", "read-file") if r % 2 == 0
                          else ("read-file", "parse-file")):
                 results[kind].append(b.parse_file() if kind == "parse-file" else b.read_file())
             print(f"round {r + 1}: " + ", ".join(
@@ -351,7 +412,9 @@ def main() -> int:
     med = {k: statistics.median(x["gbs"] for x in v) for k, v in results.items() if v}
     ratios = {}
     for a, b_ in (("receiver", "plain"), ("socat", "plain"), ("parse-file", "read-file"),
-                  ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward")):
+                  ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward"),
+                  ("receiver-tls", "receiver"), ("direct-tls", "direct"),
+                  ("receiver-tls", "direct-tls")):
         if a in med and b_ in med:
             ratios[f"{a}/{b_}"] = med[a] / med[b_]
     targets = {}

@@ -55,6 +55,21 @@ def test_tls_migration_with_client_certificates(receivers, tmp_path, pki, versio
     assert (tmp_path / "ram" / "pc.ram").read_bytes() == ram
 
 
+def test_tls_without_a_return_path_loses_nothing_at_the_end(receivers, tmp_path, pki):
+    """A source without a return path never reads its socket: anything the receiver had sent
+    it (TLS 1.3 session tickets, unasked) would make its close a reset, which discards the end
+    of the stream in flight. None is sent; the RAM arrives whole."""
+    ram_file, ram = ram_bytes(tmp_path, 64)
+    rx = receivers("tcp:127.0.0.1:0", "--tls-creds", pki["server"],
+                   "--ram-dir", str(tmp_path / "ram"))
+    with qemu("10", mem="64M", ram_file=ram_file, name="source") as src:
+        tls_source(src, pki["client"])
+        src.migrate(rx.address)
+        assert src.wait_migration(WAIT)["status"] == "completed"
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == ram
+
+
 def test_tls_by_address_without_tls_hostname(receivers, pki):
     """No tls-hostname: QEMU checks the URI's host, 127.0.0.1 (in the certificate's SANs)."""
     rx = receivers("tcp:127.0.0.1:0", "--tls-creds", pki["server"])
