@@ -179,8 +179,9 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         try:
             if tls is not None:
                 ch = accept_tls(ch, tls, timeout=args.idle_timeout or HANDSHAKE_TIMEOUT)
-        except TlsError as exc:
-            out = _refused(f"offset 0: {exc}")
+        except (TlsError, qioc_green.ChannelError) as exc:  # ChannelError: told to stop
+            why = str(exc) if isinstance(exc, TlsError) else "stopped during the TLS handshake"
+            out = _refused(f"offset 0: {why}")
             settings.failed(str(out.error))
         else:
             out = rx.receive(ch)
@@ -346,7 +347,12 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
         if quitting.is_set() and not fut.done():
             incoming.close()  # quit during the migration: it is cut short, reported failed
             threads.recv.stop()
-        verdicts = fut.result(10)
+        try:
+            verdicts = fut.result(10)
+        except _Interrupted:
+            raise
+        except BaseException:  # noqa: BLE001 - stopped; the greenlet has reported what it had
+            verdicts = [False]
         if monitor is not None:
             quitting.wait()
     except _Interrupted:
