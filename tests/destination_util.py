@@ -153,7 +153,7 @@ def _has_shut(data: bytes) -> bool:
 class QmpClient:
     """qemu.qmp's QEMUMonitorProtocol, answering errors as values (``cmd_raw``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | tuple[str, int]) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.qmp = QEMUMonitorProtocol(path)

@@ -253,6 +253,30 @@ def test_misbehaving_clients_leave_the_others_and_the_migration_alone(receivers,
     assert rx.wait() == 0, rx.stderr
 
 
+def test_migrate_incoming_refusals_and_a_tcp_monitor(receivers, tmp_path, loop):
+    """A monitor on TCP (port 0: the line says the port); migrate-incoming's errors as QEMU's,
+    and the receiver's own: nothing starts until one succeeds."""
+    rx = receivers("--qmp", "tcp:127.0.0.1:0", "defer")
+    host, port = rx.said[0].removeprefix("qmp on tcp:").rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    qmp = QmpClient((host, int(port)))
+    try:
+        assert qmp.error("migrate-incoming", uri="ftp:x") == "unknown migration protocol: ftp:x"
+        assert "expected" in qmp.error("migrate-incoming", uri="tcp:nohostport")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            busy = taken.getsockname()[1]
+            assert qmp.error("migrate-incoming", uri=f"tcp:127.0.0.1:{busy}").startswith(
+                f"Failed to listen on tcp:127.0.0.1:{busy}: ")
+        assert qmp.ok("query-migrate") == {}
+        assert "need either 'uri' or 'channels'" in qmp.error("migrate-incoming")
+        qmp.ok("quit")
+    finally:
+        qmp.close()
+    assert rx.wait() == 1
+
+
 def test_a_qmp_address_that_cannot_be_served_is_one_line(tmp_path):
     import subprocess
 

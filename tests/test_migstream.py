@@ -669,6 +669,28 @@ def test_fuzz_only_stream_errors(case):
         assert 0 <= err.offset <= len(data)
 
 
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.integers(0, (1 << 32) - 1), split=st.integers(0, 300_000),
+       inner=st.binary(max_size=40), where=st.integers(0, 12_000))
+def test_fuzz_postcopy_package_length_and_contents(size, split, inner, where):
+    """Whatever length a peer writes in PACKAGED, and whatever it puts inside the package, the
+    parser ends in a result or one stream error (the cap is 1 MiB here: bigger is refused)."""
+    data = load("cmd-postcopy-7.2")
+    at, real = package_of(data)
+    body = at + 9
+    where = min(where, real)
+    mutated = (data[: at + 5] + struct.pack(">I", size) + data[body : body + where] + inner
+               + data[body + where :])
+    p = StreamParser(max_device_bytes=1 << 20)
+    try:
+        parse([mutated[:split], mutated[split:]], p)
+    except MigrationStreamError as err:
+        assert str(err).startswith(f"offset {err.offset}: ")
+        assert 0 <= err.offset <= len(mutated)
+
+
 # -- fresh captures from a real QEMU ----------------------------------------------------------
 
 

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 _error(f"cannot serve QMP on {args.qmp}: {exc}")
                 return 1
             settings.on_status = monitor.status
-            print(f"qmp on {monitor.address}", flush=True)
+            print(f"qmp on {monitor.addresses[0]}", flush=True)
         return _run(incoming, args, forward, forward_tls, settings, threads, monitor)
     finally:
         if incoming is not None:
