@@ -186,10 +186,10 @@ def test_sigterm_keeps_what_was_received(receivers, tmp_path):
         wait_for_file(tmp_path / "s-2.mig", 100000)
         rx.proc.send_signal(signal.SIGTERM)
         assert rx.wait() == 1
-    assert rx.stderr.strip() == "qioc-migration-receiver: migration 2: offset 100000: stopped"
+    assert rx.stderr.strip() == "qioc-migration-receiver: migration 2: offset 100000: stopped by SIGTERM"
     assert (tmp_path / "s-1.mig").read_bytes() == data
     assert (tmp_path / "s-2.mig").read_bytes() == data[:100000]
-    assert json.loads((tmp_path / "s-2.json").read_text())["error"] == "offset 100000: stopped"
+    assert json.loads((tmp_path / "s-2.json").read_text())["error"] == "offset 100000: stopped by SIGTERM"
 
 
 def test_exec_and_file_sources(receivers, tmp_path):

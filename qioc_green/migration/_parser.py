@@ -20,7 +20,7 @@ with one ``struct`` call over all their headers, and it carries a memoryview of 
 page ``i`` is ``data[i*stride : i*stride + page_size]``, its guest offset ``offset + i*page_size``
 (so ``os.pwritev(fd, ev.iov(), ev.offset)`` writes a run in one call). Zero-page records are
 folded into :class:`ZeroPages` runs the same way. A page cut by the end of a fed chunk is the one
-thing copied (into a fresh 4 KiB buffer), so every event holds whole pages. How records fall into
+thing copied (pages are 1 KiB to 64 KiB: ``_ram``), so every event holds whole pages. How records fall into
 runs therefore depends on how the input was chunked; the pages, offsets and bytes do not
 (:func:`expand_pages` gives the chunking-free view, and every other event is identical whatever
 the chunking).
@@ -30,19 +30,18 @@ the chunking).
 buffer (a partial header or page left over is copied), so the caller may reuse its receive
 buffer then, after it has consumed the events that view it.
 
-*Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``.
+*Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``
+and ``_framing``, where postcopy's PACKAGED is parsed in place, bounded by its length.
 
-*Memory is bounded whatever the input*: page data is not buffered; headers are at most a few
-hundred bytes; device data and the JSON have caps; a length over a cap is an error at once, not
-after buffering.
+*Memory is bounded whatever the input*: page data is not buffered; headers are a few hundred
+bytes; held device state (data and events), the JSON (bytes and values), section ids and block
+names have caps, each an error at once, not after buffering (measured: the migration README).
 
 *Speed, measured* (2 shared cores, CPython 3.11, a 64 MiB random-RAM capture from QEMU 7.2 fed
 as memoryview slices, events folded into the summary): 6 GB/s with 64 KiB chunks, 14.5 GB/s
 with 256 KiB, 21 GB/s with 1 MiB, 24 GB/s with 4 MiB, so at the ~1.9 GB/s QEMU sends, parsing
 costs about a tenth of a core with 1 MiB receives. Run structs are compiled once per run
 length and shared by all parsers.
-
-*PACKAGED (postcopy's device state) is parsed in place*, bounded by its length: see ``_package``.
 
 *Not supported, refused with a clear error*: XBZRLE and compressed pages (switch those
 capabilities off), RDMA hooks, streams without section footers.
@@ -54,7 +53,6 @@ the parser (feeding after close) is a ``RuntimeError``.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections import deque
 from typing import Any, Literal, NamedTuple
@@ -97,12 +95,13 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
-from ._package import PackageReader
-from ._ram import RamReader
+from ._framing import DeviceFraming
+from ._ram import RamReader, check_page_bits
 from ._receivebuffer import SHORT, Cursor
-from ._vmdesc import Retained, check_described
+from ._vmdesc import Retained, check_described, load_description
 
 _SCAN_WINDOW = 64 * 1024  # device bytes copied per footer search step
+_ITEM_COST = 160  # memory a held event or retained section takes beside its data (100-150 B)
 
 
 class _Section(NamedTuple):
@@ -113,11 +112,7 @@ class _Section(NamedTuple):
     is_ram: bool
 
 
-def _printable(b: bytes | bytearray | memoryview) -> bool:
-    return all(0x20 < c < 0x7F for c in b)
-
-
-class StreamParser(PackageReader, RamReader):
+class StreamParser(DeviceFraming, RamReader):
     """Parse one QEMU migration stream, sans-IO (h11-style).
 
     ``feed(data)`` adds input, ``next_event()`` returns the next event or :data:`NEED_DATA`,
@@ -125,8 +120,10 @@ class StreamParser(PackageReader, RamReader):
     is the number of stream bytes parsed so far. None of these ever blocks or switches greenlets.
 
     ``page_size``: the target page size (4096 on x86; a ``target-page-bits`` configuration
-    subsection overrides it). ``max_device_bytes``: cap on buffered device-section bytes.
-    ``max_json_bytes``: cap on the description JSON. ``max_ram_blocks``: cap on MEM_SIZE's list.
+    subsection overrides it; 1 KiB to 64 KiB). Caps, an error once crossed: ``max_device_bytes``
+    on device state held for the description (FULL data, and each event held meanwhile at a
+    fixed cost), ``max_json_bytes`` and ``max_json_values`` on the description (see
+    ``_vmdesc.load_description``), ``max_ram_blocks`` on block names, ``max_sections`` on ids.
     """
 
     def __init__(
@@ -135,11 +132,15 @@ class StreamParser(PackageReader, RamReader):
         page_size: int = 4096,
         max_device_bytes: int = 64 << 20,
         max_json_bytes: int = 16 << 20,
+        max_json_values: int = 1_000_000,
         max_ram_blocks: int = 4096,
+        max_sections: int = 32768,
     ) -> None:
         super().__init__(page_size, max_ram_blocks)
         self.max_device_bytes = max_device_bytes
         self.max_json_bytes = max_json_bytes
+        self.max_json_values = max_json_values
+        self.max_sections = max_sections
         self._error: MigrationStreamError | None = None
         self._events: deque[Event] = deque()
         self._step = self._st_header
@@ -156,7 +157,8 @@ class StreamParser(PackageReader, RamReader):
         self._body_start = 0
         self._scan = 0
         self._rejected: tuple[int, bytes] | None = None
-        self._device_bytes = 0
+        self._device_bytes = 0  # retained FULL data + _ITEM_COST per retained section
+        self._held_bytes = 0  # _ITEM_COST per held event (+ data not counted as retained)
         self._retained: list[Retained] = []
         self._held: list[Event] | None = None
 
@@ -230,15 +232,24 @@ class StreamParser(PackageReader, RamReader):
 
     def _emit(self, ev: Event) -> Event | None:
         """Return ev, or hold it if device events are being held."""
-        if self._held is not None:
+        if self._held is not None:  # a FULL section's data is counted once, as retained
+            data = type(ev) is DeviceState and self._cur_kind != QEMU_VM_SECTION_FULL
+            self._held_bytes += _ITEM_COST + (len(ev.data) if data else 0)  # type: ignore[union-attr]
+            self._check_held()
             self._held.append(ev)
             return None
         return ev
+
+    def _check_held(self, more: int = 0) -> None:  # (``more`` alone over the cap: the caller's)
+        if self._device_bytes + self._held_bytes + more > self.max_device_bytes >= more:
+            raise self._err(f"device state held for the VM description is over the "
+                            f"{self.max_device_bytes}-byte cap", self._cur_offset)
 
     def _release(self) -> None:
         if self._held:
             self._events.extend(self._held)
         self._held = None
+        self._held_bytes = 0
 
     def _released_then(self, ev: Event) -> Event | None:
         """Release held events, then ev (queued behind them, so order is kept)."""
@@ -317,9 +328,7 @@ class StreamParser(PackageReader, RamReader):
             name = c.string("configuration subsection name")
             c.be32()  # version
             if name == "configuration/target-page-bits":
-                page_bits = c.be32()
-                if not 9 <= page_bits <= 30:
-                    raise MigrationStreamError(at, f"target page bits {page_bits} is absurd")
+                page_bits = check_page_bits(c.be32(), at)
             elif name == "configuration/capabilities":
                 count = c.be32()
                 if count > 256:
@@ -374,6 +383,8 @@ class StreamParser(PackageReader, RamReader):
             if is_ram and version_id != RAM_VERSION:
                 raise MigrationStreamError(at, f"ram section version {version_id}, expected 4")
             sec = _Section(sid, idstr, instance_id, version_id, is_ram)
+            if sid not in self._sections and len(self._sections) >= self.max_sections:
+                raise MigrationStreamError(at, f"more than {self.max_sections} sections")
             self._sections[sid] = sec
             if t == QEMU_VM_SECTION_START:
                 self._live.add(sid)
@@ -399,7 +410,6 @@ class StreamParser(PackageReader, RamReader):
         self._rejected = None
         self._step = self._st_device
         return self._emit(ev)
-
 
     def _st_footer(self) -> Event | None | NeedData:
         sec = self._cur
@@ -460,7 +470,8 @@ class StreamParser(PackageReader, RamReader):
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
             take = min(len(self._buf) - self._pos, _SCAN_WINDOW, room or _SCAN_WINDOW)
-            if self._device_bytes + len(body) + take > self.max_device_bytes:
+            self._check_held(len(body) + take)
+            if len(body) + take > self.max_device_bytes:
                 raise self._err(
                     f"device data over the {self.max_device_bytes}-byte cap in section "
                     f"{sec.section_id} ({sec.idstr!r}) (no footer found)", self._cur_offset)
@@ -479,57 +490,14 @@ class StreamParser(PackageReader, RamReader):
         data = bytes(body[:q])
         self._body = bytearray()
         if self._cur_kind == QEMU_VM_SECTION_FULL:
-            self._device_bytes += len(data)
+            self._device_bytes += len(data) + _ITEM_COST
+            self._check_held()
             self._retained.append(
                 Retained(sec.section_id, sec.idstr, sec.instance_id, sec.version_id, data,
                           self._body_start))
         self._step = self._st_footer
         return self._emit(
             DeviceState(sec.section_id, sec.idstr, sec.instance_id, data, self._body_start))
-
-    def _plausible_next(self, data: bytearray, i: int) -> bool | None:
-        """Is data[i:] a plausible start of what follows a footer? None: cannot tell yet."""
-        end = len(data)
-        cut = None if not self._closed else True  # what running out of bytes means
-        pkg = self._package_end
-        if pkg is not None and self._body_start + end >= pkg:  # the package ends the data
-            if self._body_start + i == pkg:
-                return True
-            cut = False  # what follows must fit before the package end
-
-        def short(n: int) -> bool:
-            return i + n > end
-
-        if short(1):
-            return cut
-        t = data[i]
-        if t == QEMU_VM_EOF:
-            if short(2):
-                return cut
-            # EOF then the description marker: its length and JSON are checked after
-            return data[i + 1] == QEMU_VM_VMDESCRIPTION
-        if t in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
-            if short(6):
-                return cut
-            n = data[i + 5]
-            if n == 0:
-                return False
-            if short(6 + n + 8):
-                return cut
-            (version,) = BE32.unpack_from(data, i + 6 + n + 4)
-            return _printable(data[i + 6 : i + 6 + n]) and version < 0x10000
-        if t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
-            if short(5):
-                return cut
-            (sid,) = BE32.unpack_from(data, i + 1)
-            return sid in self._live
-        if t == QEMU_VM_COMMAND:
-            if short(5):
-                return cut
-            cmd, length = struct.unpack_from(">HH", data, i + 1)
-            known = COMMANDS.get(cmd)
-            return known is not None and (known[1] is None or known[1] == length)
-        return False
 
     # -- after EOF ----------------------------------------------------------------------------
 
@@ -566,14 +534,11 @@ class StreamParser(PackageReader, RamReader):
             self._json += self._buf[self._pos : self._pos + take]
             self._pos += take
         at = self._json_offset
-        try:
-            desc = json.loads(bytes(self._json))
-        except (ValueError, RecursionError) as exc:
-            raise self._err(f"VM description is not valid JSON: {exc}", at + 5) from None
+        desc = load_description(self._json, self.max_json_values, at + 5)
+        self._json = bytearray()
         if not isinstance(desc, dict) or not isinstance(desc.get("devices"), list):
             raise self._err("VM description has no device list", at + 5)
         self._check_described(desc)
-        self._json = bytearray()
         self._release()
         self._events.append(VmDescription(desc, at, self._json_len))
         self._events.append(StreamEnd(self.offset, True))

@@ -28,11 +28,36 @@ from ._format import (
 from ._receivebuffer import SHORT, Cursor, ReceiveBuffer
 
 MAX_RUN = 512  # records checked by one struct call (512 pages = 2 MiB of data)
+# Target page sizes a stream may use, as bits: QEMU's targets have 1 KiB (ARMv5/v6 tiny pages,
+# AVR) to 16 KiB pages (LoongArch, TriCore), and the record format itself needs at least 1 KiB
+# (the flags take the low 10 bits of a record header: MULTIFD_FLUSH is 0x200). 64 KiB leaves
+# room above QEMU's largest and bounds the one page the parser may have to copy whole.
+MIN_PAGE_BITS = 10
+MAX_PAGE_BITS = 16
 # struct formats for runs of n records, compiled on first use and shared by all parsers
 _RUN_STRUCTS: dict[tuple[int, int], struct.Struct] = {}
 _ZERO_STRUCTS: dict[int, struct.Struct] = {}
 
 Step = Callable[[], "Event | None | NeedData"]
+
+
+def _size(bits: int) -> str:
+    """2**bits bytes as a short size: 4 KiB, 1 GiB, 2^40 B."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if shift <= bits < shift + 10:
+            return f"{1 << (bits - shift)} {unit}"
+    return f"{1 << bits} B" if bits < 10 else f"2^{bits} B"
+
+
+def check_page_bits(bits: int, at: int) -> int:
+    """A configuration's ``target-page-bits``, or MigrationStreamError for sizes QEMU never
+    uses (see MIN_PAGE_BITS)."""
+    if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+        raise MigrationStreamError(
+            at, f"target page bits {bits} ({_size(bits)} pages) is outside what QEMU uses "
+                f"({MIN_PAGE_BITS}..{MAX_PAGE_BITS}: {_size(MIN_PAGE_BITS)} to "
+                f"{_size(MAX_PAGE_BITS)})")
+    return bits
 
 
 def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -52,12 +77,14 @@ class RamReader(ReceiveBuffer):
 
     def __init__(self, page_size: int, max_ram_blocks: int) -> None:
         super().__init__()
-        if page_size < 512 or page_size & (page_size - 1):
-            raise ValueError(f"page size {page_size} is not a power of two >= 512")
+        if page_size & (page_size - 1) or not 1 << MIN_PAGE_BITS <= page_size <= 1 << MAX_PAGE_BITS:
+            raise ValueError(f"page size {page_size} is not a power of two from "
+                             f"{1 << MIN_PAGE_BITS} to {1 << MAX_PAGE_BITS}")
         self.max_ram_blocks = max_ram_blocks
         self._set_page_size(page_size)
         self._step: Step = self._st_ram
         self._blocks: dict[str, RamBlock] = {}
+        self._block_names: set[str] = set()  # every name MEM_SIZE ever gave (for the cap)
         self._block: RamBlock | None = None  # CONTINUE's block
         self._ignore_shared = False
         self._page_left = 0  # bytes still missing from a page cut by a chunk end
@@ -149,10 +176,19 @@ class RamReader(ReceiveBuffer):
             if fills.count(fills[0]) != len(fills):
                 n = min(n, common_prefix(fills, (fills[0],) * len(fills)))
         fill = buf[pos + 8]
+        if fill:
+            raise self._zero_fill(fill, hdr & ~self._mask)
         offset = hdr & ~self._mask
         block = self._block_for(offset, n)
         self._pos = pos + n * 9
         return ZeroPages(block.name, offset, n, fill, ps)
+
+    def _zero_fill(self, fill: int, offset: int, at: int | None = None) -> MigrationStreamError:
+        # QEMU 7.2 filled the page with the byte; 8.2 and later refuse it ("Found a zero page
+        # with value"), and no QEMU sends one. Refused here too: a 9-byte record would
+        # otherwise make a page of data (and --ram-dir write it) out of nothing.
+        return self._err(f"zero page at offset 0x{offset:x} with fill byte 0x{fill:02x} "
+                         "(QEMU sends only 0)", at)
 
     def _page_partial(self, block: RamBlock, offset: int) -> Event | None | NeedData:
         """Copy a page whose data the current chunk cuts; continue in _st_page_rest."""
@@ -226,7 +262,10 @@ class RamReader(ReceiveBuffer):
                 raise MigrationStreamError(at, f"unknown RAM block {name!r}")
             self._block = block
         if flags & RAM_SAVE_FLAG_ZERO:
+            at = c.offset
             fill = c.u8()
+            if fill:
+                raise self._zero_fill(fill, offset, at)
             block = self._block_for(offset, 1)
             return ZeroPages(block.name, offset, 1, fill, self.page_size)
         return self._block_for(offset, 1), offset
@@ -235,11 +274,14 @@ class RamReader(ReceiveBuffer):
         hdr = c.be64()
         total = left = hdr & ~self._mask
         blocks: list[RamBlock] = []
+        fresh = 0  # names no earlier MEM_SIZE gave
         while left > 0:
-            if len(blocks) >= self.max_ram_blocks:
-                raise MigrationStreamError(c.offset, f"more than {self.max_ram_blocks} RAM blocks")
             at = c.offset
             name = c.string("RAM block name")
+            fresh += name not in self._block_names
+            if len(blocks) >= self.max_ram_blocks or (
+                    len(self._block_names) + fresh > self.max_ram_blocks):
+                raise MigrationStreamError(at, f"more than {self.max_ram_blocks} RAM blocks")
             size = c.be64()
             if size > left:
                 raise MigrationStreamError(
@@ -268,5 +310,6 @@ class RamReader(ReceiveBuffer):
                                                "is not a power of two")
             blocks.append(RamBlock(name, size, page_size, addr))
         self._blocks = {b.name: b for b in blocks}
+        self._block_names.update(self._blocks)
         self._block = None
         return RamBlocks(tuple(blocks), total)

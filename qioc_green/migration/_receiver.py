@@ -48,24 +48,30 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
+import gevent
+
 from qioc_green import (
     BrokenChannelError,
     Channel,
     ChannelClosedError,
     ChannelError,
+    CommandChannel,
     Context,
     ContextStoppedError,
     FileChannel,
     SocketChannel,
     UnexpectedEOF,
+    current_context,
 )
 
+from ._children import EXIT_WAIT, end_command, failure
 from ._destination import EVENTS, Destination
 from ._events import RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
@@ -76,6 +82,10 @@ from ._tls import early_close
 from ._uri import Endpoint
 
 LOWAT_WAIT = 0.05  # s; see _set_rcvlowat()
+
+
+class _Stop(Exception):
+    """Thrown into the receiving greenlet by :meth:`Receiver.stop`; the message is the reason."""
 
 
 class ReceiveError(Exception):
@@ -106,15 +116,31 @@ class Receiver:
     accept a stream that ends without the VM description (QEMU's ``suppress-vmdesc``, postcopy);
     ``digest``: put the sha256 of the bytes received (and forwarded) into the summary;
     ``progress``: a text stream for a progress line (a terminal); ``idle_timeout``: give up
-    when no byte arrives for that long. ``destination``: the return path of this migration
-    (``_destination``): answered, or relayed from the forwarding destination.
+    when no byte arrives for that long (or a forward destination takes none). ``deadline``:
+    give up when the migration has not ended that many seconds after it began; ``min_rate``:
+    give up when fewer than ``min_rate`` bytes a second arrived over the last ``rate_window``
+    seconds (a sender trickling a byte now and then is never idle). ``label``: how error
+    lines name the source
+    (``exec:CMD``; default: the channel's name).
+
+    An ``exec:`` source (a CommandChannel) is waited for once its output ends and must exit
+    with status 0, or the migration fails naming it; on any other end (an error, a timeout,
+    a stop) it is ended with its descendants: SIGTERM, 2 s, SIGKILL, reaped (``_children``).
+
+    ``stop(reason)``, from any thread, ends the migration being received (or the next one) at
+    once: it is reported as failed with ``reason`` and cleaned up as any failure is.
+
+    ``destination``: the return path of this migration (``_destination``): answered, or
+    relayed from the forwarding destination.
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
                  forward: Endpoint | None = None, forward_context: Context | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
-                 idle_timeout: float | None = None,
+                 idle_timeout: float | None = None, deadline: float | None = None,
+                 min_rate: float | None = None, rate_window: float = 10.0,
+                 label: str | None = None,
                  parser_factory: Callable[[], StreamParser] = StreamParser,
                  destination: Destination | None = None) -> None:
         if forward is not None and forward_context is None:
@@ -129,10 +155,21 @@ class Receiver:
         self.digest = digest
         self.progress = progress
         self.idle_timeout = idle_timeout
+        self.deadline = deadline
+        self.min_rate = min_rate
+        self.rate_window = rate_window
+        self.label = label
+        self._t0 = 0.0
+        self._window_end = self._next_check = float("inf")
+        self._window_bytes = 0
         self.parser_factory = parser_factory
         self.destination = destination
         self.summary = Summary()  # of the migration being received: read by the QMP monitor
         self.received = 0
+        self._eof = False  # the source's output ended (a read gave 0)
+        self._stop_reason: str | None = None
+        self._ctx: Context | None = None  # where receive() runs, while it does
+        self._glet: Any = None
         self.section = ""
         self._progress_shown = False
 
@@ -152,19 +189,29 @@ class Receiver:
         sha = hashlib.sha256() if self.digest else None
         error: str | None = None
         finished = False
-        t0 = time.monotonic()
+        t0 = self._t0 = time.monotonic()
         cpu0 = time.process_time()
+        if self.min_rate is not None:
+            self._window_end = t0 + self.rate_window
+        self._next_check = min(self._window_end,
+                               t0 + self.deadline if self.deadline is not None else float("inf"))
+        self._ctx = current_context()
+        self._glet = gevent.getcurrent()
         try:
+            if self._stop_reason is not None:
+                raise _Stop(self._stop_reason)
             if dest is not None:
                 dest.start(channel)
+            source = _identity(channel)
             if self.save is not None:
-                save = FileChannel.open(self.save, "w", name="save")
+                save = _open_save(self.save, source)
             if self.ram_dir is not None:
-                ram = RamDir(self.ram_dir)
+                ram = RamDir(self.ram_dir, keep=source)
             if self.forward is not None:
                 assert self.forward_context is not None
                 fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
                                 buffers=self.buffers, digest=self.digest,
+                                idle_timeout=self.idle_timeout,
                                 connect=dest.connect_forward if dest is not None else None)
             last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
@@ -177,7 +224,11 @@ class Receiver:
             if fwd is not None:
                 if last is not None:
                     fwd.submit(*last)
-                fwd.finish()
+                try:
+                    fwd.finish(self._left())
+                except TimeoutError:
+                    raise ReceiveError(self.received, f"not complete within the deadline of "
+                                       f"{self.deadline:g} s (still forwarding)") from None
                 finished = True
         except MigrationStreamError as exc:
             error = str(exc)
@@ -185,7 +236,10 @@ class Receiver:
             error = str(exc)
         except (ChannelError, OSError, TimeoutError) as exc:
             error = f"offset {self.received}: {_describe(exc)}"
+        except _Stop as exc:
+            error = f"offset {self.received}: {exc}"
         finally:
+            self._glet = None  # no stop is thrown into the clean-up
             if dest is not None and dest.error is not None:  # the relay failed it first
                 error = f"offset {self.received}: {dest.error}"
             elif error is not None and dest is not None and dest.postcopy and not dest.done:
@@ -194,6 +248,11 @@ class Receiver:
                          f"is not supported: {what}")
             if fwd is not None and not finished:
                 fwd.abort()
+            if isinstance(channel, CommandChannel):
+                problem = self._end_command(channel)
+                if problem is not None:
+                    why = error.partition(": ")[2] if error is not None else None
+                    error = f"offset {self.received}: {problem}" + (f"; {why}" if why else "")
             if dest is not None:
                 dest.finish(error)
             channel.close()
@@ -222,6 +281,23 @@ class Receiver:
                 d["sha256_out"] = fwd.sha256
         return Outcome(d, error)
 
+    def stop(self, reason: str = "stopped") -> None:
+        """End the migration being received, or the next one, now: it fails with ``reason``.
+        Thread-safe; never parks (the receiving greenlet does the clean-up)."""
+        self._stop_reason = reason
+        ctx = self._ctx
+        if ctx is not None:
+            try:
+                ctx.schedule(self._throw_stop)
+            except ContextStoppedError:
+                pass  # that thread is ending: its greenlets are being woken anyway
+
+    def _throw_stop(self) -> None:
+        """In the receiving thread's hub: raise _Stop where the receiving greenlet is parked."""
+        g = self._glet
+        if g is not None and not g.dead:
+            g.throw(_Stop(self._stop_reason))
+
     def _pump(self, ch: Channel, parser: StreamParser, summary: Summary,
               save: FileChannel | None, ram: RamDir | None, fwd: Forwarder | None,
               sha: Any) -> tuple[bytearray, int] | None:
@@ -240,19 +316,26 @@ class Receiver:
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
         t0 = last = time.monotonic()
+        paced = self._next_check != float("inf")
+        timeout = wait
         pending: tuple[bytearray, int] | None = None
         dest = self.destination
         flush = False
         while True:
+            if paced:
+                timeout = self._pace(wait)
             if fwd is not None:
-                buf = fwd.acquire()
+                try:
+                    buf = fwd.acquire(timeout if paced else None)
+                except TimeoutError:
+                    continue  # a slow destination: the deadline still applies
                 view = memoryview(buf)
             else:
                 assert own is not None
                 buf = None
                 view = own
             try:
-                n = ch.readinto(view, timeout=wait)
+                n = ch.readinto(view, timeout=timeout)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
                 if dest is None or not dest.done:
                     why = early_close(ch, self.received)
@@ -271,6 +354,7 @@ class Receiver:
             if wait is not None:
                 last = time.monotonic()
             if n == 0:
+                self._eof = True
                 if buf is not None and fwd is not None:
                     fwd.release(buf)
                 break
@@ -327,6 +411,72 @@ class Receiver:
                 dest.event(ev)
             add(ev)
         return pending
+
+
+    def _left(self) -> float | None:
+        """Seconds left before the deadline (None: no deadline)."""
+        if self.deadline is None:
+            return None
+        return max(self._t0 + self.deadline - time.monotonic(), 0.0)
+
+    def _pace(self, wait: float | None) -> float:
+        """Check the deadline and the minimum rate; the longest a read may wait now."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            if self.deadline is not None and now >= self._t0 + self.deadline:
+                raise ReceiveError(self.received, f"not complete within the deadline of "
+                                                  f"{self.deadline:g} s")
+            if self.min_rate is not None and now >= self._window_end:
+                got = self.received - self._window_bytes
+                if got < self.min_rate * self.rate_window:
+                    raise ReceiveError(self.received, f"{got} bytes in the last "
+                                       f"{self.rate_window:g} s, below the minimum rate of "
+                                       f"{self.min_rate:g} bytes/s")
+                self._window_bytes = self.received
+                self._window_end = now + self.rate_window
+            self._next_check = min(self._window_end, self._t0 + self.deadline
+                                   if self.deadline is not None else float("inf"))
+        left = max(self._next_check - now, 0.001)
+        return left if wait is None else min(wait, left)
+
+    def _end_command(self, ch: CommandChannel) -> str | None:
+        """The source command is done with: why it failed, or None. Parks while it exits."""
+        what = f"source {self.label or ch.name!r}"
+        if self._eof:  # its output ended: let it finish by itself, then judge its status
+            if ch.wait_exit(EXIT_WAIT):
+                return failure(ch, what)
+            end_command(ch)
+            return f"{what} was still running {EXIT_WAIT:g} s after its output ended"
+        end_command(ch)  # we stop reading: end it, and what it started
+        return None
+
+
+def _identity(ch: Channel) -> tuple[int, int] | None:
+    """(device, inode) of what a file channel reads, so no output can be made of it."""
+    fileno = getattr(ch, "fileno", None)
+    if fileno is None:
+        return None
+    try:
+        st = os.fstat(fileno())
+    except (OSError, ChannelError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_save(path: str, source: tuple[int, int] | None) -> FileChannel:
+    """Open ``path`` for the raw stream; truncate it only once it is known not to be the input
+    (``file:X --save X`` used to empty X before reading it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == source:
+            raise ReceiveError(0, f"the save file {path} is the input itself; not touching it")
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(fd, 0)
+        return FileChannel.from_fd(fd, name="save")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _set_rcvlowat(ch: Channel, lowat: int) -> bool:

@@ -9,6 +9,11 @@ writer; the writer sends it and gives it back. When the destination is slow the 
 the reader stops reading, the kernel's socket buffers fill and the source is held back by TCP
 itself: back-pressure, with memory bounded by the pool. A failure on either side is
 ``Queue.fail(exc)``: it wakes the other side, parked or not, with that exception.
+
+A destination that stops taking data (accepts and never reads) would hold the relay for ever:
+with ``idle_timeout`` the writer gives up once a write has made no progress for that long. An
+``exec:`` destination must exit with status 0 once its input is closed; when the stream is
+refused it is ended with its descendants (``_children``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from qioc_green import (
     Shutdown,
 )
 
+from ._children import EXIT_WAIT, GRACE, end_command, failure, terminate
 from ._events import RamBlocks, RamPages, ZeroPages
 from ._uri import Endpoint, open_outgoing
 
@@ -49,10 +55,16 @@ class RamDir:
     again; a zero page over a range that already holds data is written as zeros (the kernel's
     SEEK_DATA says whether it does, so no per-page state is kept, whatever sizes the stream
     announces), so each file ends as the guest's final RAM. Writes never park (regular files).
+
+    Disk used is bounded by what arrived: only page data is ever written where there was none
+    (zero pages with another fill byte are refused by the parser, as QEMU 8.2+ refuses them),
+    every write lies inside a block the stream declared, and files are sparse. ``keep``: the
+    (device, inode) of the input, which is never truncated (an error instead).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, keep: tuple[int, int] | None = None) -> None:
         self.path = path
+        self._keep = keep
         os.makedirs(path, exist_ok=True)
         self._files: dict[str, FileChannel] = {}
         self._index: dict[str, dict[str, Any]] = {}
@@ -67,10 +79,18 @@ class RamDir:
             while fname in taken or fname == "blocks.json":
                 fname += "_"
             taken.add(fname)
-            ch = FileChannel.open(os.path.join(self.path, fname), "w+", name=f"ram-{b.name}")
+            path = os.path.join(self.path, fname)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._keep:
+                os.close(fd)
+                raise OSError(errno.EEXIST, f"RAM block {b.name!r}: {path} is the input itself; "
+                                            "not touching it")
+            ch = FileChannel.from_fd(fd, name=f"ram-{b.name}")
             self._files[b.name] = ch
             self._index[b.name] = {"file": fname, "size": b.size}
             try:
+                os.ftruncate(ch.fileno(), 0)
                 os.ftruncate(ch.fileno(), b.size)
             except OSError as exc:
                 raise OSError(exc.errno, f"RAM block {b.name!r} of {b.size} bytes: "
@@ -86,7 +106,7 @@ class RamDir:
     def zeros(self, ev: ZeroPages) -> None:
         ch = self._files[ev.block]
         start, size = ev.offset, ev.count * ev.page_size
-        if ev.fill == 0:
+        if ev.fill == 0:  # the only fill the parser gives (events made by hand may differ)
             try:
                 data_at = os.lseek(ch.fileno(), start, os.SEEK_DATA)
             except OSError as exc:
@@ -108,6 +128,10 @@ class _Abort(Exception):
     """Tells the writer the stream was refused: drop the destination, send nothing more."""
 
 
+class _Failed(BrokenChannelError):
+    """The destination failed in a way that names itself (an exec: command's status)."""
+
+
 class Forwarder:
     """A writer greenlet in another context, fed from a fixed pool of receive buffers.
 
@@ -122,7 +146,7 @@ class Forwarder:
 
     def __init__(self, endpoint: Endpoint, context: Context, *, chunk: int = CHUNK,
                  buffers: int = BUFFERS, digest: bool = False,
-                 connect_timeout: float | None = 30.0,
+                 connect_timeout: float | None = 30.0, idle_timeout: float | None = None,
                  connect: Callable[[Endpoint, float | None], Channel] | None = None) -> None:
         if buffers < 2:
             raise ValueError("forwarding needs at least 2 buffers")
@@ -139,6 +163,7 @@ class Forwarder:
         self.bytes_out = 0
         self._sha = hashlib.sha256() if digest else None
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
         self._connect = connect
         self._channel: Channel | None = None
         self._done: Future[None] = context.spawn(self._run)
@@ -147,10 +172,10 @@ class Forwarder:
     def sha256(self) -> str | None:
         return self._sha.hexdigest() if self._sha is not None else None
 
-    def acquire(self) -> bytearray:
-        """A free buffer; parks while all are queued or being sent. Reader side."""
-        buf = self._free.get()
-        return buf
+    def acquire(self, timeout: float | None = None) -> bytearray:
+        """A free buffer; parks while all are queued or being sent (TimeoutError after
+        ``timeout``). Reader side."""
+        return self._free.get(timeout)
 
     def submit(self, buf: bytearray, n: int) -> None:
         """Queue ``buf[:n]`` for the destination. Never parks."""
@@ -173,6 +198,10 @@ class Forwarder:
         """Drop the destination now (it must not load a stream we refused). Never raises."""
         self._full.fail(_Abort())
         ch = self._channel
+        if isinstance(ch, CommandChannel):  # the writer ends it; a TERM wakes a parked write
+            terminate(ch)
+            with contextlib.suppress(BaseException):
+                self._done.result(GRACE)
         if ch is not None:
             ch.close()  # wakes the writer if it is parked on the destination
         # the stream error is the one to report; the writer's own end does not matter now
@@ -187,7 +216,8 @@ class Forwarder:
         except _Abort:
             pass
         except Exception as exc:
-            err = BrokenChannelError(f"forward to {self.endpoint}: {exc}")
+            msg = str(exc) if isinstance(exc, _Failed) else f"forward to {self.endpoint}: {exc}"
+            err = BrokenChannelError(msg)
             self._free.fail(err)
             raise err from exc
         except BaseException as exc:  # stopped (GreenletExit...): tell the reader, go on
@@ -201,6 +231,8 @@ class Forwarder:
             ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
         self._channel = ch
         sha = self._sha
+        idle = self._idle_timeout
+        done = False
         try:
             while True:
                 item = self._full.get()  # raises _Abort when the stream was refused
@@ -208,7 +240,10 @@ class Forwarder:
                     break
                 buf, n = item
                 view = memoryview(buf)[:n]
-                ch.write_all(view)
+                if idle is None:
+                    ch.write_all(view)
+                else:
+                    _write_progressing(ch, view, idle)
                 if sha is not None:
                     sha.update(view)
                 self.bytes_out += n
@@ -216,7 +251,26 @@ class Forwarder:
                 self._free.put(buf)
             if isinstance(ch, CommandChannel):
                 ch.shutdown(Shutdown.WRITE)
-                ch.wait_exit(self._connect_timeout)
+                what = f"destination {str(self.endpoint)!r}"
+                if not ch.wait_exit(EXIT_WAIT):
+                    raise _Failed(f"{what} was still running {EXIT_WAIT:g} s after "
+                                  "its input ended")
+                problem = failure(ch, what)
+                if problem is not None:
+                    raise _Failed(problem)
+            done = True
         finally:
+            if isinstance(ch, CommandChannel) and not done:
+                end_command(ch)
             ch.close()
+
+
+def _write_progressing(ch: Channel, view: memoryview, idle: float) -> None:
+    """write_all(), failing once no byte could be written for ``idle`` seconds."""
+    while len(view):
+        try:
+            n = ch.write(view, timeout=idle)
+        except TimeoutError:
+            raise BrokenChannelError(f"the destination took no data for {idle:g} s") from None
+        view = view[n:]
 

@@ -38,10 +38,40 @@ What framing by footers cannot know, and the rules chosen:
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 from ._format import QEMU_VM_SUBSECTION, MigrationStreamError
 from ._receivebuffer import Short
+
+MAX_DEPTH = 64  # QEMU's descriptions nest 13-14 deep (pc, q35); walk_vmsd stops at 64 too
+
+
+def load_description(raw: bytes | bytearray, max_values: int, at: int) -> Any:
+    """Parse the description JSON within a budget: at most ``max_values`` values, counted on
+    the raw bytes before anything is built (a parsed value costs 50-100 bytes: 6 MB of ``{}``
+    took 160 MB), and at most MAX_DEPTH levels. ``at``: its stream offset, for errors."""
+    # Every value but the first follows a ',' or opens a container (keys count as values
+    # here): an upper bound, counted at C speed.
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
+    if values > max_values:
+        raise MigrationStreamError(at, f"VM description has up to {values} values, over the "
+                                       f"cap of {max_values}")
+    try:
+        desc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MigrationStreamError(at, f"VM description is not valid JSON: {exc}") from None
+    stack: list[tuple[Any, int]] = [(desc, 0)]
+    while stack:  # the depth, iteratively (the tree is bounded by the count above)
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if d >= MAX_DEPTH:
+            raise MigrationStreamError(at, f"VM description nests deeper than {MAX_DEPTH}")
+        stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return desc
 
 
 class Retained(NamedTuple):
@@ -67,7 +97,7 @@ def walk_vmsd(desc: dict[str, Any], data: bytes, pos: int, depth: int) -> int:
     Every field carries the bytes it took ("size", per element; "array_len" elements); a
     "struct" field nests a description. Subsections are checked: 0x05, the name, a be32 version.
     """
-    if depth > 64:
+    if depth > MAX_DEPTH:
         raise WalkError(pos, "description nests too deep")
     for fld in desc.get("fields", ()):
         count = fld.get("array_len", 1)

@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import qioc_green
@@ -43,6 +44,7 @@ from ._tls import HANDSHAKE_TIMEOUT, TlsCreds, TlsError, accept_tls
 from ._uri import Endpoint, Incoming, parse_uri
 
 PROG = "qioc-migration-receiver"
+STOP_WAIT = 30.0  # s a stopped migration may take to clean up (end commands, drop a forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", action="store_true",
                    help="add the sha256 of the bytes received (and forwarded) to the summary")
     p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="fail when no byte arrives for S seconds")
+                   help="fail when no byte arrives for S seconds, or a --forward destination "
+                        "takes none for S seconds")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="fail a migration that has not ended S seconds after it began")
+    p.add_argument("--min-rate", type=_rate, metavar="BYTES[/S]",
+                   help="fail when fewer than BYTES a second (K, M, G: binary multiples) "
+                        "arrive, averaged over each S seconds (default 10)")
     p.add_argument("--buffer-size", type=int, default=CHUNK, metavar="BYTES",
                    help=f"receive buffer size (default {CHUNK})")
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
@@ -101,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the name the destination's certificate must carry (QEMU's "
                         "tls-hostname; default: the host of the --forward URI)")
     return p
+
+
+def _rate(text: str) -> tuple[float, float]:
+    """``--min-rate BYTES[/S]`` as (bytes a second, window seconds)."""
+    amount, _, window = text.partition("/")
+    scale = 1
+    if amount[-1:].upper() in ("K", "M", "G"):
+        scale = 1 << (10 * "KMG".index(amount[-1].upper()) + 10)
+        amount = amount[:-1]
+    try:
+        rate, secs = float(amount) * scale, float(window) if window else 10.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BYTES[/SECONDS] (e.g. 1M/10), got {text!r}") from None
+    if rate <= 0 or secs <= 0:
+        raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
+    return rate, secs
 
 
 def _error(msg: str) -> None:
@@ -139,13 +163,38 @@ def _refused(error: str) -> Outcome:
     return Outcome(d, error)
 
 
+class _Run:
+    """What a signal (or QMP quit) must reach: the migration being received, or the next one.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._rx: Receiver | None = None
+
+    def attach(self, rx: Receiver) -> None:
+        with self._lock:
+            self._rx = rx
+            reason = self.reason
+        if reason is not None:
+            rx.stop(reason)
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            rx = self._rx
+        if rx is not None:
+            rx.stop(reason)
+
+
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None, settings: DestinationSettings | None = None,
-          rp_ctx: qioc_green.Context | None = None,
+          forward_ctx: qioc_green.Context | None, run: _Run | None = None,
+          settings: DestinationSettings | None = None, rp_ctx: qioc_green.Context | None = None,
           forward_tls: tuple[Any, str | None] | None = None) -> list[bool]:
     """Take migrations one after another (in the receiving IOThread); return their verdicts.
 
     ``settings``: TLS and the return path (``rp_ctx``: the IOThread that writes it)."""
+    run = run or _Run()
     settings = settings or DestinationSettings()
     verdicts: list[bool] = []
     n = 0
@@ -155,6 +204,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
             ch = incoming.next_channel()
         except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
             break  # one-shot source used, or told to stop while waiting for a sender
+        except (OSError, qioc_green.ChannelError) as exc:  # file:/nonexistent, fd:99...
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            _error(f"cannot open {incoming.endpoint}: {getattr(cause, 'strerror', None) or cause}")
+            verdicts.append(False)
+            break
         if not args.keep_listening:
             incoming.close()  # one migration per run: later senders are refused, as by QEMU
 
@@ -173,8 +227,12 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                       forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout, destination=dest)
+                      idle_timeout=args.idle_timeout, deadline=args.deadline,
+                      min_rate=args.min_rate[0] if args.min_rate else None,
+                      rate_window=args.min_rate[1] if args.min_rate else 10.0,
+                      label=str(incoming.endpoint), destination=dest)
         settings.receiver = rx
+        run.attach(rx)
         tls = settings.server_tls()
         try:
             if tls is not None:
@@ -198,9 +256,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
 class _Interrupted(SystemExit):
     """SIGINT or SIGTERM."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+
 
 def _interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(128 + signum)
+    raise _Interrupted(signum)
 
 
 def _check_destination_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -229,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    for opt in ("idle_timeout", "deadline"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            parser.error(f"--{opt.replace('_', '-')} must be positive")
     settings = DestinationSettings(
         monitored=bool(args.qmp), deferred=source is None,
         switchover_ack={"auto": None, "on": True, "off": False}[args.switchover_ack])
@@ -253,33 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_listening and not incoming.can_repeat:
             incoming.close()
             parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
-        _say_listening(incoming)
         settings.listening(incoming)
-
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
     # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
-    # it would print).
+    # it would print). The migration in progress is stopped where it is parked
+    # (Receiver.stop), so it reports one line and ends an exec: command before the threads
+    # stop; a second signal, or a clean-up past STOP_WAIT, stops the threads at once. The
+    # handlers are in place before "listening on" is printed: a caller may signal right then.
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     threads = _Threads(forward is not None)
-    monitor: Monitor | None = None
     try:
-        if args.qmp:
-            try:
-                monitor = Monitor(args.qmp, settings)
-            except (OSError, qioc_green.ChannelError) as exc:
-                _error(f"cannot serve QMP on {args.qmp}: {exc}")
-                return 1
-            settings.on_status = monitor.status
-            print(f"qmp on {monitor.addresses[0]}", flush=True)
-        return _run(incoming, args, forward, forward_tls, settings, threads, monitor)
+        return _run(incoming, args, forward, forward_tls, settings, threads)
     finally:
         if incoming is not None:
             incoming.close()
-        if monitor is not None:
-            monitor.close()
         threads.stop()
 
 
@@ -306,9 +361,11 @@ class _Threads:
 
 def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint | None,
          forward_tls: tuple[Any, str | None] | None, settings: DestinationSettings,
-         threads: _Threads, monitor: Monitor | None) -> int:
-    """Wait for ``migrate-incoming`` (defer), receive, then wait for ``quit`` (with a monitor).
-    Runs in the main thread; every wait lets its hub run."""
+         threads: _Threads) -> int:
+    """Say where we listen, serve QMP if asked, wait for ``migrate-incoming`` (defer), receive,
+    then with a monitor wait for ``quit``. Runs in the main thread; every wait lets its hub
+    run. A signal, or ``quit`` during the migration, stops it where it is parked
+    (``Receiver.stop``): it reports one line and cleans up within STOP_WAIT."""
     started = qioc_green.Event()
     quitting = qioc_green.Event()
     finished = qioc_green.Event()
@@ -326,43 +383,74 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
 
     settings.on_incoming = on_incoming
     settings.on_quit = on_quit
+    run = _Run()
+    monitor: Monitor | None = None
     fut: qioc_green.Future[list[bool]] | None = None
-    try:
-        if incoming is None:
-            started.wait()
-            if not opened:
-                return 1  # quit before any migration
-            incoming = opened[0]
+    verdicts: list[bool] = []
 
-        def run() -> list[bool]:
-            try:
-                assert incoming is not None
-                return serve(incoming, args, forward, threads.fwd.context if threads.fwd else None,
-                             settings, threads.rp.context, forward_tls)
-            finally:
-                finished.set()
-
-        fut = threads.recv.context.spawn(run)
-        finished.wait()
-        if quitting.is_set() and not fut.done():
-            incoming.close()  # quit during the migration: it is cut short, reported failed
-            threads.recv.stop()
+    def result() -> list[bool]:
+        """The migrations' verdicts, waiting STOP_WAIT at most (then their thread is stopped)."""
+        assert fut is not None
         try:
-            verdicts = fut.result(10)
+            return list(fut.result(STOP_WAIT))
+        except TimeoutError:
+            threads.recv.stop()  # wakes whatever still waits with ContextStoppedError
         except _Interrupted:
             raise
         except BaseException:  # noqa: BLE001 - stopped; the greenlet has reported what it had
-            verdicts = [False]
-        if monitor is not None:
-            quitting.wait()
-    except _Interrupted:
-        # Stop taking migrations; a migration in progress is cut short (its greenlet is
-        # woken with ContextStoppedError), reported as incomplete, its files kept.
-        if incoming is not None:
-            incoming.close()
-        threads.recv.stop()
+            pass
+        return [False]
+
+    try:
         try:
-            verdicts = fut.result(10) if fut is not None else [False]
-        except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
-            verdicts = [False]
+            if incoming is not None:
+                _say_listening(incoming)
+            if args.qmp:
+                try:
+                    monitor = Monitor(args.qmp, settings)
+                except (OSError, qioc_green.ChannelError) as exc:
+                    _error(f"cannot serve QMP on {args.qmp}: {exc}")
+                    return 1
+                settings.on_status = monitor.status
+                print(f"qmp on {monitor.addresses[0]}", flush=True)
+            if incoming is None:
+                started.wait()
+                if not opened:
+                    return 1  # quit before any migration
+                incoming = opened[0]
+
+            def receive(incoming: Incoming = incoming) -> list[bool]:
+                try:
+                    return serve(incoming, args, forward,
+                                 threads.fwd.context if threads.fwd else None, run, settings,
+                                 threads.rp.context, forward_tls)
+                finally:
+                    finished.set()
+
+            fut = threads.recv.context.spawn(receive)
+            finished.wait()
+            if quitting.is_set() and not fut.done():
+                run.stop("stopped by QMP quit")  # during the migration: cut short, reported
+                incoming.close()
+            verdicts = result()
+            if monitor is not None:
+                quitting.wait()
+        except _Interrupted as sig:
+            # Stop taking migrations; one in progress is cut short, reported, its files kept.
+            run.stop(f"stopped by {sig.signame}")
+            for inc in (incoming, *opened):
+                if inc is not None:
+                    inc.close()
+            try:
+                verdicts = result() if fut is not None else []
+            except _Interrupted:
+                threads.recv.stop()
+                verdicts = [False]
+            if not verdicts:
+                _error(f"stopped by {sig.signame} before any migration arrived")
+    finally:
+        for inc in opened:
+            inc.close()
+        if monitor is not None:
+            monitor.close()
     return 0 if verdicts and all(verdicts) else 1

@@ -61,6 +61,13 @@ def _memory(spec: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=SIZE (e.g. scratch=256M), got {spec!r}") from None
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size (e.g. 512M, 1G), got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=SERVER, description=_SERVER_HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +83,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "measured here with nbdcopy from a file export, equal or slightly faster)")
     ap.add_argument("--max-requests", type=int, default=16, metavar="N",
                     help="requests served at once per connection (16)")
+    ap.add_argument("--max-clients", type=int, default=128, metavar="N",
+                    help="connections at once; past them a client is closed at once (128)")
+    ap.add_argument("--max-memory", type=_size, default="1G", metavar="SIZE",
+                    help="replies waiting to be sent, all connections together; a connection "
+                         "stops being read while it is spent (1G; at least 64M)")
+    ap.add_argument("--handshake-limit", type=float, default=10.0, metavar="S",
+                    help="close a client that has not finished negotiating after S seconds "
+                         "(10, as qemu-nbd; 0: no limit)")
+    ap.add_argument("--idle-timeout", type=float, metavar="S",
+                    help="close a connection with nothing in flight that sends nothing for S "
+                         "seconds, or whose replies make no progress for S seconds (default: none)")
     ap.add_argument("--tls-cert", metavar="PEM", help="server certificate")
     ap.add_argument("--tls-key", metavar="PEM", help="server private key")
     ap.add_argument("--tls-ca", metavar="PEM", help="CA that client certificates must chain to")
@@ -87,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give at least one --export or --memory")
     if args.iothreads < 1:
         ap.error("--iothreads must be at least 1")
+    if args.max_clients < 1:
+        ap.error("--max-clients must be at least 1")
+    if args.handshake_limit < 0 or (args.idle_timeout is not None and args.idle_timeout <= 0):
+        ap.error("--handshake-limit must be at least 0 and --idle-timeout above 0")
     if args.tls is None:
         args.tls = "on" if args.tls_cert else "off"
     if args.tls != "off" and not (args.tls_cert and args.tls_key):
@@ -118,14 +140,16 @@ def server_main(argv: list[str] | None = None) -> int:
         for name, size in args.memory:
             exports.append(MemoryExport(name, size))
         server = NBDServer(exports, max_requests=args.max_requests, tls_context=tls_context(args),
-                           tls_required=args.tls == "require")
+                           tls_required=args.tls == "require", max_clients=args.max_clients,
+                           max_memory=args.max_memory, handshake_limit=args.handshake_limit,
+                           idle_timeout=args.idle_timeout)
     except (OSError, ValueError, ssl.SSLError) as exc:
         print(f"{SERVER}: {exc}", file=sys.stderr)
         for e in exports:
             e.close()
         return 1
     pool = qioc_green.IOThreadPool(args.iothreads, name="nbd-iothread", pin=args.pin)
-    acceptor = qioc_green.NetListener("nbd")
+    acceptor = qioc_green.NetListener("nbd", max_clients=args.max_clients)
     try:
         for addr in args.listen:
             for bound in acceptor.open(addr):
