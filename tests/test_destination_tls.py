@@ -154,3 +154,35 @@ def test_forward_to_a_destination_whose_name_does_not_match(receivers, pki):
     assert rx.wait() == 1
     line = rx.error_line()
     assert "TLS handshake with the destination failed" in line and "elsewhere.example" in line
+
+
+def test_tls_set_up_over_qmp_as_libvirt_does(receivers, tmp_path, pki):
+    """defer; object-add tls-creds-x509 (endpoint server, verify-peer on: the source must show
+    a client certificate); migrate-set-parameters tls-creds; migrate-incoming; a TLS source."""
+    from tests.destination_util import QmpClient
+    from tests.qmp_harness import event_loop
+
+    ram_file, ram = ram_bytes(tmp_path, MEM)
+    path = str(tmp_path / "rx.qmp")
+    rx = receivers("--qmp", f"unix:{path}", "defer", "--ram-dir", str(tmp_path / "ram"))
+    with event_loop():
+        qmp = QmpClient(path)
+        try:
+            qmp.ok("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0",
+                                    "dir": pki["server"], "endpoint": "server"})
+            qmp.ok("migrate-set-parameters", **{"tls-creds": "tls0"})
+            qmp.ok("migrate-set-capabilities", capabilities=[
+                {"capability": c, "state": True} for c in ("events", "return-path")])
+            qmp.ok("migrate-incoming", uri="tcp:127.0.0.1:0")
+            address = rx.line().removeprefix("listening on ")
+            with qemu("10", mem=f"{MEM}M", ram_file=ram_file, name="source",
+                      capabilities=["return-path"]) as src:
+                tls_source(src, pki["client"])
+                src.migrate(address)
+                assert src.wait_migration(WAIT)["status"] == "completed"
+            assert qmp.statuses("completed") == ["setup", "active", "completed"]
+            qmp.ok("quit")
+        finally:
+            qmp.close()
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == ram
