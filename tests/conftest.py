@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 
 import gevent
 import psutil
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 sys.path.insert(0, HERE)
 
 import qioc_green  # noqa: E402
+from polling import wait_until  # noqa: E402,F401  (re-exported: tests import it from here too)
 
 INNER_TIMEOUT = 110  # below setup.cfg's pytest-timeout of 120 s
 
@@ -36,16 +36,6 @@ def _threads() -> set[threading.Thread]:
 
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    """Poll ``predicate`` (bounded) while letting the main hub run; True once it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.fixture(scope="session", autouse=True)
