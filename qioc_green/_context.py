@@ -89,7 +89,17 @@ class Context(_hub.ThreadHub):
         if self.stopping:
             fut._settle(None, ContextStoppedError(f"context {self.name} is stopping"))
             return
-        fut._task = (self, _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks))
+        fut._task = (self, _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks,
+                                           on_exit=lambda _: self._task_ended(fut)))
+
+    def _task_ended(self, fut: Future[Any]) -> None:
+        # A task killed before its greenlet ran never reached run_into: settle its future here.
+        if not fut.done():
+            if self.stopping:
+                fut._settle(None, ContextStoppedError(f"context {self.name} stopped; task killed"))
+            else:
+                fut._task = None
+                fut.cancel()
 
     # -- stopping -----------------------------------------------------------------------------
 
@@ -291,7 +301,8 @@ class Future(_StdFuture[_T]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._condition = threading.Condition(_hub.OSLock())  # unpatched, whatever gevent did
+        # Reentrant (concurrent.futures.wait() holds it while it asks cancelled()); unpatched.
+        self._condition = threading.Condition(_hub.OSRLock())
         self._parked: list[Any] = []  # _hub.Waiter, or a held OSLock of a plain thread
         self._task: tuple[Context, Any] | None = None  # (context, greenlet) of a spawn()
 

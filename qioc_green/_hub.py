@@ -64,8 +64,8 @@ from .errors import ContextStoppedError
 
 # -- the OS's own primitives, whatever gevent's monkey patched ------------------------------------
 
-_start_new_thread, OSLock, thread_ident, ThreadLocal = monkey.get_original(
-    "_thread", ["start_new_thread", "allocate_lock", "get_ident", "_local"]
+_start_new_thread, OSLock, OSRLock, thread_ident, ThreadLocal = monkey.get_original(
+    "_thread", ["start_new_thread", "allocate_lock", "RLock", "get_ident", "_local"]
 )
 PlainSocket, plain_socketpair, plain_getaddrinfo = monkey.get_original(
     "socket", ["socket", "socketpair", "getaddrinfo"]
@@ -591,13 +591,17 @@ def sleep(seconds: float) -> None:
     gevent.sleep(seconds)
 
 
-def spawn_here(fn: Callable[..., Any], *args: Any, tasks: set[Any] | None = None) -> Any:
+def spawn_here(fn: Callable[..., Any], *args: Any, tasks: set[Any] | None = None,
+               on_exit: Callable[[Any], Any] | None = None) -> Any:
     """Start ``fn(*args)`` as a greenlet of the calling thread's hub; it is in ``tasks`` while it
-    runs.  Never switches."""
+    runs, and ``on_exit(greenlet)`` runs in the hub once it has ended (even killed before it
+    started).  Never switches."""
     g = gevent.spawn(fn, *args)
     if tasks is not None:
         tasks.add(g)
         g.rawlink(tasks.discard)
+    if on_exit is not None:
+        g.rawlink(on_exit)
     return g
 
 
@@ -620,6 +624,7 @@ __all__ = [
     "KeptWatcher",
     "OSEvent",
     "OSLock",
+    "OSRLock",
     "OSThread",
     "PlainPopen",
     "PlainSocket",

@@ -261,7 +261,7 @@ class SocketChannel(Channel):
         sock = self._retry(self._rd, deadline(timeout), self._accept_once)
         ch = SocketChannel(sock, name=name)
         if ch._family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ch._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if name is None:
             ch.set_name(f"socket-{ch.remote_address}")
         ch.set_follow_coroutine_ctx(self._follow)
@@ -272,7 +272,10 @@ class SocketChannel(Channel):
         # retried at once; anything else is this call's error.
         while True:
             try:
-                return self._sock.accept()[0]
+                # socket.accept() wraps the new fd with whatever ``socket.socket`` is now (gevent's,
+                # under monkey patching); wrap it ourselves with the plain class.
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]
+                return _hub.PlainSocket(self._family, socket.SOCK_STREAM, self._sock.proto, fileno=fd)
             except BlockingIOError:
                 raise
             except OSError as exc:

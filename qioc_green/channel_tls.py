@@ -33,7 +33,10 @@ The decisions
   inner channel, which wakes whoever is parked on it.  ``shutdown(Shutdown.WRITE)`` sends
   close_notify, drains it (may park) and half-closes the inner channel; reading goes on until the
   peer's close_notify, which reads as EOF.  An EOF from the inner channel without close_notify
-  is a truncation attack as far as TLS knows: it raises BrokenChannelError.
+  is a truncation attack as far as TLS knows: it raises BrokenChannelError, unless the channel
+  was made with ``suppress_ragged_eofs=True`` (``ssl.SSLSocket``'s option; most Python ssl
+  clients close without close_notify), where it reads as EOF.  Protocols that frame their
+  messages still see a truncated message as UnexpectedEOF.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ class TLSChannel(Channel):
     kind = "tls"
 
     def __init__(self, inner: Channel, ssl_context: ssl.SSLContext, *, server_side: bool,
-                 server_hostname: str | None = None, name: str | None = None) -> None:
+                 server_hostname: str | None = None, name: str | None = None,
+                 suppress_ragged_eofs: bool = False) -> None:
         super().__init__(name=name or f"tls-{inner.name}", features=Feature.SHUTDOWN)
         self._inner = inner
         self._server_side = server_side
@@ -95,6 +99,7 @@ class TLSChannel(Channel):
                                          server_hostname=server_hostname)
         self._lock = threading.Lock()
         self._out = bytearray()  # ciphertext the inner channel has not taken yet
+        self._ragged_ok = suppress_ragged_eofs
         self._handshaken = False
         self._hs_error: BrokenChannelError | None = None
         self._hs_driving = False  # a greenlet waits on the inner channel for the handshake
@@ -107,17 +112,23 @@ class TLSChannel(Channel):
 
     @classmethod
     def client(cls, inner: Channel, ssl_context: ssl.SSLContext, server_hostname: str | None = None, *,
-               name: str | None = None) -> TLSChannel:
+               name: str | None = None, suppress_ragged_eofs: bool = False) -> TLSChannel:
         """A client session over ``inner``; ``server_hostname`` is checked against the
         certificate when the context says so.  Never switches (the handshake is ``handshake()``,
         or the first read or write).
         QEMU: ``qio_channel_tls_new_client()``."""
-        return cls(inner, ssl_context, server_side=False, server_hostname=server_hostname, name=name)
+        return cls(inner, ssl_context, server_side=False, server_hostname=server_hostname, name=name,
+                   suppress_ragged_eofs=suppress_ragged_eofs)
 
     @classmethod
-    def server(cls, inner: Channel, ssl_context: ssl.SSLContext, *, name: str | None = None) -> TLSChannel:
-        """A server session over ``inner``.  Never switches.  QEMU: ``qio_channel_tls_new_server()``."""
-        return cls(inner, ssl_context, server_side=True, name=name)
+    def server(cls, inner: Channel, ssl_context: ssl.SSLContext, *, name: str | None = None,
+               suppress_ragged_eofs: bool = False) -> TLSChannel:
+        """A server session over ``inner``.  Never switches.  QEMU: ``qio_channel_tls_new_server()``.
+
+        ``suppress_ragged_eofs``: a peer's hang-up without close_notify reads as EOF (as with
+        ``ssl.SSLSocket``) instead of raising BrokenChannelError (module docstring).
+        """
+        return cls(inner, ssl_context, server_side=True, name=name, suppress_ragged_eofs=suppress_ragged_eofs)
 
     # -- what is the inner channel's -------------------------------------------------------------
 
@@ -329,12 +340,16 @@ class TLSChannel(Channel):
                     if self._outbio.pending or self._out:
                         self._push_out()
                     if self._in.eof:
+                        if self._ragged_ok:
+                            return 0
                         raise self._truncated() from None
                     self._pull_in()  # BlockingIOError: the base loop parks on the inner channel
                     continue
                 except ssl.SSLZeroReturnError:
                     return 0  # close_notify: a clean EOF
                 except ssl.SSLEOFError:
+                    if self._ragged_ok:
+                        return 0
                     raise self._truncated() from None
                 # One SSL_read gives one record (16 KiB at most); take the other records that
                 # already arrived in the same call, rather than one base-loop turn each.
