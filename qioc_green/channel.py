@@ -997,7 +997,6 @@ class Channel:
 
 
 __all__ = [
-    "Buffer",
     "Channel",
     "ChannelStatistics",
     "Direction",
@@ -1005,7 +1004,6 @@ __all__ = [
     "IOCondition",
     "ReadFlag",
     "Shutdown",
-    "Watch",
     "WriteFlag",
     "deadline",
 ]

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import errno
 import ssl
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import _hub
 from .channel import Channel, Direction, Feature, IOCondition, Shutdown, WriteFlag, deadline
 from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ChannelTimeoutError, NotSupportedError
 from .sync import Event
@@ -97,7 +97,7 @@ class TLSChannel(Channel):
         self._outbio = ssl.MemoryBIO()
         self._ssl = ssl_context.wrap_bio(self._in, self._outbio, server_side=server_side,
                                          server_hostname=server_hostname)
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()  # unpatched: a reader and a writer of two threads share it
         self._out = bytearray()  # ciphertext the inner channel has not taken yet
         self._ragged_ok = suppress_ragged_eofs
         self._handshaken = False

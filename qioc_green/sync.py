@@ -140,3 +140,4 @@ class Event:
             return True
 
 
+__all__ = ["Event", "Queue", "QueueClosed"]
