@@ -325,8 +325,6 @@ class Waiter:
         if not self.claim():
             self._abandoned = True
 
-    withdraw = leave
-
     def _orphan(self) -> None:
         fn, self.orphan = self.orphan, None
         if fn is not None:

@@ -76,6 +76,13 @@ def test_only_the_hub_modules_use_threading_which_monkey_patching_replaces():
     assert bad == []
 
 
+def test_the_library_does_not_import_psutil():
+    # psutil is in the test and bench extras only: ``pip install qioc_green`` does not bring it.
+    bad = [name for name, tree in MODULES.items()
+           for module, _, level in _imports(tree) if level == 0 and module.split(".")[0] == "psutil"]
+    assert bad == []
+
+
 def test_only_the_hub_modules_touch_hubs_loops_and_inboxes():
     bad = []
     for name, tree in MODULES.items():
