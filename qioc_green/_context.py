@@ -157,6 +157,7 @@ class Context(_hub.ThreadHub):
         """
         assert self.in_own_thread()
         self.stopping = True
+        self.destroying = True
         for watch in list(self.watches):
             watch.cancel()
         self.close_inbox()

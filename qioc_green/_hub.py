@@ -182,6 +182,7 @@ class ThreadHub:
         self._lock = OSLock()  # guards _dead against a send() racing close_inbox()
         self._dead = False
         self.stopping = False
+        self.destroying = False  # set once the hub is being destroyed: no greenlet of it runs again
         self.keep_alive = keep_alive
         self.parked: set[Waiter] = set()
         self.watches: set[Any] = set()  # add_watch() watches started on this hub
@@ -363,7 +364,7 @@ class Waiter:
             self.greenlet.switch(value)
 
     def _deliver(self, value: Any) -> None:
-        if self.home._dead:  # run by a hub being destroyed: the greenlet can never run again
+        if self.home.destroying:  # run by a hub being destroyed: the greenlet can never run again
             self._orphan()
         elif not self._abandoned:
             self.greenlet.switch(value)

@@ -69,8 +69,15 @@ class Watch:
         if not keep:
             self._stop()
             return
-        fd = self._ready_fd()
-        if fd != self._fd:  # put-back bytes drained (or newly there): watch what is real now
+        if self.cancelled:  # the callback cancelled it (or closed the channel) and said keep
+            return
+        try:
+            fd = self._ready_fd()
+        except Exception:
+            self.context.report_error(self._ready_fd)
+            self._stop()
+            return
+        if fd != self._fd:  # given-back bytes drained (or newly there): watch what is real now
             self._arm(fd)
 
     def cancel(self) -> None:
