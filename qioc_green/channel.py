@@ -594,16 +594,19 @@ class Channel:
         """``readv_full`` without fds; returns the byte count (0 at EOF).  May park."""
         return self.readv_full(buffers, timeout=timeout)[0]
 
-    def readinto(self, buf: Buffer, *, flags: ReadFlag = ReadFlag.NONE, timeout: float | None = None) -> int:
+    def readinto(self, buf: Buffer, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> int:
         """Read into one buffer; return the byte count (0 at EOF; 0 at once for an empty
         buffer).  May park."""
-        self._check_read_flags(0, flags)
+        if flags:
+            self._check_read_flags(0, flags)
+            flags = int(flags)  # type: ignore[assignment]
         view = memoryview(buf).cast("B")
         if not len(view):
             return 0
         if self._unread:
             return self._take_unread_into([view], bool(flags))
-        n: int = self._retry(self._rd, deadline(timeout), self._io_readinto, view, int(flags))
+        n: int = self._retry(self._rd, None if timeout is None else time.monotonic() + timeout,
+                             self._io_readinto, view, flags)
         return n
 
     def read(self, n: int, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> bytes:
