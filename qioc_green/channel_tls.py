@@ -287,6 +287,11 @@ class TLSChannel(Channel):
         """
         if self._hs_error is not None:
             raise BrokenChannelError(str(self._hs_error)) from self._hs_error.__cause__
+        if self._hs_driving:
+            # Another greenlet waits on the inner channel for the handshake: only it may take
+            # the next step, so the handshake cannot end while it still waits (and then meet the
+            # next reader as a second greenlet parked to read the inner channel).
+            raise BlockingIOError(11, "tls: another greenlet waits for the handshake")
         try:
             while True:
                 try:

@@ -331,25 +331,29 @@ def test_first_read_and_write_handshake_and_close_still_sends_close_notify(certs
 
 
 def test_reader_and_writer_of_two_iothreads_both_arrive_before_the_handshake(certs):
-    a, b = SocketChannel.socketpair()
-    c = TLSChannel.client(a, client_context(certs), "localhost")
-    s = TLSChannel.server(b, server_context(certs))
-    for ch in (c, s):
-        ch.set_follow_coroutine_ctx(True)
+    # The client's first read and first write start at once, in two threads: they take turns
+    # waiting for the handshake instead of meeting as two readers of the socket. Repeated: the
+    # orders they can meet in are a race.
+    with IOThread("R") as tr, IOThread("W") as tw:
+        for i in range(30):
+            a, b = SocketChannel.socketpair()
+            c = TLSChannel.client(a, client_context(certs), "localhost")
+            s = TLSChannel.server(b, server_context(certs))
+            for ch in (c, s):
+                ch.set_follow_coroutine_ctx(True)
 
-    def echo():
-        while data := s.read(4096, timeout=10):
-            s.write_all(data, timeout=10)
+            def echo(srv=s):
+                while data := srv.read(4096, timeout=10):
+                    srv.write_all(data, timeout=10)
 
-    with c, s, IOThread("R") as tr, IOThread("W") as tw:
-        server = gevent.spawn(echo)
-        # The client's first read and first write start at once, in two threads: they take turns
-        # waiting for the handshake instead of meeting as two readers of the socket.
-        reply = tr.context.spawn(c.read_all, 12, timeout=10)
-        tw.context.spawn(c.write_all, b"hello, world", timeout=10).result(10)
-        assert reply.result(10) == b"hello, world"
-        c.close()
-        server.get(timeout=10)
+            with c, s:
+                server = gevent.spawn(echo)
+                msg = b"hello, world %2d" % i
+                reply = tr.context.spawn(c.read_all, len(msg), timeout=10)
+                tw.context.spawn(c.write_all, msg, timeout=10).result(10)
+                assert reply.result(10) == msg
+                c.close()
+                server.get(timeout=10)
 
 
 def test_handshake_failure_is_every_later_calls_error(certs):
