@@ -7,6 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEV    := $(VENV)/.installed-dev
 BENCH  := $(VENV)/.installed-bench
+DEMO   := $(VENV)/.installed-demo
 
 .PHONY: all test lint demo bench clean
 
@@ -23,6 +24,11 @@ $(BENCH): $(DEV)
 	$(BIN)/python -m pip install -q -e '.[test,lint,bench]'
 	touch $@
 
+# the demo runs the installed qioc-migration-receiver command (and qemu.qmp for the live part)
+$(DEMO): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $@
+
 test: $(DEV)
 	$(BIN)/python -m pytest
 
@@ -30,8 +36,8 @@ lint: $(DEV)
 	$(BIN)/ruff check qioc_green tests examples bench
 	$(BIN)/mypy
 
-demo: $(DEV)
-	$(BIN)/python examples/migration_demo.py
+demo: $(DEMO)
+	$(BIN)/python -m qioc_green.migration.demo
 
 bench: $(BENCH)
 	$(BIN)/python bench/channel_overhead.py

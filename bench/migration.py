@@ -5,7 +5,7 @@ A paused VM whose guest RAM is a file of random bytes (1 GiB by default, so ever
 normal page) migrates from a real QEMU with max-bandwidth raised, in one run, interleaved,
 ``--rounds`` times (the order rotates each round), into:
 
-* the receiver (``examples/migration_receiver.py``), parsing on the fly (summary, no files);
+* the receiver (``qioc-migration-receiver``), parsing on the fly (summary, no files);
 * a plain Python sink: a blocking socket and ``recv_into`` a 1 MiB buffer until EOF;
 * ``socat -u -b 1048576 TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
 * a destination QEMU directly, and through the receiver with ``--forward``;
@@ -37,15 +37,14 @@ import tempfile
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-
 import psutil
 
-from migration.qemu import Qemu, available
+from qioc_green.migration.qemu import Qemu, available
 
-RECEIVER = os.path.join(ROOT, "examples", "migration_receiver.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+RECEIVER = [sys.executable, "-m", "qioc_green.migration"]  # qioc-migration-receiver
 TIMEOUT = 300.0
 
 PLAIN_SINK = """
@@ -126,7 +125,7 @@ class Bench:
     def start_sink(self, kind: str) -> tuple[subprocess.Popen[str], str]:
         if kind == "receiver":
             proc = subprocess.Popen(
-                [sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                [*RECEIVER, "tcp:127.0.0.1:0", "--quiet",
                  "--json", os.path.join(self.tmp, "rx.json"), *self.args.receiver_args.split()],
                 stdout=subprocess.PIPE, text=True)
             return proc, first_line(proc)
@@ -195,7 +194,7 @@ class Bench:
                     target = f"tcp:127.0.0.1:{port}"
                 elif mode == "forward":
                     proc = subprocess.Popen(
-                        [sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                        [*RECEIVER, "tcp:127.0.0.1:0", "--quiet",
                          "--forward", target, "--json", os.path.join(self.tmp, "fwd.json")],
                         stdout=subprocess.PIPE, text=True)
                     target = first_line(proc)
@@ -229,7 +228,7 @@ class Bench:
     # -- from a file -------------------------------------------------------------------------------
 
     def capture(self) -> int:
-        proc = subprocess.Popen([sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+        proc = subprocess.Popen([*RECEIVER, "tcp:127.0.0.1:0", "--quiet",
                                  "--save", self.stream], stdout=subprocess.PIPE, text=True)
         try:
             addr = first_line(proc)
@@ -245,7 +244,7 @@ class Bench:
 
     def parse_file(self) -> dict[str, Any]:
         out = os.path.join(self.tmp, "file.json")
-        subprocess.run([sys.executable, RECEIVER, f"file:{self.stream}", "--quiet",
+        subprocess.run([*RECEIVER, f"file:{self.stream}", "--quiet",
                         "--json", out], check=True, timeout=TIMEOUT)
         with open(out) as f:
             d = json.load(f)

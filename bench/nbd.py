@@ -4,10 +4,10 @@
     python bench/nbd.py [--size 1G] [--rounds 3] [--json out.json] [--quick]
 
 Servers (all serving the same file, started once and kept for the whole run):
-  ours with 1, 2 and 4 IOThreads (``examples/nbd_server.py``), ``qemu-nbd --shared=8``,
+  ours with 1, 2 and 4 IOThreads (``qioc-nbd-server``), ``qemu-nbd --shared=8``,
   ``nbdkit file``; each on a UNIX socket and on 127.0.0.1 TCP.
 Clients: ``nbdcopy --connections=1`` and ``--connections=4`` to ``null:`` from each server;
-  our ``examples/nbd_copy.py`` to ``null:`` from qemu-nbd (1 connection / 1 IOThread and
+  our ``qioc-nbd-copy`` to ``null:`` from qemu-nbd (1 connection / 1 IOThread and
   4 connections / 2 IOThreads) against nbdcopy doing the same.
 Each configuration runs once per round, rounds interleaved, and the table shows the median
 wall-clock rate (file bytes / seconds, MB/s = 10^6 B/s) and its ratio to the baseline named in
@@ -30,14 +30,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "examples")]))
-SERVER = os.path.join(ROOT, "examples", "nbd_server.py")
-COPY = os.path.join(ROOT, "examples", "nbd_copy.py")
+ENV = dict(os.environ)
+SERVER = [sys.executable, "-m", "qioc_green.nbd", "server"]  # qioc-nbd-server
+COPY = [sys.executable, "-m", "qioc_green.nbd", "copy"]  # qioc-nbd-copy
 
 
 def parse_size(text: str) -> int:
-    from nbdlib.server import parse_size as ps
+    from qioc_green.nbd import parse_size as ps
 
     return ps(text)
 
@@ -77,7 +76,7 @@ class Proc:
 
 def timed(argv: list[str], timeout: float = 300) -> tuple[float, float | None]:
     """Wall-clock seconds of the command, and the copy's own seconds if it prints them (our
-    nbd_copy.py --json: without the interpreter's start-up, about 0.2 s here)."""
+    qioc-nbd-copy --json: without the interpreter's start-up, about 0.2 s here)."""
     t0 = time.perf_counter()
     res = subprocess.run(argv, capture_output=True, timeout=timeout, env=ENV)
     t1 = time.perf_counter()
@@ -117,7 +116,7 @@ def main() -> int:
         for n in iothreads:
             sock = os.path.join(tmp, f"ours{n}.sock")
             listen = ["--listen", f"unix:{sock}"] + ([] if args.quick else ["--listen", "tcp:127.0.0.1:0"])
-            p = Proc([sys.executable, SERVER, *listen, "--export", f"disk={img},ro", "--iothreads", str(n)],
+            p = Proc([*SERVER, *listen, "--export", f"disk={img},ro", "--iothreads", str(n)],
                      ready=str(len(transports)))
             procs.append(p)
             uris[f"ours-{n}t/unix"] = f"nbd+unix:///disk?socket={sock}"
@@ -155,7 +154,7 @@ def main() -> int:
         quri = uris["qemu-nbd/unix"]
         for label, extra in (("C1 T1", ["--connections", "1", "--iothreads", "1"]),
                              ("C4 T2", ["--connections", "4", "--iothreads", "2"])):
-            configs.append((f"client {label}", "ours", [sys.executable, COPY, "--json", quri, "null:", *extra]))
+            configs.append((f"client {label}", "ours", [*COPY, "--json", quri, "null:", *extra]))
             conns = extra[1]
             configs.append((f"client {label}", "nbdcopy", ["nbdcopy", f"--connections={conns}", quri, "null:"]))
 

@@ -252,8 +252,7 @@ def running(server: Server, mode: str, tls: tuple[str, str] | None) -> Iterator[
     procs = []
     try:
         for _ in range(server.procs):
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                 env=dict(os.environ, PYTHONPATH=ROOT))
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
             procs.append(p)
             assert p.stdout is not None
             line = p.stdout.readline()

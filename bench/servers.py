@@ -19,9 +19,6 @@ import ssl
 import sys
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
 BUF = 256 * 1024
 
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import ssl
 import sys
 import threading
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from qioc_green import (  # noqa: E402
+from qioc_green import (
     BrokenChannelError,
     Channel,
     ChannelClosedError,

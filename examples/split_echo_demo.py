@@ -20,8 +20,7 @@ import time
 
 import gevent
 
-from qioc_green import ChannelClosedError, IOThread, SocketChannel, UnexpectedEOF
-from qioc_green.sync import Queue, QueueClosed
+from qioc_green import ChannelClosedError, IOThread, Queue, QueueClosed, SocketChannel, UnexpectedEOF
 
 counts: collections.Counter[str] = collections.Counter()
 counts_lock = threading.Lock()

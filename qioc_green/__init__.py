@@ -26,7 +26,7 @@ from .errors import (
     WouldBlock,
 )
 from .net_listener import NetListener
-from .sync import Event, Queue, QueueClosed
+from .sync import Event, Lock, Queue, QueueClosed
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -51,6 +51,7 @@ __all__ = [
     "IOCondition",
     "IOThread",
     "IOThreadPool",
+    "Lock",
     "NetListener",
     "NotSupportedError",
     "NullChannel",

@@ -1,4 +1,4 @@
-"""Cross-thread synchronization for greenlets: a bounded Queue and an Event.
+"""Cross-thread synchronization for greenlets: a bounded Queue, an Event and a Lock.
 
 gevent's own queue and event belong to one hub.  These may be used from any greenlet of any
 thread (and from plain threads): a caller that must wait parks on its own thread's hub, and
@@ -9,6 +9,11 @@ A wake only says "look again": a woken getter re-checks the queue under the lock
 never handed to a waiter that meanwhile timed out.  Every waiter of the kind that may now make
 progress is woken, not just one: one chosen waiter could be leaving at that moment (a
 ``gevent.Timeout``, a kill) and take the wake with it.
+
+The Lock is the exception, because a lock has one next owner: ``release()`` hands ownership to
+the oldest waiter (FIFO, so no thread starves another) and wakes that one only. Ownership is
+state, not a wake: a waiter that leaves (timeout, kill) finds out under the guard whether it was
+handed the lock meanwhile, and if so passes it on, so no hand-off is ever lost.
 """
 
 from __future__ import annotations
@@ -63,15 +68,19 @@ class Queue(Generic[T]):
         self._getters: deque[_hub.Waiter] = deque()
         self._putters: deque[_hub.Waiter] = deque()
         self._closed = False
+        self._error: BaseException | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, item: T, timeout: float | None = None) -> None:
-        """Append ``item``; parks while the queue is full.  TimeoutError, QueueClosed."""
+        """Append ``item``; parks while the queue is full.  TimeoutError, QueueClosed, or the
+        exception given to :meth:`fail`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
+                if self._error is not None:
+                    raise self._error
                 if self._closed:
                     raise QueueClosed("queue is closed")
                 if self.maxsize <= 0 or len(self._items) < self.maxsize:
@@ -83,10 +92,12 @@ class Queue(Generic[T]):
 
     def get(self, timeout: float | None = None) -> T:
         """Remove and return the oldest item; parks while empty.  TimeoutError; QueueClosed
-        once closed and drained."""
+        once closed and drained; the exception given to :meth:`fail` (at once, items or not)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
+                if self._error is not None:
+                    raise self._error
                 if self._items:
                     item = self._items.popleft()
                     putters = list(self._putters)
@@ -104,6 +115,17 @@ class Queue(Generic[T]):
             waiters = list(self._getters) + list(self._putters)
         for w in waiters:
             w.wake(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Break the queue: every parked getter and putter, and every later ``get`` or ``put``,
+        raises ``exc``; items still queued are dropped.  The first failure sticks.  Any thread;
+        never blocks."""
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+            self._items.clear()
+            waiters = list(self._getters) + list(self._putters)
+        _wake_all(waiters)
 
 
 class Event:
@@ -140,4 +162,70 @@ class Event:
             return True
 
 
-__all__ = ["Event", "Queue", "QueueClosed"]
+class Lock:
+    """A mutex that greenlets of any thread (and plain threads) share; gevent's belongs to one hub.
+
+    ``acquire`` parks the calling greenlet on its own thread's hub while another holder has it;
+    ``release`` (any thread, never blocks) hands it to the oldest waiter.  Not reentrant: a
+    holder that acquires again waits for itself (as ``threading.Lock``).  A context manager.
+    """
+
+    def __init__(self) -> None:
+        self._lock = _hub.OSLock()
+        self._held = False
+        self._waiters: deque[_hub.Waiter] = deque()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; may park.  True once held; False if ``blocking`` is false and the lock
+        is taken, or after ``timeout`` seconds (``threading.Lock``'s rules, with ``None`` for
+        no limit).  Raises ContextStoppedError if the caller's context stops meanwhile."""
+        with self._lock:
+            if not self._held:
+                self._held = True
+                return True
+            if not blocking:
+                return False
+            waiter = _hub.Waiter(_context.current_context())
+            # A waiter whose thread has ended can never take the lock: hand it on instead.
+            waiter.orphan = lambda _waiter: self.release()
+            self._waiters.append(waiter)
+        try:
+            waiter.park(None if timeout is None else max(timeout, 0.0))
+        except BaseException as exc:
+            with self._lock:
+                try:
+                    self._waiters.remove(waiter)
+                    handed = False
+                except ValueError:
+                    handed = True  # release() chose us as we left: we own it, pass it on
+            if handed:
+                self.release()
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True  # woken by release(): it handed the lock over, still held
+
+    def release(self) -> None:
+        """Hand the lock to the oldest waiter, or free it.  Any thread; never blocks.
+        RuntimeError if it is not held."""
+        with self._lock:
+            if not self._held:
+                raise RuntimeError("release of an unlocked Lock")
+            if not self._waiters:
+                self._held = False
+                return
+            waiter = self._waiters.popleft()
+        waiter.wake(None)
+
+    def __enter__(self) -> Lock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+__all__ = ["Event", "Lock", "Queue", "QueueClosed"]

@@ -10,7 +10,7 @@ import os
 import ssl
 import subprocess
 
-from peers import need
+from tests.peers import need
 
 
 def _run(*argv: str, cwd: str) -> None:

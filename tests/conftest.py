@@ -9,19 +9,14 @@ before (closes that finish asynchronously, in the iohandler thread, are waited f
 from __future__ import annotations
 
 import os
-import sys
 import threading
 
 import gevent
 import psutil
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-sys.path.insert(0, HERE)
-
-import qioc_green  # noqa: E402
-from polling import wait_until  # noqa: E402,F401  (re-exported: tests import it from here too)
+import qioc_green
+from tests.polling import wait_until
 
 INNER_TIMEOUT = 110  # below setup.cfg's pytest-timeout of 120 s
 

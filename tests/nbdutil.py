@@ -17,14 +17,15 @@ from typing import Any
 import psutil
 
 import qioc_green
-from nbdlib.server import Export, NBDServer
-from polling import poll_pause
+from qioc_green.nbd import Export, NBDServer
+from tests.polling import poll_pause
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SERVER = os.path.join(ROOT, "examples", "nbd_server.py")
-COPY = os.path.join(ROOT, "examples", "nbd_copy.py")
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "examples")]))
+# the programs as the installed package runs them (``qioc-nbd-server``, ``qioc-nbd-copy``)
+SERVER = [sys.executable, "-m", "qioc_green.nbd", "server"]
+COPY = [sys.executable, "-m", "qioc_green.nbd", "copy"]
+ENV = dict(os.environ)
 
 
 def unix_uri(sock: str, export: str = "") -> str:
@@ -58,10 +59,10 @@ def stop_pid(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> int | 
 
 
 class ServerProc:
-    """``examples/nbd_server.py`` as a child process; ``addresses`` from its first stdout lines."""
+    """``qioc-nbd-server`` as a child process; ``addresses`` from its first stdout lines."""
 
     def __init__(self, args: list[str], n_addresses: int, timeout: float = 15) -> None:
-        self.proc = subprocess.Popen([sys.executable, SERVER, *args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*SERVER, *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=ENV)
         self.addresses: list[str] = []
         deadline = time.monotonic() + timeout
@@ -72,11 +73,11 @@ class ServerProc:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 self.kill()
-                raise AssertionError("nbd_server.py did not print its addresses in time")
+                raise AssertionError("qioc-nbd-server did not print its addresses in time")
             chunk = os.read(fd, 4096)
             if not chunk:
                 err = self.finish()
-                raise AssertionError(f"nbd_server.py exited: {err}")
+                raise AssertionError(f"qioc-nbd-server exited: {err}")
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -95,7 +96,7 @@ class ServerProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError("nbd_server.py did not stop in time") from None
+            raise AssertionError("qioc-nbd-server did not stop in time") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -34,3 +34,4 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: 
 def poll_pause(seconds: float) -> None:
     """Block this thread for ``seconds`` between two looks of a bounded poll."""
     _never_set.wait(seconds)
+

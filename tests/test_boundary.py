@@ -76,8 +76,8 @@ def test_only_the_hub_modules_use_threading_which_monkey_patching_replaces():
     assert bad == []
 
 
-def test_the_library_does_not_import_psutil():
-    # psutil is in the test and bench extras only: ``pip install qioc_green`` does not bring it.
+def test_the_core_does_not_import_psutil():
+    # psutil is for the tests, the benches and qioc_green.migration's exec: process trees.
     bad = [name for name, tree in MODULES.items()
            for module, _, level in _imports(tree) if level == 0 and module.split(".")[0] == "psutil"]
     assert bad == []

@@ -9,7 +9,6 @@ import threading
 import gevent
 import pytest
 
-from polling import wait_until
 from qioc_green import (
     BrokenChannelError,
     ChannelClosedError,
@@ -30,6 +29,7 @@ from qioc_green import (
 )
 from qioc_green.channel_buffer import BufferChannel
 from qioc_green.testing import ScriptedChannel
+from tests.polling import wait_until
 
 # -- fd passing ----------------------------------------------------------------------------------
 

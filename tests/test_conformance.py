@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from peers import need
 from qioc_green import BufferChannel, CommandChannel, FileChannel, NullChannel, Shutdown, SocketChannel
 from qioc_green.testing import BUFLEN, NBUFFERS, pattern_buffers, run_pattern
+from tests.peers import need
 
 PLACEMENTS = ["one-hub", "two-iothreads", "iohandler"]
 BLOCKING = [True, False]

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from certs import make_certs
-from polling import poll_pause
+from tests.certs import make_certs
+from tests.polling import poll_pause
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "echo_server.py")
 ROOT = os.path.dirname(os.path.dirname(EXAMPLE))
@@ -23,9 +23,8 @@ class Server:
     """The example in a child process, bounded, killed by pid if it does not stop."""
 
     def __init__(self, *args: str) -> None:
-        env = dict(os.environ, PYTHONPATH=ROOT)
         self.proc = subprocess.Popen([sys.executable, EXAMPLE, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+                                     stderr=subprocess.PIPE, text=True)
         self.addresses: list[str] = []
 
     def read_listening(self, n: int) -> list[str]:
@@ -100,7 +99,7 @@ def test_cannot_listen_is_a_clear_error_with_status_1():
         busy.listen(1)
         port = busy.getsockname()[1]
         out = subprocess.run([sys.executable, EXAMPLE, "--listen", f"tcp:127.0.0.1:{port}"],
-                             capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
+                             capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert f"cannot listen on tcp:127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr
@@ -213,6 +212,5 @@ def test_bad_certificate_file_is_status_1(tmp_path):
     bogus = tmp_path / "bogus.pem"
     bogus.write_text("not a certificate")
     out = subprocess.run([sys.executable, EXAMPLE, "--listen", "tcp:127.0.0.1:0", "--tls-cert", str(bogus),
-                          "--tls-key", str(bogus)], capture_output=True, text=True, timeout=30,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
+                          "--tls-key", str(bogus)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "cannot load the TLS certificate" in out.stderr

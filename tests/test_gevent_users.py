@@ -17,7 +17,6 @@ import tracemalloc
 import gevent
 import pytest
 
-from polling import wait_until
 from qioc_green import (
     BrokenChannelError,
     ChannelClosedError,
@@ -32,6 +31,7 @@ from qioc_green import (
     current_context,
     run_in_thread,
 )
+from tests.polling import wait_until
 
 
 def _run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

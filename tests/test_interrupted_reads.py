@@ -10,7 +10,6 @@ from __future__ import annotations
 import gevent
 import pytest
 
-from polling import wait_until
 from qioc_green import (
     ChannelClosedError,
     ChannelTimeoutError,
@@ -19,6 +18,7 @@ from qioc_green import (
     UnexpectedEOF,
     WouldBlock,
 )
+from tests.polling import wait_until
 
 CALLS = {
     "read_all": lambda ch, **kw: ch.read_all(10, **kw),

@@ -1,4 +1,5 @@
-"""The migration receiver program (examples/migration_receiver.py), end to end.
+"""The migration receiver program (``qioc-migration-receiver``, ``python -m qioc_green.migration``),
+end to end.
 
 The first half needs no QEMU: captured streams (tests/data) are sent over loopback, UNIX
 sockets, inherited fds, exec: and file:, whole, cut short, with the sender vanishing mid-page,
@@ -26,15 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from migration.stream import NEED_DATA, RamPages, StreamParser
-from polling import poll_pause
+from qioc_green.migration import NEED_DATA, RamPages, StreamParser
+from tests.polling import poll_pause
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAM = ROOT / "examples" / "migration_receiver.py"
+PROGRAM = [sys.executable, "-m", "qioc_green.migration"]
 DATA = Path(__file__).parent / "data"
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "examples")])}
+ENV = dict(os.environ)
 WAIT = 30.0  # bound on any one receiver run
 
 
@@ -46,7 +47,7 @@ class Rx:
     """One receiver process; ``address`` is what its first stdout line says it listens on."""
 
     def __init__(self, uri: str, *args: str, listens: bool = True, pass_fds: tuple[int, ...] = ()):
-        self.proc = subprocess.Popen([sys.executable, str(PROGRAM), uri, *args],
+        self.proc = subprocess.Popen([*PROGRAM, uri, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
                                      pass_fds=pass_fds)
         self.address = ""
@@ -122,7 +123,7 @@ def send(address: str, data: bytes, *, reset: bool = False) -> None:
 def one_error_line(rx: Rx) -> str:
     lines = [ln for ln in rx.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, rx.stderr
-    assert lines[0].startswith("migration_receiver: offset "), lines[0]
+    assert lines[0].startswith("qioc-migration-receiver: offset "), lines[0]
     return lines[0]
 
 
@@ -185,10 +186,10 @@ def test_sigterm_keeps_what_was_received(receivers, tmp_path):
         wait_for_file(tmp_path / "s-2.mig", 100000)
         rx.proc.send_signal(signal.SIGTERM)
         assert rx.wait() == 1
-    assert rx.stderr.strip() == "migration_receiver: migration 2: offset 100000: stopped"
+    assert rx.stderr.strip() == "qioc-migration-receiver: migration 2: offset 100000: stopped by SIGTERM"
     assert (tmp_path / "s-1.mig").read_bytes() == data
     assert (tmp_path / "s-2.mig").read_bytes() == data[:100000]
-    assert json.loads((tmp_path / "s-2.json").read_text())["error"] == "offset 100000: stopped"
+    assert json.loads((tmp_path / "s-2.json").read_text())["error"] == "offset 100000: stopped by SIGTERM"
 
 
 def test_exec_and_file_sources(receivers, tmp_path):
@@ -273,7 +274,7 @@ def test_sender_vanishing_mid_page(receivers, tmp_path):
     saved = (tmp_path / "v.mig").read_bytes()
     # an RST may discard bytes the receiver had not read yet: what was saved is a prefix
     assert data[:cut].startswith(saved)
-    assert line.startswith(f"migration_receiver: offset {len(saved)}: "), line
+    assert line.startswith(f"qioc-migration-receiver: offset {len(saved)}: "), line
     assert "connection reset by peer; stream ends inside" in line, line
 
 
@@ -317,7 +318,7 @@ def test_idle_timeout(receivers, tmp_path):
     with connect(rx.address) as s:
         s.sendall(data[:5000])
         assert rx.wait() == 1  # the connection is still open: only the timeout ends it
-    assert one_error_line(rx) == "migration_receiver: offset 5000: no data for 0.3 s"
+    assert one_error_line(rx) == "qioc-migration-receiver: offset 5000: no data for 0.3 s"
     assert (tmp_path / "i.mig").read_bytes() == data[:5000]
 
 
@@ -366,8 +367,7 @@ def test_forward_without_qemu_and_unreachable_destination(receivers, tmp_path):
 
 def test_ram_dir_holes_rewrites_and_names(tmp_path):
     """RamDir in-process: zero pages stay holes, a zero page over data clears it, names."""
-    from migration.receiver import RamDir
-    from migration.stream import RamBlock, RamBlocks, ZeroPages
+    from qioc_green.migration import RamBlock, RamBlocks, RamDir, ZeroPages
 
     rd = RamDir(str(tmp_path / "ram"))
     try:
@@ -426,11 +426,11 @@ def test_a_refused_stream_never_reaches_the_destination_whole(receivers):
 def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
                  ["file:x,size=3"]):
-        r = subprocess.run([sys.executable, str(PROGRAM), *argv], check=False, capture_output=True,
+        r = subprocess.run([*PROGRAM, *argv], check=False, capture_output=True,
                            text=True, env=ENV, timeout=WAIT)
         assert r.returncode == 2, (argv, r.stderr)
         assert "usage:" in r.stderr
-    r = subprocess.run([sys.executable, str(PROGRAM), "--help"], check=False, capture_output=True,
+    r = subprocess.run([*PROGRAM, "--help"], check=False, capture_output=True,
                        text=True, env=ENV, timeout=WAIT)
     assert r.returncode == 0 and "--forward" in r.stdout and "--keep-listening" in r.stdout
 
@@ -439,7 +439,7 @@ def test_usage_errors():
 
 
 def need_qemu() -> None:
-    from peers import need
+    from tests.peers import need
 
     need("qemu-system-x86_64")
 
@@ -465,8 +465,8 @@ def ramblocks(qemu) -> dict[str, int]:
 @pytest.mark.peers
 def test_live_tcp_summary_matches_what_qemu_reports(receivers, tmp_path):
     need_qemu()
-    from migration.qemu import Qemu
-    from migration.stream import VmDescription
+    from qioc_green.migration import VmDescription
+    from qioc_green.migration.qemu import Qemu
 
     rx = receivers("tcp:127.0.0.1:0", "--save", str(tmp_path / "l.mig"),
                    "--json", str(tmp_path / "l.json"))
@@ -499,7 +499,7 @@ def test_live_tcp_summary_matches_what_qemu_reports(receivers, tmp_path):
 @pytest.mark.peers
 def test_live_unix_random_ram_rebuilt_byte_for_byte(receivers, tmp_path):
     need_qemu()
-    from migration.qemu import Qemu
+    from qioc_green.migration.qemu import Qemu
 
     ram_file, ram = random_ram(tmp_path, 32)
     rx = receivers(f"unix:{tmp_path / 'in.sock'}", "--ram-dir", str(tmp_path / "ram"),
@@ -520,7 +520,7 @@ def test_live_unix_random_ram_rebuilt_byte_for_byte(receivers, tmp_path):
 def test_live_exec_through_a_fifo(receivers, tmp_path):
     """QEMU migrates to ``exec:cat > FIFO``; the receiver reads ``exec:cat FIFO``."""
     need_qemu()
-    from migration.qemu import Qemu
+    from qioc_green.migration.qemu import Qemu
 
     fifo = tmp_path / "stream.fifo"
     os.mkfifo(fifo)
@@ -575,7 +575,7 @@ def test_live_forward_into_a_real_destination_and_replay(receivers, tmp_path, pa
     """source -> receiver --forward -> (hashing relay) -> destination; then the saved stream
     replayed from a file into a second destination."""
     need_qemu()
-    from migration.qemu import Qemu
+    from qioc_green.migration.qemu import Qemu
 
     ram_file, _ = random_ram(tmp_path, 32)
     saved = tmp_path / "fwd.mig"
@@ -609,7 +609,7 @@ def test_live_forward_into_a_real_destination_and_replay(receivers, tmp_path, pa
 def big_stream(tmp_path_factory):
     """A 64 MiB random-RAM capture from a real QEMU (made once for the module)."""
     need_qemu()
-    from migcapture import capture
+    from qioc_green.migration.qemu import capture
 
     d = tmp_path_factory.mktemp("big")
     ram_file, _ = random_ram(d, 64)
@@ -691,7 +691,7 @@ def test_demo(mode):
     args = ["--no-qemu"] if mode == "bundled" else []
     if mode == "live":
         need_qemu()
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "migration_demo.py"), *args],
+    r = subprocess.run([sys.executable, "-m", "qioc_green.migration.demo", *args],
                        check=False, capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -700,11 +700,33 @@ def test_demo(mode):
         assert "destination running" in r.stdout and "sha256 in == out: True" in r.stdout
 
 
+def test_embedded_receiver_example():
+    """examples/embedded_receiver.py: the package's public API in a program of one's own."""
+    data = load("pc")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "embedded_receiver.py")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on tcp:127.0.0.1:"), line
+        host, port = line.removeprefix("listening on tcp:").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT) as s:
+            s.sendall(data)
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert out.startswith(f"complete: {len(data)} bytes, machine pc-i440fx-7.2"), out
+    assert "RamPages" in out and "VmDescription" in out
+
+
 # -- the glue in-process (the suite's leak check covers its threads and fds) ----------------------
 
 
 def test_parse_uri():
-    from migration.receiver import parse_uri
+    from qioc_green.migration import parse_uri
 
     assert str(parse_uri("tcp:127.0.0.1:0")) == "tcp:127.0.0.1:0"
     assert parse_uri("tcp::4444").address == "tcp::4444"
@@ -724,8 +746,8 @@ def test_parse_uri():
 def test_receiver_in_process_forwards_through_two_iothreads(cut, tmp_path):
     """Receiver.receive() in one IOThread, its writer in another; source and destination are
     socket pairs driven by plain threads. A cut stream is refused and the destination cut."""
-    from migration.receiver import Receiver, parse_uri
     from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import Receiver, parse_uri
 
     data = load("q35")
     sent = data if cut is None else data[:cut]

@@ -1,7 +1,7 @@
-"""The sans-IO migration stream parser (examples/migration) against real QEMU 7.2 streams.
+"""The sans-IO migration stream parser (qioc_green.migration) against real QEMU streams.
 
 The captures in tests/data (see make_streams.py there) make these run without QEMU; the tests at
-the end that make fresh captures need QEMU (``peers.need``). Run with ``PYTHONPATH=examples``.
+the end that make fresh captures need QEMU (``peers.need``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migration import stream as ms
-from migration.stream import (
+import qioc_green.migration as ms
+from qioc_green.migration import (
     NEED_DATA,
     Command,
     Configuration,
@@ -39,18 +39,23 @@ from migration.stream import (
     StreamEnd,
     StreamHeader,
     StreamParser,
+    Summary,
     VmDescription,
     ZeroPages,
     expand_pages,
 )
-from migration.summary import Summary
 
 pytestmark = pytest.mark.timeout(60)
 
 DATA = Path(__file__).parent / "data"
-CAPTURES = ["pc", "q35", "none", "pc-nodesc", "pc-ignore-shared"]
+# the complete captures (cmd-postcopy-* are parsed by the command tests: PACKAGED is refused,
+# and the resumed connection has no stream header)
+CAPTURES = ["pc", "q35", "none", "pc-nodesc", "pc-ignore-shared", "cmd-return-path-7.2",
+            "cmd-colo-7.2", "cmd-return-path-10.0"]
 MACHINES = {"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2", "none": "none",
-            "pc-nodesc": "pc-i440fx-7.2", "pc-ignore-shared": "pc-i440fx-7.2"}
+            "pc-nodesc": "pc-i440fx-7.2", "pc-ignore-shared": "pc-i440fx-7.2",
+            "cmd-return-path-7.2": "pc-i440fx-7.2", "cmd-colo-7.2": "pc-i440fx-7.2",
+            "cmd-return-path-10.0": "pc-i440fx-10.0"}
 
 _cache: dict[str, bytes] = {}
 
@@ -231,10 +236,12 @@ def test_summary_matches_stream(name):
         desc = first(events, VmDescription).description
         assert d["devices"] == [dev["name"] for dev in desc["devices"]]
         assert set(d["devices"]) <= {sec["idstr"] for sec in d["sections"]}
-    # the stream is the header, configuration, sections, EOF and the description: nothing else
+    # the stream is the header, configuration (with the commands before the first section),
+    # sections, later commands (SWITCHOVER_START), EOF and the description: nothing else
     config_len = sections_offsets(events)[0].offset - 8
     desc_len = (5 + first(events, VmDescription).length) if d["described"] else 0
-    assert 8 + config_len + sum(sec["bytes"] for sec in d["sections"]) + 1 + desc_len == len(data)
+    later = sum(5 + len(e.data) for e in events if isinstance(e, Command) and e.offset > 8 + config_len)
+    assert 8 + config_len + sum(sec["bytes"] for sec in d["sections"]) + later + 1 + desc_len == len(data)
 
 
 def test_undescribed_stream_has_the_same_sections():
@@ -479,18 +486,72 @@ def test_multifd_flush_record():
     assert pages(got) == pages(events)
 
 
-def test_commands():
+def commands_of(name):
+    """The commands of a real capture, as (number, name, data length), and the parse error."""
+    p = StreamParser()
+    p.feed(load(name))
+    got = []
+    try:
+        while (ev := p.next_event()) is not NEED_DATA:
+            if isinstance(ev, Command):
+                got.append((ev.command, ev.name, len(ev.data)))
+        p.close()
+    except MigrationStreamError as exc:
+        return got, exc
+    return got, None
+
+
+def test_command_numbers_against_streams_qemu_wrote():
+    """The command table, checked against what real QEMUs sent (tests/data/make_streams.py),
+    never against a copy of it: QEMU 7.2 with return-path (relayed to a real destination),
+    7.2 with x-colo, 7.2 with postcopy, and 10.0 with return-path on its own machine type."""
+    got, err = commands_of("cmd-return-path-7.2")
+    assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4)] and err is None
+    got, err = commands_of("cmd-colo-7.2")
+    assert got == [(8, "ENABLE_COLO", 0)] and err is None
+    got, err = commands_of("cmd-return-path-10.0")
+    assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (11, "SWITCHOVER_START", 0)]
+    assert err is None
+    data = load("cmd-postcopy-7.2")
+    got, err = commands_of("cmd-postcopy-7.2")
+    assert got[:3] == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (3, "POSTCOPY_ADVISE", 16)]
+    discards = [c for c in got[3:] if c[0] == 6]
+    assert discards and all(c[1] == "POSTCOPY_RAM_DISCARD" for c in discards)
+    # PACKAGED (7): a be32 size, then that many bytes of a stream of their own, which QEMU
+    # opens with POSTCOPY_LISTEN (4) and closes with POSTCOPY_RUN (5), both without data.
+    assert err is not None and "PACKAGED command (postcopy device state, " in str(err)
+    at = err.offset
+    cmd, length, size = struct.unpack_from(">xHHI", data, at)
+    assert (data[at], cmd, length) == (0x08, 7, 4)
+    package = data[at + 9 : at + 9 + size]
+    assert len(package) == size
+    assert package[:5] == b"\x08\x00\x04\x00\x00"  # POSTCOPY_LISTEN
+    assert package[-5:] == b"\x08\x00\x05\x00\x00"  # POSTCOPY_RUN
+    assert str(err) == f"offset {at}: PACKAGED command (postcopy device state, {size} bytes) is not supported"
+
+
+def test_postcopy_recovery_commands_against_a_stream_qemu_wrote():
+    """RECV_BITMAP (10) and POSTCOPY_RESUME (9): the connection a real QEMU 7.2 opened to resume
+    a postcopy migration whose first connection was cut (tests/data/make_streams.py). It has no
+    stream header: it opens with one RECV_BITMAP per RAM block (a length byte and the block's
+    name), then POSTCOPY_RESUME, then the ram section goes on."""
+    data = load("cmd-postcopy-resume-7.2")
+    blocks = [b.name for b in first(parse([load("pc")]), RamBlocks).blocks]
+    got = []
+    pos = 0
+    while data[pos] == 0x08:
+        cmd, length = struct.unpack_from(">HH", data, pos + 1)
+        got.append((cmd, data[pos + 5 : pos + 5 + length]))
+        pos += 5 + length
+    assert got == [(10, bytes([len(n)]) + n.encode()) for n in blocks] + [(9, b"")]
+    assert [ms.COMMANDS[c][0] for c, _ in got] == ["RECV_BITMAP"] * len(blocks) + ["POSTCOPY_RESUME"]
+    assert all(ms.COMMANDS[c][1] in (None, len(d)) for c, d in got)
+    assert data[pos] == 0x02  # QEMU_VM_SECTION_PART: RAM goes on
+
+
+def test_command_errors():
     data = load("none")
     start = first(parse([data]), SectionStart).offset
-    cmds = (b"\x08\x00\x01\x00\x00"                         # OPEN_RETURN_PATH
-            + b"\x08\x00\x02\x00\x04\x00\x00\x00\x01"       # PING 1
-            + b"\x08\x00\x03\x00\x10" + bytes(16))          # POSTCOPY_ADVISE
-    events = parse([data[:start] + cmds + data[start:]])
-    got = [(e.name, e.data, e.offset) for e in events if isinstance(e, Command)]
-    assert got == [("OPEN_RETURN_PATH", b"", start), ("PING", b"\x00\x00\x00\x01", start + 5),
-                   ("POSTCOPY_ADVISE", bytes(16), start + 14)]
-    err = parse_error([data[:start] + b"\x08\x00\x08\x00\x04\x00\x00\x10\x00" + data[start:]])
-    assert "PACKAGED command (postcopy device state, 4096 bytes) is not supported" in str(err)
     err = parse_error([data[:start] + b"\x08\x00\x63\x00\x00" + data[start:]])
     assert "unknown command 99" in str(err)
     err = parse_error([data[:start] + b"\x08\x00\x02\x00\x00" + data[start:]])
@@ -556,10 +617,10 @@ def test_fuzz_only_stream_errors(case):
 @pytest.mark.timeout(180)
 def test_fresh_random_ram_capture_rebuilds_guest_ram(tmp_path):
     """A 64 MiB random-RAM capture: every pc.ram page equals the backing file; parse speed."""
-    from peers import need
+    from tests.peers import need
 
     need("qemu-system-x86_64")
-    from migcapture import capture
+    from qioc_green.migration.qemu import capture
 
     ram_file = tmp_path / "ram.bin"
     ram = os.urandom(64 << 20)
@@ -603,10 +664,10 @@ def test_fresh_random_ram_capture_rebuilds_guest_ram(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("machine", ["q35", "none"])
 def test_fresh_capture_parses(machine):
-    from peers import need
+    from tests.peers import need
 
     need("qemu-system-x86_64")
-    from migcapture import capture
+    from qioc_green.migration.qemu import capture
 
     data = capture(machine, "16M", timeout=60)
     events = parse(random_chunks(data, 1))

@@ -13,16 +13,14 @@ import os
 import socket
 import struct
 import threading
-from collections import deque
 
 import pytest
 
 import qioc_green
-from nbdlib import protocol as p
-from nbdlib.client import Client, GreenLock, NBDError, parse_uri
-from nbdlib.server import FileExport, MemoryExport
-from nbdutil import InProcessServer, pattern
+from qioc_green import nbd as p
 from qioc_green import sync
+from qioc_green.nbd import Client, FileExport, MemoryExport, NBDError, parse_uri
+from tests.nbdutil import InProcessServer, pattern
 
 MiB = 1 << 20
 IN_FLIGHT = 64
@@ -57,44 +55,6 @@ def test_uri_forms() -> None:
         parse_uri("http://x/")
     with pytest.raises(ValueError):
         parse_uri("nbd+unix:///x")
-
-
-def test_green_lock_is_fifo_across_threads() -> None:
-    """Waiters from three threads get the lock in the order they queued; a timed-out waiter
-    leaves the queue."""
-    lock = GreenLock()
-    queued = [sync.Event() for _ in range(3)]
-
-    class Recorder(deque):  # tells the test when each waiter has queued: no guessing with sleeps
-        def append(self, item) -> None:
-            super().append(item)
-            queued[len(self) - 1].set()
-
-    lock._waiters = Recorder()
-    order: list[int] = []
-    lock.acquire()
-    with qioc_green.IOThreadPool(3, pin=False) as pool:
-        def take(i: int) -> None:
-            with lock:
-                order.append(i)
-
-        futs = []
-        for i, ctx in enumerate(pool.contexts):
-            futs.append(ctx.spawn(take, i))
-            assert queued[i].wait(5)
-        lock.release()
-        for fut in futs:
-            fut.result(5)
-    assert order == [0, 1, 2]
-    lock._waiters = deque()
-    lock.acquire()
-    try:
-        with pytest.raises(TimeoutError):
-            qioc_green.current_context().spawn(lock.acquire, 0.01).result(5)
-        assert not lock._waiters
-    finally:
-        lock.release()
-    assert not lock._held
 
 
 @pytest.mark.parametrize("connections", [1, 4])

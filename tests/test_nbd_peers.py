@@ -1,5 +1,5 @@
-"""Interop with real NBD peers: our server (``examples/nbd_server.py``, a child process) with
-qemu-img, qemu-io, nbdinfo and nbdcopy; our client (and ``nbd_copy.py``) with qemu-nbd and nbdkit.
+"""Interop with real NBD peers: our server (``qioc-nbd-server``, a child process) with
+qemu-img, qemu-io, nbdinfo and nbdcopy; our client (and ``qioc-nbd-copy``) with qemu-nbd and nbdkit.
 
 Everything on UNIX sockets or 127.0.0.1, every peer bounded by a timeout and stopped by pid.
 """
@@ -10,14 +10,13 @@ import filecmp
 import json
 import os
 import signal
-import sys
 
 import pytest
 
 import qioc_green
-from nbdlib.client import Client
-from nbdutil import COPY, ENV, nbdkit, qemu_nbd, run, server_proc, tcp_uri, unix_uri
-from peers import need
+from qioc_green.nbd import Client
+from tests.nbdutil import COPY, nbdkit, qemu_nbd, run, server_proc, tcp_uri, unix_uri
+from tests.peers import need
 
 MiB = 1 << 20
 pytestmark = pytest.mark.peers
@@ -167,7 +166,7 @@ def test_acknowledged_writes_survive_sigkill(tmp_path) -> None:
 
 
 def copy_prog(*args: str) -> dict:
-    res = run([sys.executable, COPY, "--json", "--progress", *args], timeout=60)
+    res = run([*COPY, "--json", "--progress", *args], timeout=60)
     assert res.stderr.endswith("\n") and "100.0%" in res.stderr  # the progress line, finished
     return json.loads(res.stdout)
 
@@ -219,19 +218,18 @@ def test_our_client_with_nbdkit(tmp_path, plugin: str) -> None:
 
 
 def test_nbd_copy_cli_errors(tmp_path) -> None:
-    res = run([sys.executable, COPY, "a.img", "b.img"], check=False)
+    res = run([*COPY, "a.img", "b.img"], check=False)
     assert res.returncode == 2
-    res = run([sys.executable, COPY, unix_uri(str(tmp_path / "none.sock"), "x"), "null:"], check=False)
-    assert res.returncode == 1 and "nbd_copy:" in res.stderr and "Traceback" not in res.stderr
-    assert ENV["PYTHONPATH"]
+    res = run([*COPY, unix_uri(str(tmp_path / "none.sock"), "x"), "null:"], check=False)
+    assert res.returncode == 1 and "qioc-nbd-copy:" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_nbd_server_cli_errors(tmp_path) -> None:
-    from nbdutil import SERVER
+    from tests.nbdutil import SERVER
 
-    res = run([sys.executable, SERVER, "--listen", f"unix:{tmp_path}/s.sock"], check=False)
+    res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock"], check=False)
     assert res.returncode == 2 and "--export" in res.stderr
-    res = run([sys.executable, SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export",
+    res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export",
                f"d={tmp_path}/missing.img"], check=False)
     assert res.returncode == 1 and "missing.img" in res.stderr and "Traceback" not in res.stderr
-    assert run([sys.executable, SERVER, "--help"]).stdout.startswith("usage:")
+    assert run([*SERVER, "--help"]).stdout.startswith("usage:")

@@ -1,4 +1,4 @@
-"""The sans-IO NBD protocol module (examples/nbdlib/protocol.py), with no sockets.
+"""The sans-IO NBD protocol (``qioc_green.nbd.protocol``), with no sockets.
 
 Two small reference glues drive the machines the way the programs do: ``ServerGlue`` answers
 every option and request by a fixed policy, ``ClientGlue`` follows a script (options one at a
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nbdlib import (
+from qioc_green.nbd import (
     BASE_ALLOCATION,
     IHAVEOPT,
     MAX_PAYLOAD,

@@ -13,10 +13,9 @@ import subprocess
 import pytest
 
 import qioc_green
-from nbdlib.client import Client
-from nbdlib.server import MemoryExport
-from nbdutil import InProcessServer, run, server_proc, stop_pid, unix_uri
-from peers import need
+from qioc_green.nbd import Client, MemoryExport
+from tests.nbdutil import InProcessServer, run, server_proc, stop_pid, unix_uri
+from tests.peers import need
 
 pytest.importorskip("qioc_green.channel_tls")
 

@@ -12,7 +12,6 @@ import time
 
 import gevent
 import pytest
-from conftest import wait_until
 
 from qioc_green import (
     BrokenChannelError,
@@ -24,6 +23,7 @@ from qioc_green import (
     current_context,
 )
 from qioc_green import channel_socket as cs
+from tests.polling import wait_until
 
 
 def echo_once(ch):

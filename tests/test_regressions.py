@@ -10,7 +10,6 @@ import threading
 import gevent
 import pytest
 
-from polling import wait_until
 from qioc_green import (
     ChannelClosedError,
     ChannelTimeoutError,
@@ -22,6 +21,7 @@ from qioc_green import (
     SocketChannel,
     current_context,
 )
+from tests.polling import wait_until
 
 
 def test_queue_wake_is_not_lost_when_the_woken_getter_is_killed():

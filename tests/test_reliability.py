@@ -23,10 +23,13 @@ import time
 
 import gevent
 import pytest
-from conftest import wait_until
-from echo_server import Stats, make_handler
 
 from qioc_green import BrokenChannelError, IOThreadPool, NetListener, SocketChannel
+from tests.examples import load_example
+from tests.polling import wait_until
+
+_echo = load_example("echo_server")
+Stats, make_handler = _echo.Stats, _echo.make_handler
 
 SECONDS = float(os.environ.get("QIOC_RELIABILITY_SECONDS", "20"))
 

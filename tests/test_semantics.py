@@ -12,7 +12,6 @@ import time
 import gevent
 import pytest
 
-from polling import wait_until
 from qioc_green import (
     BrokenChannelError,
     ChannelBusyError,
@@ -28,6 +27,7 @@ from qioc_green import (
     main_context,
 )
 from qioc_green.testing import trace_readiness
+from tests.polling import wait_until
 
 
 def _small_buffers(*chans, size=16384):

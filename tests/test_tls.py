@@ -10,8 +10,6 @@ import threading
 import gevent
 import pytest
 
-from certs import client_context, make_certs, server_context
-from peers import need
 from qioc_green import (
     BrokenChannelError,
     ChannelClosedError,
@@ -22,6 +20,8 @@ from qioc_green import (
     TLSChannel,
 )
 from qioc_green.testing import pattern_buffers, run_pattern, trace_readiness
+from tests.certs import client_context, make_certs, server_context
+from tests.peers import need
 
 
 @pytest.fixture(scope="module")

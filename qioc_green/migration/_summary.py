@@ -9,7 +9,7 @@ The summary is a plain dict, ready for ``json.dump``::
      "ram_blocks": [{"name": "pc.ram", "size": 16777216, "zero_pages": 4096,
                      "normal_pages": 0}, ...],
      "devices": ["timer", "cpu_common", ...],
-     "commands": []}
+     "commands": ["OPEN_RETURN_PATH", "PING"], "command_counts": {"OPEN_RETURN_PATH": 1, "PING": 1}}
 
 Definitions: a section's ``bytes`` counts every byte of its pieces, from the type byte of each
 header to the end of its footer; ``records`` is the number of pieces (START, PARTs, END, or one
@@ -17,13 +17,17 @@ FULL). A RAM page sent twice (dirtied again) counts twice. ``devices`` are the n
 description lists (empty when the stream has none; ``described`` tells). ``elapsed_s`` is the
 caller's to measure (no clock here); ``bytes_total`` defaults to the stream bytes the events
 account for, and the caller may pass what it actually received.
+
+Bounded whatever the stream: one entry per section id and per RAM block (the parser caps both),
+and commands are counted: ``commands`` lists the first 256 in stream order,
+``command_counts`` counts every one by name (a stream of ten million PINGs is one number).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .stream import (
+from ._events import (
     Command,
     Configuration,
     Event,
@@ -35,6 +39,8 @@ from .stream import (
     VmDescription,
     ZeroPages,
 )
+
+MAX_LISTED_COMMANDS = 256
 
 
 class Summary:
@@ -49,7 +55,8 @@ class Summary:
         self._open: dict[int, int] = {}  # section id -> offset of its current header
         self.ram_blocks: dict[str, dict[str, Any]] = {}
         self.devices: list[str] = []
-        self.commands: list[str] = []
+        self.commands: list[str] = []  # the first MAX_LISTED_COMMANDS
+        self.command_counts: dict[str, int] = {}
 
     def add(self, ev: Event) -> None:
         """Fold one event in. Cheap for the frequent ones (page runs)."""
@@ -80,7 +87,10 @@ class Summary:
             self.devices = ev.devices
             self.described = True
         elif isinstance(ev, Command):
-            self.commands.append(ev.name)
+            counts = self.command_counts
+            counts[ev.name] = counts.get(ev.name, 0) + 1
+            if len(self.commands) < MAX_LISTED_COMMANDS:
+                self.commands.append(ev.name)
         elif isinstance(ev, StreamEnd):
             self.complete = True
             self.described = ev.described
@@ -99,4 +109,5 @@ class Summary:
             "ram_blocks": [dict(b) for b in self.ram_blocks.values()],
             "devices": list(self.devices),
             "commands": list(self.commands),
+            "command_counts": dict(self.command_counts),
         }

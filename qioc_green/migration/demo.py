@@ -1,18 +1,21 @@
-#!/usr/bin/env python3
 """Demo: a live QEMU migration through the migration stream receiver (``make demo``).
 
+    python -m qioc_green.migration.demo [--no-qemu]
+
 With ``qemu-system-x86_64`` installed: a small running VM (32 MiB, no disk, TCG) migrates into
-``migration_receiver.py``, which parses the stream on the fly and forwards it to a destination
-QEMU; the destination resumes the VM. Without QEMU (or with ``--no-qemu``): a stream captured
-from QEMU 7.2 (tests/data/pc.mig.gz) is sent over loopback into the receiver. Either way the
-receiver's summary is printed. Every process is killed by its pid and every temporary file
-removed at the end; it takes a few seconds.
+the installed ``qioc-migration-receiver`` command, which parses the stream on the fly and
+forwards it to a destination QEMU; the destination resumes the VM. Without QEMU (or with
+``--no-qemu``): a stream captured from QEMU 7.2 (shipped with the package, ``data/pc.mig.gz``)
+is sent over loopback into the receiver. Either way the receiver's summary is printed. Every
+process is killed by its pid and every temporary file removed at the end; it takes a few
+seconds. The live part needs ``qemu.qmp`` (the ``demo`` extra; ``make demo`` installs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.resources
 import json
 import os
 import shutil
@@ -24,19 +27,23 @@ import threading
 import time
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-from migration import qemu
-
-RECEIVER = os.path.join(HERE, "migration_receiver.py")
-CAPTURE = os.path.join(ROOT, "tests", "data", "pc.mig.gz")
+COMMAND = "qioc-migration-receiver"
 TIMEOUT = 30.0
 
 
+def receiver_argv() -> list[str]:
+    """The installed command: beside this interpreter (a venv's bin), else on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), COMMAND)
+    if os.access(here, os.X_OK):
+        return [here]
+    found = shutil.which(COMMAND)
+    if found is not None:
+        return [found]
+    raise SystemExit(f"demo: {COMMAND} is not installed (pip install .)")
+
+
 def start_receiver(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, RECEIVER, "tcp:127.0.0.1:0", "--quiet", *args],
+    proc = subprocess.Popen([*receiver_argv(), "tcp:127.0.0.1:0", "--quiet", *args],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()  # the receiver prints this first, or exits
@@ -57,7 +64,9 @@ def finish(proc: subprocess.Popen[str]) -> int:
 
 
 def live(tmp: str) -> dict[str, Any]:
-    print("live migration: source QEMU -> migration_receiver --forward -> destination QEMU")
+    from . import qemu
+
+    print(f"live migration: source QEMU -> {COMMAND} --forward -> destination QEMU")
     with qemu.Qemu(machine="pc", mem="32M", paused=False, name="source") as src, \
             qemu.Qemu(machine="pc", mem="32M", incoming=True, paused=False,
                       name="destination") as dst:
@@ -87,10 +96,10 @@ def live(tmp: str) -> dict[str, Any]:
 
 
 def bundled(tmp: str) -> dict[str, Any]:
-    with open(CAPTURE, "rb") as f:
-        data = gzip.decompress(f.read())
-    print(f"no QEMU: sending {os.path.relpath(CAPTURE, ROOT)} ({len(data)} bytes) over "
-          "loopback into migration_receiver")
+    capture = importlib.resources.files(__package__).joinpath("data", "pc.mig.gz")
+    data = gzip.decompress(capture.read_bytes())
+    print(f"no QEMU: sending a QEMU 7.2 capture (-M pc, {len(data)} bytes) over loopback "
+          f"into {COMMAND}")
     rx, addr = start_receiver("--json", os.path.join(tmp, "summary.json"))
     try:
         host, _, port = addr.removeprefix("tcp:").rpartition(":")
@@ -136,7 +145,7 @@ def main() -> int:
     args = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="migdemo-")
     try:
-        use_qemu = not args.no_qemu and qemu.available()
+        use_qemu = not args.no_qemu and shutil.which("qemu-system-x86_64") is not None
         summary = live(tmp) if use_qemu else bundled(tmp)
         show(summary)
         return 0 if summary["complete"] else 1

@@ -10,9 +10,9 @@ How it works
   and completes the request's ``qioc_green.Future``. Completing a future from the reader's thread
   wakes the requester in *its own* thread (through that thread's inbox): no greenlet ever moves.
 * **Requesters write their own requests.** The channel allows one parked writer per direction
-  (``ChannelBusyError`` for a second), so writers take ``GreenLock``, a lock that parks
-  greenlets of any thread (a FIFO of futures, handed from one holder to the next; QEMU's
-  ``send_mutex`` is a CoMutex for the same reason). It is held while the request is written,
+  (``ChannelBusyError`` for a second), so writers take a ``qioc_green.Lock``, which parks
+  greenlets of any thread and hands itself to the oldest waiter (QEMU's ``send_mutex`` is a
+  CoMutex for the same reason). It is held while the request is written,
   never while waiting for the reply. The protocol machine is shared by the reader and the
   writers of every thread, so each touch of it is under a plain ``threading.Lock`` that is never
   held across a park (a thread blocked on it blocks for microseconds, not for I/O).
@@ -29,18 +29,17 @@ import itertools
 import ssl
 import threading
 import urllib.parse
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import qioc_green
-from qioc_green import Channel, ChannelError, Future, Shutdown, SocketChannel
+from qioc_green import Channel, ChannelError, Future, Lock, Shutdown, SocketChannel, TLSChannel
 
 from . import protocol as p
 from .protocol import NEED_DATA
 
-__all__ = ["Client", "GreenLock", "NBDError", "URI", "parse_uri"]
+__all__ = ["Client", "NBDError", "URI", "parse_uri"]
 
 READ_SIZE = 256 * 1024  # measured here: 1 MiB reads were slower (cache misses)
 DEFAULT_PORT = 10809
@@ -50,7 +49,7 @@ class NBDError(OSError):
     """The server answered a request with an error (``errno`` is the NBD error value)."""
 
     def __init__(self, nbd_errno: int, message: str = "") -> None:
-        name = p._name(p.Errno, nbd_errno)
+        name = p.name_of(p.Errno, nbd_errno)
         super().__init__(nbd_errno, f"{name}{': ' + message if message else ''}")
 
 
@@ -82,57 +81,6 @@ def parse_uri(uri: str) -> URI:
     return URI(f"tcp:{shown}:{port}", export, tls, host)
 
 
-class GreenLock:
-    """A FIFO mutex that parks greenlets of any thread (and blocks plain threads).
-
-    Uncontended, ``acquire`` is one ``threading.Lock`` round trip. Contended, the caller parks on
-    a Future (on its own thread's hub) and ``release`` hands the lock to the first waiter, so no
-    thread can starve another. Not reentrant.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held = False
-        self._waiters: deque[Future[None]] = deque()
-
-    def acquire(self, timeout: float | None = None) -> None:
-        """Take the lock; may park. TimeoutError after ``timeout`` seconds."""
-        with self._lock:
-            if not self._held:
-                self._held = True
-                return
-            fut: Future[None] = Future()
-            self._waiters.append(fut)
-        try:
-            fut.result(timeout)
-        except BaseException:
-            with self._lock:
-                try:
-                    self._waiters.remove(fut)
-                    handed = False
-                except ValueError:
-                    handed = True  # release() gave it to us as we left: pass it on
-            if handed:
-                self.release()
-            raise
-
-    def release(self) -> None:
-        """Give the lock to the next waiter (or free it). Any thread; never switches."""
-        with self._lock:
-            if not self._waiters:
-                self._held = False
-                return
-            fut = self._waiters.popleft()
-        fut.set_result(None)
-
-    def __enter__(self) -> GreenLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
 class _Pending:
     """One request in flight: where its data goes, and how its caller is woken."""
 
@@ -152,7 +100,7 @@ class _Connection:
         self.ch = ch
         self.proto = proto
         self.name = ch.name
-        self.send_lock = GreenLock()  # one writer on the channel at a time
+        self.send_lock = Lock()  # one writer on the channel at a time
         self.proto_lock = threading.Lock()  # the protocol machine; never held across a park
         self.pending: dict[int, _Pending] = {}
         self.dead: BaseException | None = None
@@ -255,7 +203,8 @@ class _Connection:
     def close(self, timeout: float) -> None:
         if self.dead is None and not self.pending:
             try:
-                self.send_lock.acquire(timeout)
+                if not self.send_lock.acquire(timeout=timeout):
+                    raise TimeoutError(f"{self.name}: a request is still being sent")
                 try:
                     with self.proto_lock:
                         bufs = self.proto.send_iov(p.Request(p.Cmd.DISC, 0))
@@ -318,8 +267,6 @@ def _negotiate(ch: Channel, export: str, tls: ssl.SSLContext | None, server_host
         if not isinstance(last, p.TLSUpgrade):
             raise ConnectionError(f"{ch.name}: server refused STARTTLS: {last}")
         proto.take_trailing_data()
-        from qioc_green.channel_tls import TLSChannel
-
         tls_ch = TLSChannel.client(ch, tls, server_hostname)
         tls_ch.handshake()
         ch = tls_ch
@@ -330,7 +277,7 @@ def _negotiate(ch: Channel, export: str, tls: ssl.SSLContext | None, server_host
     replies = reply_to(p.OptGo(export, (p.Info.BLOCK_SIZE,)))
     last = replies[-1]
     if isinstance(last, p.OptionError):
-        name = p._name(p.Rep, last.error)
+        name = p.name_of(p.Rep, last.error)
         raise ConnectionError(f"{ch.name}: server refused export {export!r}: {name} {last.message}".rstrip())
     return ch, proto
 

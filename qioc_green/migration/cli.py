@@ -1,14 +1,14 @@
-#!/usr/bin/env python3
-"""Receive a QEMU live migration where a destination QEMU's ``-incoming`` would stand.
+"""``qioc-migration-receiver``: receive a QEMU live migration where a destination QEMU's
+``-incoming`` would stand.
 
 A real QEMU runs ``migrate`` to this program unchanged; it receives the stream in blocking
 style in a greenlet of an IOThread, parses it on the fly, and can save it byte for byte, rebuild
 the guest's RAM blocks as files, write a JSON summary, and pass the stream on to a real
 destination QEMU (which then resumes the VM).
 
-    python examples/migration_receiver.py tcp:127.0.0.1:0 --save vm.mig --json vm.json
-    python examples/migration_receiver.py tcp::4444 --forward tcp:127.0.0.1:4445
-    python examples/migration_receiver.py exec:'cat vm.mig' --ram-dir ram/
+    qioc-migration-receiver tcp:127.0.0.1:0 --save vm.mig --json vm.json
+    qioc-migration-receiver tcp::4444 --forward tcp:127.0.0.1:4445
+    python -m qioc_green.migration exec:'cat vm.mig' --ram-dir ram/
 
 Exit status: 0 when every migration received was complete and well formed; 1 otherwise (the
 one-line error on stderr names the stream offset and what was expected); 2 for bad usage.
@@ -21,27 +21,17 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
-# Run from a clone, the library next door wins over an installed one.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
 import qioc_green
-from migration.receiver import (
-    BUFFERS,
-    CHUNK,
-    Endpoint,
-    Incoming,
-    Outcome,
-    Receiver,
-    numbered,
-    parse_uri,
-    stderr_is_terminal,
-)
 
-PROG = "migration_receiver"
+from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
+from ._sinks import BUFFERS, CHUNK
+from ._uri import Endpoint, Incoming, parse_uri
+
+PROG = "qioc-migration-receiver"
+STOP_WAIT = 30.0  # s a stopped migration may take to clean up (end commands, drop a forward)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digest", action="store_true",
                    help="add the sha256 of the bytes received (and forwarded) to the summary")
     p.add_argument("--idle-timeout", type=float, metavar="S",
-                   help="fail when no byte arrives for S seconds")
+                   help="fail when no byte arrives for S seconds, or a --forward destination "
+                        "takes none for S seconds")
+    p.add_argument("--deadline", type=float, metavar="S",
+                   help="fail a migration that has not ended S seconds after it began")
+    p.add_argument("--min-rate", type=_rate, metavar="BYTES[/S]",
+                   help="fail when fewer than BYTES a second (K, M, G: binary multiples) "
+                        "arrive, averaged over each S seconds (default 10)")
     p.add_argument("--buffer-size", type=int, default=CHUNK, metavar="BYTES",
                    help=f"receive buffer size (default {CHUNK})")
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
@@ -81,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {BUFFERS})")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stdout")
     return p
+
+
+def _rate(text: str) -> tuple[float, float]:
+    """``--min-rate BYTES[/S]`` as (bytes a second, window seconds)."""
+    amount, _, window = text.partition("/")
+    scale = 1
+    if amount[-1:].upper() in ("K", "M", "G"):
+        scale = 1 << (10 * "KMG".index(amount[-1].upper()) + 10)
+        amount = amount[:-1]
+    try:
+        rate, secs = float(amount) * scale, float(window) if window else 10.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BYTES[/SECONDS] (e.g. 1M/10), got {text!r}") from None
+    if rate <= 0 or secs <= 0:
+        raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
+    return rate, secs
 
 
 def _error(msg: str) -> None:
@@ -112,9 +124,33 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class _Run:
+    """What a signal must reach: the migration being received, or the next one. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._rx: Receiver | None = None
+
+    def attach(self, rx: Receiver) -> None:
+        with self._lock:
+            self._rx = rx
+            reason = self.reason
+        if reason is not None:
+            rx.stop(reason)
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+            rx = self._rx
+        if rx is not None:
+            rx.stop(reason)
+
+
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-          forward_ctx: qioc_green.Context | None) -> list[bool]:
+          forward_ctx: qioc_green.Context | None, run: _Run | None = None) -> list[bool]:
     """Take migrations one after another (in the receiving IOThread); return their verdicts."""
+    run = run or _Run()
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -123,6 +159,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
             ch = incoming.next_channel()
         except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
             break  # one-shot source used, or told to stop while waiting for a sender
+        except (OSError, qioc_green.ChannelError) as exc:  # file:/nonexistent, fd:99...
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            _error(f"cannot open {incoming.endpoint}: {getattr(cause, 'strerror', None) or cause}")
+            verdicts.append(False)
+            break
         if not args.keep_listening:
             incoming.close()  # one migration per run: later senders are refused, as by QEMU
 
@@ -135,7 +176,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                       forward_context=forward_ctx, chunk=args.buffer_size, buffers=args.buffers,
                       allow_undescribed=args.allow_undescribed, digest=args.digest,
                       progress=sys.stderr if stderr_is_terminal() else None,
-                      idle_timeout=args.idle_timeout)
+                      idle_timeout=args.idle_timeout, deadline=args.deadline,
+                      min_rate=args.min_rate[0] if args.min_rate else None,
+                      rate_window=args.min_rate[1] if args.min_rate else 10.0,
+                      label=str(incoming.endpoint))
+        run.attach(rx)
         out = rx.receive(ch)
         json_path = name(args.json)
         if json_path is not None:
@@ -150,9 +195,13 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
 class _Interrupted(SystemExit):
     """SIGINT or SIGTERM."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signame = signal.Signals(signum).name
+
 
 def _interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(128 + signum)
+    raise _Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    for opt in ("idle_timeout", "deadline"):
+        if getattr(args, opt) is not None and getattr(args, opt) <= 0:
+            parser.error(f"--{opt.replace('_', '-')} must be positive")
     incoming = Incoming(source)
     try:
         incoming.open()
@@ -176,40 +228,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_listening and not incoming.can_repeat:
         incoming.close()
         parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
-    if incoming.listening is not None:
-        where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
-        print(f"listening on {where}", flush=True)
-
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
     # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
-    # it would print).
+    # it would print). The migration in progress is stopped where it is parked
+    # (Receiver.stop), so it reports one line and ends an exec: command before the threads
+    # stop; a second signal, or a clean-up past STOP_WAIT, stops the threads at once. The
+    # handlers are in place before "listening on" is printed: a caller may signal right then.
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     recv_thread = qioc_green.IOThread("mig-recv").start()
     fwd_thread = qioc_green.IOThread("mig-forward").start() if forward is not None else None
+    run = _Run()
+    fut = None
     try:
-        fut = recv_thread.context.spawn(
-            serve, incoming, args, forward, fwd_thread.context if fwd_thread else None)
         try:
+            if incoming.listening is not None:
+                where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
+                print(f"listening on {where}", flush=True)
+            fut = recv_thread.context.spawn(
+                serve, incoming, args, forward, fwd_thread.context if fwd_thread else None, run)
             verdicts = fut.result()
-        except _Interrupted:
-            # Stop taking migrations; a migration in progress is cut short (its greenlet is
-            # woken with ContextStoppedError), reported as incomplete, its files kept.
+        except _Interrupted as sig:
+            # Stop taking migrations; one in progress is cut short, reported, its files kept.
+            run.stop(f"stopped by {sig.signame}")
             incoming.close()
-            recv_thread.stop()
             try:
-                verdicts = fut.result(10)
-            except BaseException:  # noqa: BLE001 - stopping; the greenlet's report stands
+                verdicts = fut.result(STOP_WAIT) if fut is not None else []
+            except (_Interrupted, TimeoutError):
+                recv_thread.stop()  # wakes whatever still waits with ContextStoppedError
                 verdicts = [False]
+            if not verdicts:
+                _error(f"stopped by {sig.signame} before any migration arrived")
     finally:
         incoming.close()
         recv_thread.stop()
         if fwd_thread is not None:
             fwd_thread.stop()
     return 0 if verdicts and all(verdicts) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,11 @@ How one connection runs (all of it in the one IOThread its handler was started i
 * **One writer greenlet** writes replies. The channel allows one parked writer per direction
   (QEMU's send mutex), so request greenlets never write: they append their reply's buffers to
   a queue, and the writer sends whatever has gathered with one ``writev`` (small replies batch).
-* **Memory is bounded** per connection: READ payloads are reserved against ``reply_budget``
-  bytes before their greenlet starts and released when written (the reader parks while the
-  budget is spent); the reader holds one receive buffer; the protocol holds at most one option.
+* **Memory and time are bounded** whatever a client sends: every queued reply counts against
+  the connection's budget and the server's, and the reader stops reading while either is spent
+  (back-pressure); the handshake has a time limit, and an optional idle timeout closes a
+  connection that does nothing or stops reading its replies. The rules and measurements are
+  in ``_limits``.
 
 Errors: a request the export refuses gets the protocol's error reply; a peer that breaks the
 protocol, or goes away, ends its own connection with one log line. Nothing here touches other
@@ -30,24 +32,19 @@ Accepting is ``qioc_green.NetListener``'s: ``NBDServer.serve(channel)`` is its c
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import itertools
 import logging
-import os
 import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.pool
 
-import qioc_green
 from qioc_green import (
     BrokenChannelError,
     Channel,
@@ -55,295 +52,21 @@ from qioc_green import (
     ChannelError,
     ContextStoppedError,
     Shutdown,
+    TLSChannel,
 )
 
 from . import protocol as p
+from ._exports import Export, ExportError, nbd_errno
+from ._limits import REPLY_COST, SharedBudget, fit_string, shown_name, writev_progressing
 from .protocol import NEED_DATA, PAUSED
 
 log = logging.getLogger("nbd.server")
 
-__all__ = [
-    "Export",
-    "FileExport",
-    "MemoryExport",
-    "NBDServer",
-    "parse_size",
-]
+__all__ = ["NBDServer"]
 
 READ_SIZE = 256 * 1024  # bytes asked of the channel per read
 MAX_REPLY_BATCH = 256  # buffers per writev (IOV_MAX is 1024)
 CONTEXT_ID = 1  # our id for base:allocation
-_HOLE_ZERO = p.StateFlag.HOLE | p.StateFlag.ZERO
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-class ExportError(Exception):
-    """A request failed in the backend; ``errno`` is the NBD error to answer with."""
-
-    def __init__(self, nbd_errno: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = nbd_errno
-
-
-def _nbd_errno(exc: BaseException) -> int:
-    """The NBD error for an OS failure (the spec's short list; EIO for anything else)."""
-    if isinstance(exc, ChannelError) and isinstance(exc.__cause__, OSError):
-        exc = exc.__cause__
-    code = getattr(exc, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return p.Errno.ENOSPC
-    if code in (errno.EPERM, errno.EACCES, errno.EROFS):
-        return p.Errno.EPERM
-    if code == errno.ENOMEM:
-        return p.Errno.ENOMEM
-    if code in (errno.EOPNOTSUPP, errno.ENOTSUP):
-        return p.Errno.ENOTSUP
-    return p.Errno.EIO
-
-
-def parse_size(text: str) -> int:
-    """``"256M"``, ``"1G"``, ``"4096"``: a size in bytes (binary suffixes K, M, G, T)."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = 1
-    for i, suffix in enumerate("KMGT", 1):
-        if text.endswith(suffix):
-            scale = 1024 ** i
-            text = text[:-1]
-            break
-    size = int(text) * scale
-    if size < 0:
-        raise ValueError(f"negative size {size}")
-    return size
-
-
-# ---------------------------------------------------------------------------------------------
-# Exports
-
-
-class Export:
-    """What a connection serves. Methods may be called from any IOThread at once; none parks
-    except ``flush`` (and ``write`` with ``fua``), which park the calling greenlet only."""
-
-    def __init__(self, name: str, size: int, *, readonly: bool = False, description: str = "") -> None:
-        self.name = name
-        self.size = size
-        self.readonly = readonly
-        self.description = description
-
-    @property
-    def flags(self) -> int:
-        tf = p.TransmissionFlag
-        flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA | tf.CAN_MULTI_CONN | tf.SEND_CACHE | tf.SEND_DF
-        if self.readonly:
-            flags |= tf.READ_ONLY
-        else:
-            flags |= tf.SEND_TRIM | tf.SEND_WRITE_ZEROES | tf.SEND_FAST_ZERO
-        return int(flags)
-
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        raise NotImplementedError
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        pass
-
-    def trim(self, offset: int, length: int) -> None:
-        pass
-
-    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
-        raise NotImplementedError
-
-    def cache(self, offset: int, length: int) -> None:
-        pass
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """``(length, flags)`` of base:allocation from ``offset``, covering at most ``length``."""
-        return [(length, 0)]
-
-    def close(self) -> None:
-        pass
-
-
-def _sync_in_thread(fd: int) -> None:
-    """fdatasync without stalling the hub: a worker thread does it, the caller's greenlet parks."""
-    qioc_green.run_in_thread(os.fdatasync, fd, name="nbd-fdatasync").result()
-
-
-class FileExport(Export):
-    """A regular file (or block device): positional I/O, fdatasync, holes by SEEK_DATA/SEEK_HOLE."""
-
-    def __init__(self, name: str, path: str, *, readonly: bool = False, description: str = "") -> None:
-        self.path = path
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        try:
-            size = os.lseek(self.fd, 0, os.SEEK_END)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        super().__init__(name, size, readonly=readonly, description=description or path)
-
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        # os.pread allocates without zeroing and releases the GIL while the kernel copies.
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:  # the file shrank under us, or a short read: keep going
-            buf = bytearray(data)
-            while len(buf) < length:
-                more = os.pread(self.fd, length - len(buf), offset + len(buf))
-                if not more:
-                    buf += bytes(length - len(buf))
-                    break
-                buf += more
-            return buf
-        return data
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwritev(self.fd, [view], offset)
-            view = view[n:]
-            offset += n
-
-    def flush(self) -> None:
-        _sync_in_thread(self.fd)
-
-    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
-        if _fallocate(self.fd, mode, offset, length) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return False
-        raise OSError(err, os.strerror(err))
-
-    def trim(self, offset: int, length: int) -> None:
-        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)  # advisory
-
-    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
-        if may_trim and self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
-            return
-        if self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
-            return
-        if fast:
-            raise ExportError(p.Errno.ENOTSUP, "no fast way to zero this range")
-        zeroes = bytes(min(length, 1 << 20))
-        end = offset + length
-        while offset < end:
-            n = min(len(zeroes), end - offset)
-            self.write(offset, memoryview(zeroes)[:n])
-            offset += n
-
-    def cache(self, offset: int, length: int) -> None:
-        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        end = min(offset + length, self.size)
-        out: list[tuple[int, int]] = []
-        pos = offset
-        while pos < end and len(out) < 1024:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos: a hole to the end
-                    data = end
-                elif exc.errno == errno.EINVAL:  # the filesystem cannot tell: all data
-                    out.append((end - pos, 0))
-                    break
-                else:
-                    raise
-            if data > pos:
-                n = min(data, end) - pos
-                out.append((n, _HOLE_ZERO))
-                pos += n
-                continue
-            hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
-            n = min(hole, end) - pos
-            out.append((n, 0))
-            pos += n
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class MemoryExport(Export):
-    """RAM, sparse: 64 KiB pages made on first write; unwritten pages read as zeroes and are
-    reported as holes (as ``nbdkit memory``). A lock guards the page table for copies."""
-
-    PAGE = 64 * 1024
-
-    def __init__(self, name: str, size: int, *, description: str = "") -> None:
-        super().__init__(name, size, description=description or f"{size} bytes of memory")
-        self._pages: dict[int, bytearray] = {}
-        self._lock = threading.Lock()
-
-    def _spans(self, offset: int, length: int) -> Iterable[tuple[int, int, int, int]]:
-        """(page index, offset in page, bytes, position in the request)."""
-        page = self.PAGE
-        pos = 0
-        while pos < length:
-            idx, off = divmod(offset + pos, page)
-            n = min(page - off, length - pos)
-            yield idx, off, n, pos
-            pos += n
-
-    def read(self, offset: int, length: int) -> bytes | bytearray:
-        out = bytearray(length)
-        with self._lock:
-            for idx, off, n, pos in self._spans(offset, length):
-                pg = self._pages.get(idx)
-                if pg is not None:
-                    out[pos:pos + n] = pg[off:off + n]
-        return out
-
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        with self._lock:
-            for idx, off, n, pos in self._spans(offset, len(view)):
-                pg = self._pages.get(idx)
-                if pg is None:
-                    if not any(view[pos:pos + n]):
-                        continue  # zeroes onto a hole stay a hole
-                    pg = self._pages[idx] = bytearray(self.PAGE)
-                pg[off:off + n] = view[pos:pos + n]
-
-    def _drop(self, offset: int, length: int) -> None:
-        with self._lock:
-            for idx, off, n, _pos in self._spans(offset, length):
-                pg = self._pages.get(idx)
-                if pg is None:
-                    continue
-                if n == self.PAGE:
-                    del self._pages[idx]
-                else:
-                    pg[off:off + n] = bytes(n)
-
-    def trim(self, offset: int, length: int) -> None:
-        self._drop(offset, length)
-
-    def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
-        self._drop(offset, length)
-
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        with self._lock:
-            for idx, _off, n, _pos in self._spans(offset, length):
-                flags = 0 if idx in self._pages else _HOLE_ZERO
-                if out and out[-1][1] == flags:
-                    out[-1] = (out[-1][0] + n, flags)
-                else:
-                    if len(out) >= 1024:
-                        break
-                    out.append((n, flags))
-        return out
-
-
 # ---------------------------------------------------------------------------------------------
 # One connection
 
@@ -368,7 +91,10 @@ class _Session:
         self.replies: deque[tuple[list[Any], int]] = deque()
         self.wake_writer = gevent.event.Event()
         self.room = gevent.event.Event()  # set when the writer released budget
-        self.reserved = 0  # READ payload bytes reserved and not yet written
+        self.reserved = 0  # bytes charged (READ payloads reserved, replies queued), not yet sent
+        self.budget = server.budget
+        self.done = False  # the connection has ended: nothing more is charged
+        self.handshake_timer: gevent.Timeout | None = None
         self.closing = False
         self.writer: gevent.Greenlet | None = None
         self.write_error: BaseException | None = None
@@ -381,7 +107,12 @@ class _Session:
     # -- the handler ------------------------------------------------------------------------
     def run(self) -> None:
         graceful = False
+        limit = self.server.handshake_limit
+        self.handshake_timer = gevent.Timeout(
+            limit, _Hangup(f"handshake not finished within {limit:g} s")) if limit else None
         try:
+            if self.handshake_timer is not None:
+                self.handshake_timer.start()
             self._send([p.Greeting()])
             self._loop()
             graceful = True
@@ -398,7 +129,14 @@ class _Session:
         except ssl.SSLError as exc:
             log.warning("%s: TLS failed: %s; closing", self.name, exc)
         finally:
-            self._wind_down(graceful)
+            if self.handshake_timer is not None:
+                self.handshake_timer.close()
+            try:
+                self._wind_down(graceful)
+            finally:  # whatever is still charged (requests never answered) goes back, once
+                self.done = True
+                self.budget.adjust(-self.reserved)
+                self.reserved = 0
 
     def _wind_down(self, graceful: bool) -> None:
         if self.writer is None:
@@ -429,12 +167,20 @@ class _Session:
     def _loop(self) -> None:
         proto = self.proto
         ch = self.ch
+        idle = self.server.idle_timeout
         while True:
             ev = proto.next_event()
             if ev is NEED_DATA:
                 if self.write_error is not None:
                     return
-                proto.receive_data(ch.read(READ_SIZE))
+                if self.export is None or idle is None:
+                    proto.receive_data(ch.read(READ_SIZE))
+                    continue
+                try:
+                    proto.receive_data(ch.read(READ_SIZE, timeout=idle))
+                except TimeoutError:
+                    if not self.pool and not self.replies and not self.reserved:
+                        raise _Hangup(f"idle for {idle:g} s") from None
                 continue
             cls = type(ev)
             if cls is p.WriteData:
@@ -483,13 +229,13 @@ class _Session:
         elif isinstance(ev, (p.OptInfo, p.OptGo)):
             export = self._find(ev.name)
             if export is None:
-                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {ev.name!r}")])
+                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {shown_name(ev.name)}")])
                 return True
             out: list[p.Event] = [p.ExportInfo(export.size, export.flags)]
             if p.Info.NAME in ev.requests:
                 out.append(p.ExportName(export.name))
             if p.Info.DESCRIPTION in ev.requests and export.description:
-                out.append(p.ExportDescription(export.description[:p.MAX_STRING]))
+                out.append(p.ExportDescription(fit_string(export.description)))
             out += [p.BlockSize(1, 4096, server.max_payload), p.Ack()]
             self._send(out)
             if isinstance(ev, p.OptGo):
@@ -497,7 +243,7 @@ class _Session:
         elif isinstance(ev, p.OptExportName):
             export = self._find(ev.name)
             if export is None:
-                raise _Hangup(f"EXPORT_NAME for unknown export {ev.name!r}")
+                raise _Hangup(f"EXPORT_NAME for unknown export {shown_name(ev.name)}")
             self._send([p.ExportInfo(export.size, export.flags)])
             self._enter_transmission(export)
         elif isinstance(ev, p.OptStructuredReply):
@@ -506,7 +252,7 @@ class _Session:
             if not proto.structured:
                 self._send([p.OptionError(rep.ERR_INVALID, "negotiate structured replies first")])
             elif self._find(ev.name) is None:
-                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {ev.name!r}")])
+                self._send([p.OptionError(rep.ERR_UNKNOWN, f"no export named {shown_name(ev.name)}")])
             else:
                 listing = isinstance(ev, p.OptListMetaContext)
                 if listing:
@@ -532,15 +278,13 @@ class _Session:
             self._send([p.OptionError(rep.ERR_UNSUP, f"option {ev.option} is not supported")])
         elif isinstance(ev, p.OptInvalid):
             if ev.option == p.Opt.EXPORT_NAME:
-                raise _Hangup(f"malformed EXPORT_NAME: {ev.reason}")
-            self._send([p.OptionError(rep.ERR_INVALID, ev.reason[:p.MAX_STRING])])
+                raise _Hangup(f"malformed EXPORT_NAME: {fit_string(ev.reason, 200)}")
+            self._send([p.OptionError(rep.ERR_INVALID, fit_string(ev.reason))])
         else:
             raise p.LocalProtocolError(f"unexpected event {ev!r}")
         return True
 
     def _start_tls(self) -> None:
-        from qioc_green.channel_tls import TLSChannel
-
         if self.proto.take_trailing_data():
             raise _Hangup("client sent data before the STARTTLS reply")
         assert self.server.tls_context is not None
@@ -550,6 +294,8 @@ class _Session:
         self.proto.tls_started()
 
     def _enter_transmission(self, export: Export) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.close()
         self.export = export
         self.writer = gevent.spawn(self._write_loop)
 
@@ -558,6 +304,7 @@ class _Session:
         cmd = req.command
         if cmd == p.Cmd.DISC:
             return False
+        self._room()
         err = self.proto.check_request(req)
         if cmd == p.Cmd.WRITE:
             self.pending_write = (req, err, "refused" if err else "")
@@ -566,7 +313,7 @@ class _Session:
             self._reply(req.cookie, err, None, self._why(req, err))
             return True
         if cmd == p.Cmd.READ:
-            self._reserve(req.length)
+            self._room(req.length)
             self.pool.spawn(self._do, req, req.length)
         else:
             self.pool.spawn(self._do, req, 0)
@@ -574,10 +321,10 @@ class _Session:
 
     @staticmethod
     def _why(req: p.Request, err: int) -> str:
-        what = p._name(p.Cmd, req.command)
+        what = p.name_of(p.Cmd, req.command)
         if err == p.Errno.EPERM:
             return f"{what} on a read-only export"
-        return f"{what} at {req.offset} of {req.length} bytes refused ({p._name(p.Errno, err)})"
+        return f"{what} at {req.offset} of {req.length} bytes refused ({p.name_of(p.Errno, err)})"
 
     def _write_data(self, ev: p.WriteData) -> None:
         assert self.pending_write is not None
@@ -597,20 +344,36 @@ class _Session:
         else:
             self._reply(req.cookie, err, None, msg)
 
-    def _reserve(self, n: int) -> None:
-        budget = self.server.reply_budget
-        while self.reserved and self.reserved + n > budget:
+    def _room(self, n: int = 0) -> None:
+        """Park the reader (back-pressure) until ``n`` more bytes fit the connection's budget
+        (a READ always does when nothing is held) and the server's; take them."""
+        budget = self.budget
+        if not n and self.reserved < self.server.reply_budget and budget.used < budget.limit:
+            return  # the common case, without the lock
+        while self.reserved and self.reserved + max(n, 1) > self.server.reply_budget:
             self.room.clear()
             self.room.wait()
-            if self.write_error is not None:
-                raise BrokenChannelError(f"{self.name}: {self.write_error}")
+            self._check_writer()
+        budget.take(n, self._check_writer)
         self.reserved += n
+
+    def _check_writer(self) -> None:
+        if self.write_error is not None:
+            raise BrokenChannelError(f"{self.name}: {self.write_error}")
+        if self.ch.closed:  # close_all() while waiting for room: nothing parks on the channel
+            raise ChannelClosedError(f"{self.name}: closed while waiting for room")
+
+    def _charge(self, n: int) -> None:
+        """Count ``n`` bytes held for replies (negative: released). Never parks."""
+        if n and not self.done:
+            self.reserved += n
+            self.budget.adjust(n)
 
     @staticmethod
     def _failure(exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, ExportError):
             return exc.errno, str(exc)
-        return _nbd_errno(exc), (getattr(exc, "strerror", None) or str(exc))[:200]
+        return nbd_errno(exc), (getattr(exc, "strerror", None) or str(exc))[:200]
 
     # -- transmission: request greenlets ---------------------------------------------------------
     def _do(self, req: p.Request, reserved: int) -> None:
@@ -673,13 +436,18 @@ class _Session:
         self._queue(self.proto.reply_iov(cookie, err, data if not err else None, msg), reserved)
 
     def _queue(self, bufs: list[Any], reserved: int) -> None:
-        self.replies.append((bufs, reserved))
+        """Hand a reply to the writer; it is charged for its size now (a READ's payload was
+        reserved before it was read: only the difference is charged)."""
+        cost = REPLY_COST + sum(map(len, bufs))
+        self._charge(cost - reserved)
+        self.replies.append((bufs, cost))
         self.wake_writer.set()
 
     # -- transmission: the writer -------------------------------------------------------------------
     def _write_loop(self) -> None:
         replies = self.replies
         ch = self.ch
+        idle = self.server.idle_timeout
         try:
             while True:
                 if not replies:
@@ -694,14 +462,21 @@ class _Session:
                     b, n = replies.popleft()
                     bufs += b
                     released += n
-                ch.writev_all(bufs)
-                if released:
-                    self.reserved -= released
-                    self.room.set()
+                del b
+                if idle is None:
+                    ch.writev_all(bufs)
+                else:
+                    writev_progressing(ch, bufs, idle)
+                bufs = []  # an idle connection holds no reply bytes
+                self._charge(-released)
+                self.room.set()
         except (ChannelError, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = BrokenChannelError(f"the client took no reply bytes for {idle:g} s")
             self.write_error = exc
             if not isinstance(exc, (ChannelClosedError, ContextStoppedError)):
                 log.warning("%s: cannot send replies: %s; closing", self.name, exc)
+            self._charge(-sum(n for _, n in replies))
             replies.clear()
             self.room.set()
             self.ch.close()  # wakes the reader
@@ -713,19 +488,41 @@ class _Session:
 
 class NBDServer:
     """Exports by name, and the policy every connection follows. ``serve(channel)`` is the
-    client handler: it runs one connection to its end (parks; call it in a handler greenlet)."""
+    client handler: it runs one connection to its end (parks; call it in a handler greenlet).
+
+    Limits (``_limits`` says how each is kept): ``max_requests`` at once per connection;
+    ``reply_budget`` bytes of replies held per connection, ``max_memory`` for all together;
+    ``max_clients`` (None: no limit; past it a client is closed, counted in ``refused``);
+    ``handshake_limit`` s to negotiate (0: none); ``idle_timeout`` s (None: none).
+    """
 
     def __init__(self, exports: Sequence[Export], *, max_requests: int = 16,
-                 reply_budget: int = 64 * 1024 * 1024, max_payload: int = p.MAX_PAYLOAD,
+                 reply_budget: int = 64 * 1024 * 1024, max_memory: int = 1024 * 1024 * 1024,
+                 max_clients: int | None = 128, handshake_limit: float = 10.0,
+                 idle_timeout: float | None = None, max_payload: int = p.MAX_PAYLOAD,
                  tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
                  grace: float = 5.0, unix_sndbuf: int = 4 * 1024 * 1024) -> None:
         self.exports: dict[str, Export] = {}
         for e in exports:
             if e.name in self.exports:
                 raise ValueError(f"export {e.name!r} given twice")
+            raw = e.name.encode("utf-8")
+            if len(raw) > p.MAX_STRING or b"\0" in raw:
+                raise ValueError(f"export name {shown_name(e.name)}: at most {p.MAX_STRING} bytes "
+                                 "of UTF-8 without NUL")
             self.exports[e.name] = e
+        if max_clients is not None and max_clients < 1:
+            raise ValueError("max_clients must be at least 1 (None: no limit)")
+        if handshake_limit < 0 or (idle_timeout is not None and idle_timeout <= 0):
+            raise ValueError("handshake_limit must be >= 0 (0: none), idle_timeout > 0 or None")
         self.max_requests = max_requests
         self.reply_budget = max(reply_budget, max_payload)
+        # one READ must always fit, or its reader would wait for ever
+        self.budget = SharedBudget(max(max_memory, self.reply_budget))
+        self.max_clients = max_clients
+        self.handshake_limit = handshake_limit
+        self.idle_timeout = idle_timeout
+        self.refused = 0
         self.max_payload = max_payload
         self.tls_context = tls_context
         self.tls_required = tls_required
@@ -751,7 +548,15 @@ class NBDServer:
             except OSError:
                 pass
         with self._lock:
-            self._channels.add(channel)
+            refuse = self.max_clients is not None and len(self._channels) >= self.max_clients
+            if refuse:
+                self.refused += 1
+            else:
+                self._channels.add(channel)
+        if refuse:
+            log.info("%s: refused: %d clients already", channel.name, self.max_clients)
+            channel.close()
+            return
         try:
             _Session(self, channel).run()
         finally:
@@ -762,6 +567,11 @@ class NBDServer:
     def connections(self) -> int:
         with self._lock:
             return len(self._channels)
+
+    @property
+    def memory_held(self) -> int:
+        """Bytes of replies queued or reserved by all connections now."""
+        return self.budget.used
 
     def disconnect_all(self) -> None:
         """Ask every connection to end: their reads see EOF, so requests already received are

@@ -1,9 +1,9 @@
-#!/usr/bin/env python3
-"""Copy between an NBD export and a file (either way, or NBD to NBD), skipping holes.
+"""``qioc-nbd-copy``: copy between an NBD export and a file (either way, or NBD to NBD),
+skipping holes.
 
-    python examples/nbd_copy.py nbd+unix:///disk?socket=/tmp/nbd.sock disk-copy.img
-    python examples/nbd_copy.py disk.img nbd://127.0.0.1:10809/disk --connections 4 --iothreads 2
-    python examples/nbd_copy.py nbd://127.0.0.1/disk null:          # read everything, keep nothing
+    qioc-nbd-copy nbd+unix:///disk?socket=/tmp/nbd.sock disk-copy.img
+    qioc-nbd-copy disk.img nbd://127.0.0.1:10809/disk --connections 4 --iothreads 2
+    qioc-nbd-copy nbd://127.0.0.1/disk null:          # read everything, keep nothing
 
 SRC and DST are NBD URIs (``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``,
 ``nbds://`` with TLS) or file paths; DST may be ``null:``. The source's holes (block status for
@@ -26,15 +26,12 @@ import threading
 import time
 from typing import Any
 
-# Run from a checkout: the repository root (qioc_green) beside examples/ (nbdlib, on sys.path
-# already as this script's directory).
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, "qioc_green")) and _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
 import qioc_green
-from nbdlib.client import Client
-from nbdlib.protocol import StateFlag
+
+from ._client import Client
+from ._constants import StateFlag
+
+PROG = "qioc-nbd-copy"
 
 ZERO = int(StateFlag.ZERO)
 
@@ -279,7 +276,8 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="NBD URI or file")
     ap.add_argument("dst", help="NBD URI, file, or null:")
     ap.add_argument("--connections", "-C", type=int, default=1, metavar="N",
@@ -310,14 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = copy(args)
     except (OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
-        print(f"nbd_copy: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         import json
 
         print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

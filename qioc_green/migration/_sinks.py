@@ -1,0 +1,268 @@
+"""Where the receiver puts what it parsed: RAM blocks rebuilt as files, and the forwarder.
+
+Forwarding, the two greenlets and their buffers
+-----------------------------------------------
+A writer greenlet in another IOThread writes to the destination. Reader and writer share a
+fixed pool of receive buffers (``buffers`` x ``chunk`` bytes) through two cross-thread
+``qioc_green.Queue``s: the reader takes a free buffer, fills it, parses it and passes it to the
+writer; the writer sends it and gives it back. When the destination is slow the pool runs dry,
+the reader stops reading, the kernel's socket buffers fill and the source is held back by TCP
+itself: back-pressure, with memory bounded by the pool. A failure on either side is
+``Queue.fail(exc)``: it wakes the other side, parked or not, with that exception.
+
+A destination that stops taking data (accepts and never reads) would hold the relay for ever:
+with ``idle_timeout`` the writer gives up once a write has made no progress for that long. An
+``exec:`` destination must exit with status 0 once its input is closed; when the stream is
+refused it is ended with its descendants (``_children``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+from qioc_green import (
+    BrokenChannelError,
+    Channel,
+    CommandChannel,
+    Context,
+    FileChannel,
+    Future,
+    Queue,
+    Shutdown,
+)
+
+from ._children import EXIT_WAIT, GRACE, end_command, failure, terminate
+from ._events import RamBlocks, RamPages, ZeroPages
+from ._uri import Endpoint, open_outgoing
+
+CHUNK = 4 << 20  # receive buffer size: the parser runs at ~20-24 GB/s on 1-4 MiB chunks
+BUFFERS = 8  # buffers shared with the forwarding writer: the memory bound of a relay
+
+
+class RamDir:
+    """Each RAM block rebuilt as a sparse file in ``path`` (zero pages stay holes).
+
+    Files are named after the block (``pc.ram``; characters outside ``[A-Za-z0-9._@-]`` become
+    ``_``, so ``/rom@etc/acpi/tables`` is ``rom@etc_acpi_tables``); ``blocks.json`` maps block
+    names to files and sizes. A page sent again (dirtied during a live migration) is written
+    again; a zero page over a range that already holds data is written as zeros (the kernel's
+    SEEK_DATA says whether it does, so no per-page state is kept, whatever sizes the stream
+    announces), so each file ends as the guest's final RAM. Writes never park (regular files).
+
+    Disk used is bounded by what arrived: only page data is ever written where there was none
+    (zero pages with another fill byte are refused by the parser, as QEMU 8.2+ refuses them),
+    every write lies inside a block the stream declared, and files are sparse. ``keep``: the
+    (device, inode) of the input, which is never truncated (an error instead).
+    """
+
+    def __init__(self, path: str, *, keep: tuple[int, int] | None = None) -> None:
+        self.path = path
+        self._keep = keep
+        os.makedirs(path, exist_ok=True)
+        self._files: dict[str, FileChannel] = {}
+        self._index: dict[str, dict[str, Any]] = {}
+
+    def blocks(self, ev: RamBlocks) -> None:
+        """MEM_SIZE: create (truncate) one sparse file per block, and the index."""
+        taken = {v["file"] for v in self._index.values()}
+        for b in ev.blocks:
+            if b.name in self._files:
+                continue
+            fname = re.sub(r"[^A-Za-z0-9._@-]", "_", b.name).strip("_.") or "block"
+            while fname in taken or fname == "blocks.json":
+                fname += "_"
+            taken.add(fname)
+            path = os.path.join(self.path, fname)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == self._keep:
+                os.close(fd)
+                raise OSError(errno.EEXIST, f"RAM block {b.name!r}: {path} is the input itself; "
+                                            "not touching it")
+            ch = FileChannel.from_fd(fd, name=f"ram-{b.name}")
+            self._files[b.name] = ch
+            self._index[b.name] = {"file": fname, "size": b.size}
+            try:
+                os.ftruncate(ch.fileno(), 0)
+                os.ftruncate(ch.fileno(), b.size)
+            except OSError as exc:
+                raise OSError(exc.errno, f"RAM block {b.name!r} of {b.size} bytes: "
+                                         f"{exc.strerror}") from None
+        with open(os.path.join(self.path, "blocks.json"), "w") as f:
+            json.dump(self._index, f, indent=1)
+
+    def pages(self, ev: RamPages) -> None:
+        n = self._files[ev.block].pwritev(ev.iov(), ev.offset)
+        if n != ev.count * ev.page_size:
+            raise OSError(f"short write to {self._index[ev.block]['file']}: {n} bytes")
+
+    def zeros(self, ev: ZeroPages) -> None:
+        ch = self._files[ev.block]
+        start, size = ev.offset, ev.count * ev.page_size
+        if ev.fill == 0:  # the only fill the parser gives (events made by hand may differ)
+            try:
+                data_at = os.lseek(ch.fileno(), start, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no data from there to the end
+                    raise
+                return
+            if data_at >= start + size:
+                return  # a hole already
+        fill = bytes([ev.fill]) * min(size, 1 << 20)
+        for off in range(0, size, len(fill)):
+            ch.pwritev([fill[: size - off]], start + off)
+
+    def close(self) -> None:
+        for ch in self._files.values():
+            ch.close()
+
+
+class _Abort(Exception):
+    """Tells the writer the stream was refused: drop the destination, send nothing more."""
+
+
+class _Failed(BrokenChannelError):
+    """The destination failed in a way that names itself (an exec: command's status)."""
+
+
+class Forwarder:
+    """A writer greenlet in another context, fed from a fixed pool of receive buffers.
+
+    ``acquire()`` (reader side) parks until a buffer is free; ``submit(buf, n)`` passes its
+    first ``n`` bytes to the writer; ``finish()`` says the stream ended (the writer then closes
+    the destination, which sees EOF) and waits for the writer; ``abort(reason)`` drops the
+    destination without sending what is queued. A writer failure surfaces in the reader's next
+    ``acquire()`` as BrokenChannelError. ``high_water`` is the most buffers ever in flight.
+    """
+
+    def __init__(self, endpoint: Endpoint, context: Context, *, chunk: int = CHUNK,
+                 buffers: int = BUFFERS, digest: bool = False,
+                 connect_timeout: float | None = 30.0, idle_timeout: float | None = None) -> None:
+        if buffers < 2:
+            raise ValueError("forwarding needs at least 2 buffers")
+        self.endpoint = endpoint
+        # unbounded: the pool of buffers bounds what can be in either queue
+        self._free: Queue[bytearray] = Queue()
+        self._full: Queue[tuple[bytearray, int] | None] = Queue()
+        for _ in range(buffers):
+            self._free.put(bytearray(chunk))
+        self.buffers = buffers
+        self._submitted = 0
+        self._returned = 0
+        self.high_water = 0
+        self.bytes_out = 0
+        self._sha = hashlib.sha256() if digest else None
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._channel: Channel | None = None
+        self._done: Future[None] = context.spawn(self._run)
+
+    @property
+    def sha256(self) -> str | None:
+        return self._sha.hexdigest() if self._sha is not None else None
+
+    def acquire(self, timeout: float | None = None) -> bytearray:
+        """A free buffer; parks while all are queued or being sent (TimeoutError after
+        ``timeout``). Reader side."""
+        return self._free.get(timeout)
+
+    def submit(self, buf: bytearray, n: int) -> None:
+        """Queue ``buf[:n]`` for the destination. Never parks."""
+        # each counter has one writer thread, so the difference is a safe (if stale) count
+        self._submitted += 1
+        in_flight = self._submitted - self._returned
+        self.high_water = max(self.high_water, in_flight)
+        self._full.put((buf, n))
+
+    def release(self, buf: bytearray) -> None:
+        """Give back a buffer that carries nothing to send (EOF read into it)."""
+        self._free.put(buf)
+
+    def finish(self, timeout: float | None = None) -> None:
+        """The stream ended well: wait until the writer has sent everything and closed."""
+        self._full.put(None)
+        self._done.result(timeout)
+
+    def abort(self, timeout: float | None = 10.0) -> None:
+        """Drop the destination now (it must not load a stream we refused). Never raises."""
+        self._full.fail(_Abort())
+        ch = self._channel
+        if isinstance(ch, CommandChannel):  # the writer ends it; a TERM wakes a parked write
+            terminate(ch)
+            with contextlib.suppress(BaseException):
+                self._done.result(GRACE)
+        if ch is not None:
+            ch.close()  # wakes the writer if it is parked on the destination
+        # the stream error is the one to report; the writer's own end does not matter now
+        with contextlib.suppress(BaseException):
+            self._done.result(timeout)
+
+    def _run(self) -> None:
+        """The writer greenlet. Any failure reaches the reader as one BrokenChannelError,
+        through ``acquire()`` or ``finish()``, whichever it calls next."""
+        try:
+            self._write()
+        except _Abort:
+            pass
+        except Exception as exc:
+            msg = str(exc) if isinstance(exc, _Failed) else f"forward to {self.endpoint}: {exc}"
+            err = BrokenChannelError(msg)
+            self._free.fail(err)
+            raise err from exc
+        except BaseException as exc:  # stopped (GreenletExit...): tell the reader, go on
+            self._free.fail(BrokenChannelError(f"forward to {self.endpoint}: {exc!r}"))
+            raise
+
+    def _write(self) -> None:
+        ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
+        self._channel = ch
+        sha = self._sha
+        idle = self._idle_timeout
+        done = False
+        try:
+            while True:
+                item = self._full.get()  # raises _Abort when the stream was refused
+                if item is None:
+                    break
+                buf, n = item
+                view = memoryview(buf)[:n]
+                if idle is None:
+                    ch.write_all(view)
+                else:
+                    _write_progressing(ch, view, idle)
+                if sha is not None:
+                    sha.update(view)
+                self.bytes_out += n
+                self._returned += 1
+                self._free.put(buf)
+            if isinstance(ch, CommandChannel):
+                ch.shutdown(Shutdown.WRITE)
+                what = f"destination {str(self.endpoint)!r}"
+                if not ch.wait_exit(EXIT_WAIT):
+                    raise _Failed(f"{what} was still running {EXIT_WAIT:g} s after "
+                                  "its input ended")
+                problem = failure(ch, what)
+                if problem is not None:
+                    raise _Failed(problem)
+            done = True
+        finally:
+            if isinstance(ch, CommandChannel) and not done:
+                end_command(ch)
+            ch.close()
+
+
+def _write_progressing(ch: Channel, view: memoryview, idle: float) -> None:
+    """write_all(), failing once no byte could be written for ``idle`` seconds."""
+    while len(view):
+        try:
+            n = ch.write(view, timeout=idle)
+        except TimeoutError:
+            raise BrokenChannelError(f"the destination took no data for {idle:g} s") from None
+        view = view[n:]
+
