@@ -191,7 +191,7 @@ def wake_latency(follow: bool, n: int) -> tuple[float, float]:
             # Write only once the reader is parked and its hub sleeps in epoll_wait, so each
             # sample is one wake of a sleeping thread (a busy spin here would convoy on the GIL).
             time.sleep(0.0001)
-            while not b._slots[0]:
+            while not b.statistics().readers_waiting:
                 time.sleep(0.0001)
             stamp[0] = time.perf_counter()
             a.write_all(b"!")

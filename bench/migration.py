@@ -9,6 +9,9 @@ normal page) migrates from a real QEMU with max-bandwidth raised, in one run, in
 * a plain Python sink: a blocking socket and ``recv_into`` a 1 MiB buffer until EOF;
 * ``socat -u -b 1048576 TCP-LISTEN:... STDOUT`` with stdout on /dev/null;
 * a destination QEMU directly, and through the receiver with ``--forward``;
+* with ``--tls`` also over TLS (certificates made with openssl; the source gets a
+  ``tls-creds-x509`` object): into the receiver with ``--tls-creds``, and into a destination
+  QEMU with TLS, beside the plaintext runs of the same round;
 
 and a saved stream of the same VM is parsed from a file by the receiver, beside a plain Python
 read of that file. A fresh source QEMU serves each migration (7.2 will not migrate a VM twice).
@@ -32,7 +35,7 @@ file parse uses the receiver's own elapsed time (from its JSON), so interpreter 
 not count. Medians are reported, with each round's figure. Processes are killed by pid and the
 big files (under ``--tmp``, /tmp by default) are deleted at the end.
 
-    python bench/migration.py [--mem-mib 1024] [--rounds 3] [--json bench/out/migration.json]
+    python bench/migration.py [--mem-mib 1024] [--rounds 3] [--tls] [--json bench/out/migration.json]
 """
 
 from __future__ import annotations
@@ -85,6 +88,40 @@ print(n, time.monotonic() - t0, flush=True)
 """
 
 
+def make_certs(d: str) -> tuple[str, str]:
+    """A CA, a server certificate for 127.0.0.1, and the tls-creds-x509 directories of a
+    server (ca-cert, server-cert, server-key) and a client (ca-cert): (server dir, client dir)."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=bench CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "san.cnf"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")
+    server, client = os.path.join(d, "server"), os.path.join(d, "client")
+    os.makedirs(server)
+    os.makedirs(client)
+    for src, dst in (("ca.pem", "server/ca-cert.pem"), ("server.pem", "server/server-cert.pem"),
+                     ("server.key", "server/server-key.pem"), ("ca.pem", "client/ca-cert.pem")):
+        shutil.copy(os.path.join(d, src), os.path.join(d, dst))
+    return server, client
+
+
+def tls_object(qemu: Qemu, creds: str, endpoint: str) -> None:
+    """Give ``qemu`` a tls-creds-x509 object and point its migration at it."""
+    qemu.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds,
+                              "endpoint": endpoint, "verify-peer": False})
+    params = {"tls-creds": "tls0"}
+    if endpoint == "client":
+        params["tls-hostname"] = "localhost"
+    qemu.cmd("migrate-set-parameters", **params)
+
+
 def first_line(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -123,10 +160,18 @@ class Bench:
         self.ram_file = os.path.join(tmp, "ram.bin")
         self.stream = os.path.join(tmp, "stream.mig")
         self.q10: dict[str, Any] = {}
+        self.certs = make_certs(tmp) if args.tls else ("", "")
 
-    def source(self) -> Qemu:
-        return Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
-                    timeout=60, name="source")
+    def source(self, tls: bool = False) -> Qemu:
+        src = Qemu(machine="pc", mem=self.mem, ram_file=self.ram_file, paused=True,
+                   timeout=60, name="source")
+        if tls:
+            try:
+                tls_object(src, self.certs[1], "client")
+            except BaseException:
+                src.close()
+                raise
+        return src
 
     # -- QEMU 10, one stream and multifd -----------------------------------------------------------
 
@@ -221,9 +266,10 @@ class Bench:
     # -- live into sinks ---------------------------------------------------------------------------
 
     def start_sink(self, kind: str) -> tuple[subprocess.Popen[str], str]:
-        if kind == "receiver":
+        if kind in ("receiver", "receiver-tls"):
+            tls = ["--tls-creds", self.certs[0]] if kind == "receiver-tls" else []
             proc = subprocess.Popen(
-                [*RECEIVER, "tcp:127.0.0.1:0", "--quiet",
+                [*RECEIVER, "tcp:127.0.0.1:0", "--quiet", *tls,
                  "--json", os.path.join(self.tmp, "rx.json"), *self.args.receiver_args.split()],
                 stdout=subprocess.PIPE, text=True)
             return proc, first_line(proc)
@@ -244,7 +290,7 @@ class Bench:
     def live_sink(self, kind: str) -> dict[str, Any]:
         proc, addr = self.start_sink(kind)
         try:
-            with self.source() as src:
+            with self.source(tls=kind.endswith("-tls")) as src:
                 c0 = _cpu(src.pid)
                 t0 = time.time()
                 src.migrate(addr)
@@ -260,7 +306,7 @@ class Bench:
                 proc.wait(10)
         nbytes = _stream_bytes(info)
         sink_cpu = None
-        if kind == "receiver":
+        if kind.startswith("receiver"):
             with open(os.path.join(self.tmp, "rx.json")) as f:
                 d = json.load(f)
             if not d["complete"]:
@@ -280,6 +326,8 @@ class Bench:
         extra = ("-mem-prealloc",) if self.args.prealloc else ()
         with Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
                   extra=extra, name="dest") as dst:
+            if mode == "direct-tls":
+                tls_object(dst, self.certs[0], "server")
             target = dst.listen()
             dst_c0 = _cpu(dst.pid)
             try:
@@ -296,7 +344,7 @@ class Bench:
                          "--forward", target, "--json", os.path.join(self.tmp, "fwd.json")],
                         stdout=subprocess.PIPE, text=True)
                     target = first_line(proc)
-                with self.source() as src:
+                with self.source(tls=mode.endswith("-tls")) as src:
                     c0 = _cpu(src.pid)
                     t0 = time.time()
                     src.migrate(target)
@@ -387,11 +435,13 @@ def _stream_bytes(info: dict[str, Any]) -> int:
 
 LABELS = {
     "receiver": "live -> receiver (parsing)",
+    "receiver-tls": "live TLS -> receiver --tls-creds",
     "plain": "live -> Python recv_into sink",
     "socat": "live -> socat -b 1M > /dev/null",
     "direct": "live -> destination QEMU",
     "forward": "live -> receiver --forward -> dest",
     "socat-forward": "live -> socat relay -> dest",
+    "direct-tls": "live TLS -> destination QEMU",
     "parse-file": "file -> receiver (parsing)",
     "read-file": "file -> Python readinto",
     "10-receiver": "QEMU 10 -> receiver (one stream)",
@@ -419,6 +469,10 @@ def main() -> int:
                         "inside the timed window)")
     p.add_argument("--sinks", default="receiver,plain,socat",
                    help="live sinks to run, comma-separated (default: all three)")
+    p.add_argument("--tls", action="store_true",
+                   help="also over TLS: the receiver with --tls-creds, and a TLS destination QEMU")
+    p.add_argument("--only-tls", action="store_true",
+                   help="just the TLS comparison: receiver and direct, plaintext and TLS")
     p.add_argument("--receiver-args", default="",
                    help="extra receiver options for the 'receiver' sink (for experiments)")
     p.add_argument("--qemu10", choices=("yes", "no", "only"), default="yes",
@@ -430,6 +484,9 @@ def main() -> int:
     p.add_argument("--kinds10", default=",".join(KINDS10),
                    help="QEMU 10 runs, comma-separated (default: all)")
     args = p.parse_args()
+    if args.only_tls:
+        args.tls = True
+        args.sinks = "receiver"
     if not available() or shutil.which("socat") is None:
         print("needs qemu-system-x86_64 and socat", file=sys.stderr)
         return 2
@@ -456,8 +513,13 @@ def main() -> int:
         if old:
             size = b.capture()
             print(f"stream size {size} bytes")
-        sinks = [k for k in args.sinks.split(",") if k] if old else []
+        sinks = ([k for k in args.sinks.split(",") if k] + (["receiver-tls"] if args.tls else [])
+                 if old else [])
         dests = [] if args.skip_forward or not old else ["direct", "forward", "socat-forward"]
+        if args.only_tls and old:
+            dests = ["direct"]
+        if args.tls and old:
+            dests.append("direct-tls")
         for r in range(args.rounds):
             rot = r % len(sinks) if sinks else 0
             for kind in sinks[rot:] + sinks[:rot]:
@@ -465,7 +527,7 @@ def main() -> int:
             for mode in (dests[r % len(dests):] + dests[: r % len(dests)]) if dests else []:
                 results[mode].append(b.live_dest(mode))
             if old:
-                for kind in (("parse-file", "read-file") if r % 2 == 0
+                for kind in (() if args.only_tls else ("parse-file", "read-file") if r % 2 == 0
                              else ("read-file", "parse-file")):
                     results[kind].append(b.parse_file() if kind == "parse-file"
                                          else b.read_file())
@@ -481,6 +543,8 @@ def main() -> int:
     ratios = {}
     for a, b_ in (("receiver", "plain"), ("socat", "plain"), ("parse-file", "read-file"),
                   ("forward", "direct"), ("socat-forward", "direct"), ("forward", "socat-forward"),
+                  ("receiver-tls", "receiver"), ("direct-tls", "direct"),
+                  ("receiver-tls", "direct-tls"),
                   ("10-receiver", "10-plain"), ("mfd-receiver", "mfd-direct"),
                   ("mfd-ramdir", "mfd-direct"), ("mfd-forward", "mfd-direct"),
                   ("mfd-receiver", "mfd-direct-np"), ("mfd-ramdir", "mfd-direct-np"),

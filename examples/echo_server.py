@@ -55,7 +55,9 @@ def make_handler(stats: Stats, *, idle_timeout: float | None = None,
         idle = False
         try:
             if ssl_context is not None:
-                ch = TLSChannel.server(ch, ssl_context)
+                # A client that hangs up without close_notify (what Python's ssl clients do on
+                # close()) has simply left: an echo has no message a truncation could cut short.
+                ch = TLSChannel.server(ch, ssl_context, suppress_ragged_eofs=True)
                 ch.handshake(timeout=idle_timeout or 30)
             while True:
                 data = ch.read(65536, timeout=idle_timeout)

@@ -5,14 +5,15 @@ AioContext, and a channel that must wait parks the calling greenlet on the hub o
 runs in (QEMU 8.2, "io: follow coroutine AioContext in qio_channel_yield()").
 """
 
-from ._hub import Context, context_of, current_context, iohandler_context, main_context
+from ._context import Context, Future, context_of, current_context, iohandler_context, main_context
 from .address import SocketAddress, parse_address
-from .channel import Channel, Feature, IOCondition, ReadFlag, Shutdown, Watch, WriteFlag
+from .channel import Channel, ChannelStatistics, Feature, IOCondition, ReadFlag, Shutdown, WriteFlag
 from .channel_buffer import BufferChannel, NullChannel
 from .channel_command import CommandChannel
 from .channel_file import FileChannel
 from .channel_socket import SocketChannel
 from .channel_tls import TLSChannel
+from .channel_watch import Watch
 from .errors import (
     BrokenChannelError,
     ChannelBusyError,
@@ -24,7 +25,6 @@ from .errors import (
     UnexpectedEOF,
     WouldBlock,
 )
-from .future import Future
 from .net_listener import NetListener
 from .sync import Event, Lock, Queue, QueueClosed
 from .task import Task, run_in_thread
@@ -39,6 +39,7 @@ __all__ = [
     "ChannelBusyError",
     "ChannelClosedError",
     "ChannelError",
+    "ChannelStatistics",
     "ChannelTimeoutError",
     "CommandChannel",
     "Context",

@@ -1,42 +1,52 @@
-"""The one module that talks to gevent hubs: contexts, parking, and waiting on file descriptors.
-
-Everything else in qioc_green calls this module; nothing else touches a hub, a loop or a watcher.
+"""The hub boundary: with ``_context``, the only module that touches gevent, greenlet, hubs, loops
+and watchers.  Everything else in qioc_green calls the names below (a test of the parsed source
+holds every other module to it).
 
 The facts
 ---------
-* gevent gives each OS thread its own hub (a greenlet running a libev loop).  A hub and its
-  loop belong to that thread: watchers are created, started, stopped and closed there, and only
-  an async watcher's ``send()`` may be called from elsewhere.
-* A greenlet never changes thread.  It "waits" by switching to its thread's hub; whoever wakes
-  it must switch back into it *from that thread's hub*.
-* A hub whose loop has nothing ref'd to wait for raises ``LoopExit``.  A hub that only waits for
-  other threads (an IOThread with nothing to do yet) must not, so every context keeps one ref'd
-  async watcher: its inbox.
+* gevent gives each OS thread its own hub (a greenlet running a libev loop).  A hub and its loop
+  belong to that thread: watchers are created, started, stopped and closed there, and only an
+  async watcher's ``send()`` may be called from elsewhere.
+* A greenlet never changes thread.  It "waits" by switching to its thread's hub; whoever wakes it
+  must switch back into it *from that thread's hub*.
+* A hub whose loop has nothing ref'd to wait for raises ``LoopExit`` (and ``gevent.wait()``
+  returns).  A hub that only waits for other threads (an IOThread with nothing to do yet) must
+  not, so an IOThread's inbox watcher is always ref'd; the main thread's is ref'd only while one
+  of its greenlets is parked waiting for a wake that travels through the inbox.
+* ``gevent.monkey.patch_all()`` replaces ``threading``, ``_thread``, ``socket``, ``select`` and
+  ``subprocess`` with greenlet-based versions.  Cross-thread code built on them turns into
+  greenlets of one thread.  gevent keeps the originals (``monkey.get_original``); we take them
+  here, once, and the rest of the library uses only these.
 
 What that means for us
 ----------------------
-* A **Context** (QEMU's AioContext) is one thread's hub plus an inbox: a deque that any thread
-  may append to, and the async watcher that tells the owning hub to drain it.  It is created in
-  its own thread, on first use.  ``schedule()`` is the only thing that crosses threads.
+* The **OS primitives** (``OSLock``, ``OSEvent``, ``OSThread``, ``ThreadLocal``,
+  ``thread_ident``, the plain socket, poll and Popen) are the unpatched ones, whether the program
+  patched before or after importing qioc_green.
+* A **ThreadHub** is one thread's hub plus an inbox: a deque that any thread may append to, and
+  the async watcher that tells the owning hub to drain it.  ``schedule()`` is the only thing that
+  crosses threads.  ``_context.Context`` builds QEMU's AioContext on it.
 * A **Waiter** is one park of one greenlet.  Several parties may race to resume it: readiness of
   an fd (seen by this thread's hub, or by the iohandler's), ``wake_read()`` from any thread,
-  ``close()`` from any thread, a timer, a stopping context.  The right to resume is one token in
-  a list, claimed by ``list.pop()``, which is atomic (QEMU's ``qatomic_xchg`` on
+  ``close()`` from any thread, a timer, a stopping context.  The right to resume is one token,
+  claimed by ``Waiter.claim()`` (``list.pop()``, atomic: QEMU's ``qatomic_xchg`` on
   ``ioc->read_coroutine``).  The winner resumes the greenlet: directly when it runs in the
-  greenlet's own hub, through the greenlet's inbox otherwise.  A greenlet that leaves its park
-  by an exception it did not get from us (``gevent.Timeout``, ``kill()``) claims the token
-  itself on the way out; if it loses, a delivery is already posted, so it marks itself
-  abandoned and the delivery drops.  Exactly one resume, no lost wake.
-* **Follow** (``follow_coroutine_ctx`` true): the io watcher is made on the hub of the thread
-  the greenlet runs in, at each wait; the hub's own callback resumes it with a direct switch.
-* **Iohandler** (follow false): the watcher is made on the iohandler context's hub (a daemon
-  thread), and readiness resumes the greenlet through its own thread's inbox.  Both the start and
-  the cancel of that watcher travel through the iohandler's inbox, in order, so a cancel can
-  never overtake the start it cancels.
+  greenlet's own hub, through the greenlet's inbox otherwise.  A greenlet that leaves its park by
+  an exception it did not get from us (``gevent.Timeout``, ``kill()``) claims the token itself on
+  the way out; if it loses, a delivery is already posted, so it marks itself abandoned and the
+  delivery drops.  Exactly one resume, no lost wake.
+* **Follow** waits watch the fd on the waiter's own hub (``wait_fd``, or a ``KeptWatcher`` reused
+  between waits); **iohandler** waits watch it on the iohandler's hub (``IohandlerWatch``), and
+  readiness resumes the greenlet through its own thread's inbox.  Both the start and the cancel of
+  that watcher travel through the iohandler's inbox, in order, so a cancel can never overtake the
+  start it cancels.
+* **Sources** are ``add_watch()``'s watchers: an io watcher on an fd, or an idle watcher for
+  channels that are always ready.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import threading
@@ -45,75 +55,158 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent import get_hub
-from greenlet import getcurrent
+from gevent import monkey
+from gevent._hub_local import get_hub_if_exists  # public in that module's __all__; no public twin
+from gevent.hub import Hub, get_hub
+from greenlet import GreenletExit, getcurrent
 
 from .errors import ContextStoppedError
 
+# -- the OS's own primitives, whatever gevent's monkey patched ------------------------------------
+
+_start_new_thread, OSLock, OSRLock, thread_ident, ThreadLocal = monkey.get_original(
+    "_thread", ["start_new_thread", "allocate_lock", "RLock", "get_ident", "_local"]
+)
+PlainSocket, plain_socketpair, plain_getaddrinfo = monkey.get_original(
+    "socket", ["socket", "socketpair", "getaddrinfo"]
+)
+plain_poll = monkey.get_original("select", "poll")
+LockType = _thread.LockType
+PlainPopen = monkey.get_original("subprocess", "Popen")
+
+
+class OSEvent:
+    """A one-shot flag one OS thread waits for and another sets (an unpatched lock)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = OSLock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # already set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block the calling OS thread (not just the greenlet) until set."""
+        if self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            self._lock.release()
+            return True
+        return False
+
+
+def is_main_thread() -> bool:
+    """True in the process's main OS thread (gevent's patching makes ``threading`` say so of
+    greenlets; the native thread id does not lie)."""
+    return threading.get_native_id() == threading.main_thread().native_id
+
+
+def thread_name() -> str:
+    return threading.current_thread().name
+
+
+class OSThread:
+    """A real OS thread running ``target()``, whatever gevent's monkey patched.
+
+    With ``threading`` unpatched it is a ``threading.Thread`` (its name shows in
+    ``threading.enumerate()`` and ``current_thread()``); patched, ``threading.Thread`` would start
+    a greenlet, so the thread is started with the original ``_thread.start_new_thread``.
+    """
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        self.name = name
+        self.ident: int | None = None
+        self._target = target
+        self._thread: threading.Thread | None = None
+        self._finished: Any = None
+
+    def start(self) -> None:
+        if not monkey.is_module_patched("threading"):
+            self._thread = threading.Thread(target=self._target, name=self.name, daemon=True)
+            self._thread.start()
+            self.ident = self._thread.ident
+            return
+        self._finished = OSLock()
+        self._finished.acquire()
+        self.ident = _start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        finally:
+            self._finished.release()
+
+    def is_alive(self) -> bool:
+        if self._thread is not None:
+            return self._thread.is_alive()
+        return self._finished is not None and self._finished.locked()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block the calling OS thread until the thread has ended; False after ``timeout``."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        if self._finished is None:
+            return True
+        if self._finished.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            self._finished.release()
+            return True
+        return False
+
+
+# -- a thread's hub and its inbox ---------------------------------------------------------------
+
 READ = 1  # libev EV_READ
 WRITE = 2  # libev EV_WRITE
-
-_local = threading.local()
-_registry_lock = threading.Lock()
-_by_greenlet: dict[Any, "Context"] = {}  # hub and thread main greenlet -> context
-_main_thread_context: "Context | None" = None
-_iohandler: "Context | None" = None
-_iohandler_lock = threading.Lock()
 
 # Set by tests (``qioc_green.testing.trace_readiness``) to see which thread saw an fd get ready.
 trace: Callable[[int, int], None] | None = None
 
 
-class _TimedOut:
-    __slots__ = ()
+class ThreadHub:
+    """The calling thread's gevent hub plus a thread-safe inbox.  Made in its own thread.
 
-
-TIMED_OUT: Any = _TimedOut()
-
-
-class Context:
-    """One thread's gevent hub plus a thread-safe inbox: QEMU's AioContext.
-
-    Made by ``current_context()`` in its own thread; never constructed by users.
+    ``keep_alive``: keep the inbox watcher ref'd for good (a thread that waits only for others);
+    otherwise it is ref'd only while a greenlet is parked here (``Waiter.park``).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, keep_alive: bool) -> None:
         self.name = name
         self.hub = get_hub()
         self.loop = self.hub.loop
-        self.thread_id = threading.get_ident()
+        self.thread_id = thread_ident()
         self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._lock = threading.Lock()  # guards _dead against a send() racing destroy()
+        self._lock = OSLock()  # guards _dead against a send() racing close_inbox()
         self._dead = False
         self.stopping = False
+        self.destroying = False  # set once the hub is being destroyed: no greenlet of it runs again
+        self.keep_alive = keep_alive
         self.parked: set[Waiter] = set()
-        self.watches: set[Any] = set()  # add_watch() sources living on this hub
+        self.watches: set[Any] = set()  # add_watch() watches started on this hub
         self.tasks: set[Any] = set()  # greenlets started by spawn(), killed when the context stops
-        self.pinned = False
         self._yield_watcher: Any = None
-        self._async = self.loop.async_()  # ref'd: a hub that waits only for others never LoopExits
+        self._async = self.loop.async_(ref=keep_alive)
         self._async.start(self._drain)
         root = getcurrent()
         while root.parent is not None:
             root = root.parent
-        self._root = root
-        with _registry_lock:
-            _by_greenlet[self.hub] = self
-            _by_greenlet[root] = self
+        self.root = root  # the thread's main greenlet
 
-    def __repr__(self) -> str:
-        state = "dead" if self._dead else ("stopping" if self.stopping else "running")
-        return f"<Context {self.name} thread={self.thread_id} {state}>"
-
-    # -- crossing threads ---------------------------------------------------------------------
+    @property
+    def dead(self) -> bool:
+        """True once the inbox is closed (the hub is being or has been destroyed)."""
+        return self._dead
 
     def schedule(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in this context's thread soon, from its hub.  Thread-safe; never blocks.
+        """Run ``fn(*args)`` in this thread soon, from its hub.  Thread-safe; never blocks.
 
-        ``fn`` runs inside the hub, so it must not wait.  Raises ContextStoppedError if the
-        context has been destroyed.  QEMU: ``aio_bh_schedule_oneshot()``.
+        ``fn`` runs inside the hub, so it must not wait.  Raises ContextStoppedError once the
+        inbox is closed.  QEMU: ``aio_bh_schedule_oneshot()``.
         """
-        if threading.get_ident() == self.thread_id and not self._dead:
+        if thread_ident() == self.thread_id and not self._dead:
             self.loop.run_callback(fn, *args)
             return
         with self._lock:
@@ -121,36 +214,6 @@ class Context:
                 raise ContextStoppedError(f"context {self.name} is stopped")
             self._inbox.append((fn, args))
             self._async.send()
-
-    def spawn(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Start ``fn(*args, **kwargs)`` as a greenlet in this context; return its Future.
-
-        Thread-safe; never blocks.  The future can be waited from any thread or greenlet.
-        QEMU: ``aio_co_schedule()`` of a new coroutine.
-        """
-        from .future import Future
-
-        fut: Future[Any] = Future()
-        self.schedule(self._start_task, fut, fn, args, kwargs)
-        return fut
-
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        """Run ``fn`` as a greenlet in this context and return its result (or raise its exception).
-
-        Parks the calling greenlet (or blocks a plain thread) until done; TimeoutError after
-        ``timeout`` seconds.  QEMU: ``aio_wait_bh_oneshot()``.
-        """
-        return self.spawn(fn, *args, **kwargs).result(timeout)
-
-    def _start_task(self, fut: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        from .future import run_into
-
-        if self.stopping:
-            fut.set_exception(ContextStoppedError(f"context {self.name} is stopping"))
-            return
-        g = gevent.spawn(run_into, fut, fn, args, kwargs)
-        self.tasks.add(g)
-        g.rawlink(self.tasks.discard)
 
     def _drain(self) -> None:
         inbox = self._inbox
@@ -161,15 +224,20 @@ class Context:
             except Exception:
                 self.hub.handle_error(fn, *sys.exc_info())
 
-    def in_own_thread(self) -> bool:
-        return threading.get_ident() == self.thread_id
+    def inbox_pending(self) -> bool:
+        return bool(self._inbox)
 
-    # -- hub options --------------------------------------------------------------------------
+    def in_own_thread(self) -> bool:
+        return thread_ident() == self.thread_id
+
+    def report_error(self, where: Any) -> None:
+        """Report the exception being handled the way the hub reports a callback's (stderr)."""
+        self.hub.handle_error(where, *sys.exc_info())
 
     def set_yield_each_iteration(self, enabled: bool) -> None:
         """Call ``os.sched_yield()`` once per loop iteration (see ``IOThreadPool(pin=...)``).
 
-        Must be called in the context's own thread.
+        Must be called in the hub's own thread.
         """
         if enabled and self._yield_watcher is None:
             w = self.loop.prepare(ref=False)
@@ -179,190 +247,89 @@ class Context:
             self._yield_watcher.close()
             self._yield_watcher = None
 
-    # -- stopping -----------------------------------------------------------------------------
-
-    def wake_all_parked(self, make_exc: Callable[[], BaseException]) -> None:
-        """Resume every greenlet parked in this context with an exception of its own
-        (``make_exc()``; a shared instance would mix their tracebacks).  Any thread."""
-        for waiter in list(self.parked):
-            waiter.wake(make_exc())
-
     def close_inbox(self) -> None:
         """Refuse further ``schedule()`` calls (ContextStoppedError); what was accepted stays
-        queued and still runs.  Any thread."""
+        queued.  Any thread."""
         with self._lock:
             self._dead = True
 
-    def destroy(self) -> None:
-        """Close the inbox and destroy the hub.  Must run in the context's own thread, last.
-
-        Work accepted before the inbox closed is not dropped: it runs here, outside the hub,
-        after ``stopping`` is set (a task start fails its future; a watch start drops its hold;
-        a delivery to a greenlet that can no longer run releases what it held).
-        """
-        assert self.in_own_thread()
-        self.stopping = True
-        for watch in list(self.watches):
-            watch.cancel()
-        self.close_inbox()
-        leftovers = list(self._inbox)
+    def take_inbox(self) -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """What the inbox had accepted and not run yet (after ``close_inbox``)."""
+        items = list(self._inbox)
         self._inbox.clear()
-        for fn, args in leftovers:
-            if getattr(fn, "__func__", None) is Waiter._deliver:
-                getattr(fn, "__self__")._orphan()  # noqa: B009
-                continue
-            try:
-                fn(*args)
-            except Exception:
-                self.hub.handle_error(fn, *sys.exc_info())
+        return items
+
+    def destroy_hub(self) -> None:
+        """Destroy the hub and, unless it is the default one, its loop.  Own thread, last."""
+        assert self.in_own_thread()
         self.set_yield_each_iteration(False)
         self._async.close()
-        with _registry_lock:
-            _by_greenlet.pop(self.hub, None)
-            _by_greenlet.pop(self._root, None)
-        if getattr(_local, "context", None) is self:
-            del _local.context
-            guard = getattr(_local, "guard", None)
-            if guard is not None:
-                guard.context = _DEAD
-                del _local.guard
         self.hub.destroy(destroy_loop=not self.loop.default)
 
 
-class _Dead:
-    _dead = True
+def current_greenlet() -> Any:
+    return getcurrent()
 
 
-_DEAD: Any = _Dead()
+def thread_has_hub() -> bool:
+    """True if the calling thread has a gevent hub already (without making one)."""
+    return get_hub_if_exists() is not None
 
 
-def current_context() -> Context:
-    """The calling thread's context, created (with its hub) on first use.
-
-    QEMU: ``qemu_get_current_aio_context()``.
-    """
-    try:
-        return _local.context
-    except AttributeError:
-        pass
-    global _main_thread_context
-    thread = threading.current_thread()
-    ctx = Context(thread.name)
-    _local.context = ctx
-    if thread is threading.main_thread():
-        _main_thread_context = ctx
-    else:
-        # A plain thread that waited once has a hub now: destroy it when the thread ends (its
-        # thread-local storage is cleared then, in that thread), or its loop's fds would leak.
-        _local.guard = _ThreadExitGuard(ctx)
-    return ctx
+def in_hub() -> bool:
+    """True when the caller runs inside its thread's hub (a callback), where waiting is forbidden."""
+    return isinstance(getcurrent(), Hub)
 
 
-class _ThreadExitGuard:
-    __slots__ = ("context",)
-
-    def __init__(self, context: Context) -> None:
-        self.context = context
-
-    def __del__(self) -> None:
-        ctx = self.context
-        if not ctx._dead and ctx.in_own_thread():
-            try:
-                ctx.destroy()
-            except Exception:  # interpreter or thread teardown: nothing left to tell
-                pass
+# -- one park of one greenlet --------------------------------------------------------------------
 
 
-def existing_context() -> Context | None:
-    """The calling thread's context if it has one, without creating it."""
-    return getattr(_local, "context", None)
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
 
 
-def main_context() -> Context:
-    """The main thread's context.  QEMU: ``qemu_get_aio_context()``.
-
-    From the main thread it is created on first use; from another thread it exists only once
-    the main thread has made it (a hub must be created in its own thread), else RuntimeError.
-    """
-    if threading.current_thread() is threading.main_thread():
-        return current_context()
-    if _main_thread_context is None:
-        raise RuntimeError(
-            "the main thread has no context yet: call current_context() or main_context() "
-            "in the main thread first (a hub is created in its own thread)"
-        )
-    return _main_thread_context
-
-
-def context_of(greenlet: Any) -> Context | None:
-    """The context whose thread ``greenlet`` lives in, or None if that thread has none.
-
-    QEMU: ``qemu_coroutine_get_aio_context()``.
-    """
-    g = greenlet
-    while g is not None:
-        ctx = _by_greenlet.get(g)
-        if ctx is not None:
-            return ctx
-        g = g.parent
-    return None
-
-
-def _run_iohandler(ready: threading.Event) -> None:
-    global _iohandler
-    ctx = current_context()
-    ctx.name = "qioc-iohandler"
-    _iohandler = ctx
-    ready.set()
-    # The inbox's ref'd async watcher keeps this hub running for the life of the process.
-    ctx.hub.join()
-
-
-def iohandler_context() -> Context:
-    """The context that serves channels that have not opted in to follow.
-
-    A daemon thread named ``qioc-iohandler``, started on first use and kept for the life of the
-    process (as QEMU's iohandler context is).  QEMU: ``iohandler_get_aio_context()``.
-    """
-    ctx = _iohandler
-    if ctx is not None:
-        return ctx
-    with _iohandler_lock:
-        if _iohandler is None:
-            ready = threading.Event()
-            t = threading.Thread(target=_run_iohandler, args=(ready,), name="qioc-iohandler", daemon=True)
-            t.start()
-            ready.wait()
-    assert _iohandler is not None
-    return _iohandler
+TIMED_OUT: Any = _Marker("timed out")
+_READY: Any = _Marker("ready")
 
 
 class Waiter:
     """One park of one greenlet, resumed exactly once by whichever party claims it first."""
 
-    __slots__ = ("context", "greenlet", "_token", "_abandoned", "orphan")
+    __slots__ = ("home", "greenlet", "_token", "_abandoned", "orphan")
 
-    def __init__(self, context: Context) -> None:
-        self.context = context
+    def __init__(self, home: ThreadHub) -> None:
+        self.home = home
         self.greenlet = getcurrent()
         self._token = [None]
         self._abandoned = False
-        # Called (once, by the party that won the token) if the greenlet can never run again
-        # because its context is gone: it releases what the park held (a slot, an fd hold).
-        self.orphan: Callable[[], None] | None = None
+        # Called (once, with this waiter, by the party that won the token) if the greenlet can
+        # never run again because its thread is gone: it releases what the park held.
+        self.orphan: Callable[[Waiter], None] | None = None
 
-    def withdraw(self) -> None:
-        """Give up a park that never happened (an error raised before switching to the hub),
-        after the waiter was already visible to wakers: no delivery may land later."""
+    def claim(self) -> bool:
+        """Take the one right to resume this park.  Atomic; True for exactly one caller."""
         try:
             self._token.pop()
         except IndexError:
+            return False
+        return True
+
+    def leave(self) -> None:
+        """The greenlet gives up its park (an error before parking, or an exception nobody here
+        sent): if a waker already won, its delivery is dropped when it arrives."""
+        if not self.claim():
             self._abandoned = True
 
     def _orphan(self) -> None:
         fn, self.orphan = self.orphan, None
         if fn is not None:
-            fn()
+            fn(self)
 
     @property
     def claimed(self) -> bool:
@@ -373,37 +340,43 @@ class Waiter:
 
         Any thread, never blocks.  Returns False if another party already resumed it.
         """
-        try:
-            self._token.pop()
-        except IndexError:
+        if not self.claim():
             return False
-        ctx = self.context
-        if ctx._dead:  # its thread has ended (its ident may even be reused): never switch
+        home = self.home
+        if home._dead:  # its thread has ended (its ident may even be reused): never switch
             self._orphan()
             return True
-        if threading.get_ident() == ctx.thread_id:
-            if getcurrent() is ctx.hub:
+        if thread_ident() == home.thread_id:
+            if getcurrent() is home.hub:
                 self.greenlet.switch(value)
             else:
-                ctx.loop.run_callback(self._deliver, value)
+                home.loop.run_callback(self._deliver, value)
             return True
         try:
-            ctx.schedule(self._deliver, value)
+            home.schedule(self._deliver, value)
         except ContextStoppedError:
             self._orphan()  # its thread is gone, and the greenlet with it
         return True
 
     def fire(self, value: Any = None) -> None:
         """``wake()`` for callbacks known to run in the waiter's own hub (its io watchers)."""
-        try:
-            self._token.pop()
-        except IndexError:
-            return
-        self.greenlet.switch(value)
+        if self.claim():
+            self.greenlet.switch(value)
 
     def _deliver(self, value: Any) -> None:
-        if not self._abandoned:
+        if self.home.destroying:  # run by a hub being destroyed: the greenlet can never run again
+            self._orphan()
+        elif not self._abandoned:
             self.greenlet.switch(value)
+
+    def _check_can_park(self) -> None:
+        home = self.home
+        if self.greenlet is home.hub:
+            self.leave()
+            raise RuntimeError(f"cannot wait inside the hub of context {home.name} (a callback must not block)")
+        if home.stopping:
+            self.leave()
+            raise ContextStoppedError(f"context {home.name} is stopping")
 
     def park(self, timeout: float | None = None) -> Any:
         """Switch to the hub until woken; return the value or raise the exception woken with.
@@ -411,34 +384,26 @@ class Waiter:
         Raises TimeoutError after ``timeout`` seconds, ContextStoppedError if the context is
         stopping, RuntimeError when called inside a hub.
         """
-        ctx = self.context
-        hub = ctx.hub
-        if self.greenlet is hub:
-            self.withdraw()
-            raise RuntimeError(
-                f"cannot wait inside the hub of context {ctx.name} (a callback must not block)"
-            )
-        if ctx.stopping:
-            self.withdraw()
-            raise ContextStoppedError(f"context {ctx.name} is stopping")
+        self._check_can_park()
+        home = self.home
         timer = None
         if timeout is not None:
-            timer = ctx.loop.timer(max(timeout, 0.0))
-            timer.start(self.fire, TIMED_OUT)
-        parked = ctx.parked
+            timer = home.loop.timer(max(timeout, 0.0))
+            # From the clock's now, not the loop's cached one (which would end the wait early).
+            timer.start(self.fire, TIMED_OUT, update=True)
+        parked = home.parked
+        if not parked and not home.keep_alive:
+            home._async.ref = True  # a wake may come only through the inbox: keep the loop alive
         parked.add(self)
         try:
-            value = hub.switch()
+            value = home.hub.switch()
         except BaseException:
-            # Left by an exception nobody here sent (gevent.Timeout, kill): take the token so
-            # no one resumes us later; if it is gone, a delivery is on its way: drop it.
-            try:
-                self._token.pop()
-            except IndexError:
-                self._abandoned = True
+            self.leave()
             raise
         finally:
             parked.discard(self)
+            if not parked and not home.keep_alive:
+                home._async.ref = False
             if timer is not None:
                 timer.close()
         if value is TIMED_OUT:
@@ -448,18 +413,12 @@ class Waiter:
         return value
 
 
-def hub_of_current_thread_is_running_us() -> bool:
-    """True when the caller is a hub greenlet (a callback), where waiting is forbidden."""
-    ctx = existing_context()
-    return ctx is not None and getcurrent() is ctx.hub
+# -- waiting on file descriptors ------------------------------------------------------------------
 
 
-# -- waiting on file descriptors ------------------------------------------------------------
-
-
-def wait_fd_follow(ctx: Context, fd: int, events: int, waiter: Waiter, timeout: float | None) -> Any:
+def wait_fd(waiter: Waiter, fd: int, events: int, timeout: float | None) -> Any:
     """Park ``waiter`` until ``fd`` is ready, watched by the waiter's own hub."""
-    watcher = ctx.loop.io(fd, events)
+    watcher = waiter.home.loop.io(fd, events)
     tr = trace
     if tr is None:
         watcher.start(waiter.fire, None)
@@ -471,72 +430,62 @@ def wait_fd_follow(ctx: Context, fd: int, events: int, waiter: Waiter, timeout: 
         watcher.close()
 
 
-def wait_watcher(watcher: Any, waiter: Waiter) -> Any:
-    """Park ``waiter`` on an io watcher of its own hub that is kept between waits (no timeout).
-
-    Starting and stopping a kept watcher costs a fraction of making and closing one; the channel
-    keeps one per direction for the context that last waited (``Channel._park``).
-    """
-    # Waiter.park() without a timer, inlined: this is every wait of a busy server.
-    ctx = waiter.context
-    hub = ctx.hub
-    if waiter.greenlet is hub:
-        waiter.withdraw()
-        raise RuntimeError(f"cannot wait inside the hub of context {ctx.name} (a callback must not block)")
-    if ctx.stopping:
-        waiter.withdraw()
-        raise ContextStoppedError(f"context {ctx.name} is stopping")
-    parked = ctx.parked
-    parked.add(waiter)
-    # Readiness switches straight into the greenlet (a C callable: no Python frame in the hub)
-    # without claiming the token; the greenlet claims it on the way out.  If another party
-    # (close, wake_read, a stopping context) claimed it first, its delivery is dropped: we are
-    # awake already, and what it carried is seen by the next operation (a closed channel, a
-    # stopping context refuse the next park).  Either way the greenlet resumes exactly once.
-    watcher.start(waiter.greenlet.switch, _READY)
-    try:
-        value = hub.switch()
-    except BaseException:
-        try:
-            waiter._token.pop()
-        except IndexError:
-            waiter._abandoned = True
-        raise
-    finally:
-        watcher.stop()
-        parked.discard(waiter)
-    if value is _READY:
-        try:
-            waiter._token.pop()
-        except IndexError:
-            waiter._abandoned = True
-        return None
-    if value is not None and isinstance(value, BaseException):
-        raise value
-    return value
-
-
-class _Ready:
-    __slots__ = ()
-
-
-_READY: Any = _Ready()
-
-
-def release_watcher(ctx: Context, watcher: Any) -> None:
-    """Free a kept (stopped) watcher in its own hub's thread; any thread, never blocks."""
-    if threading.get_ident() == ctx.thread_id:
-        watcher.close()
-        return
-    try:
-        ctx.schedule(watcher.close)
-    except ContextStoppedError:
-        pass  # the hub and its loop are gone; the stopped watcher goes with them
-
-
 def _traced_fire(tr: Callable[[int, int], None], fd: int, events: int, waiter: Waiter) -> None:
     tr(fd, events)
     waiter.fire(None)
+
+
+class KeptWatcher:
+    """An io watcher on one hub, kept between waits (no timeout): starting and stopping a kept
+    watcher costs a fraction of making and closing one.  Only its hub's thread uses it."""
+
+    __slots__ = ("home", "_watcher")
+
+    def __init__(self, home: ThreadHub, fd: int, events: int) -> None:
+        self.home = home
+        self._watcher = home.loop.io(fd, events)
+
+    def wait(self, waiter: Waiter) -> Any:
+        """Park ``waiter`` (of this hub) until the fd is ready or it is woken."""
+        # Waiter.park() without a timer, unrolled: this is every wait of a busy server.
+        waiter._check_can_park()
+        parked = waiter.home.parked
+        parked.add(waiter)
+        # Readiness switches straight into the greenlet (a C callable: no Python frame in the
+        # hub) without claiming the token; the greenlet claims it on the way out.  If another
+        # party (close, wake_read, a stopping context) claimed it first, its delivery is
+        # dropped: we are awake already, and what it carried is seen by the next operation (a
+        # closed channel, a stopping context refuse the next park).  Either way the greenlet
+        # resumes exactly once.
+        watcher = self._watcher
+        watcher.start(waiter.greenlet.switch, _READY)
+        try:
+            value = waiter.home.hub.switch()
+        except BaseException:
+            waiter.leave()
+            raise
+        finally:
+            watcher.stop()
+            parked.discard(waiter)
+        if value is _READY:
+            waiter.leave()
+            return None
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def release(self) -> None:
+        """Free the (stopped) watcher in its own hub's thread.  Any thread, never blocks."""
+        home = self.home
+        if home._dead:
+            return  # the hub and its loop are gone (or going); the watcher goes with them
+        if thread_ident() == home.thread_id:
+            self._watcher.close()
+            return
+        try:
+            home.schedule(self._watcher.close)
+        except ContextStoppedError:
+            pass
 
 
 class IohandlerWatch:
@@ -557,11 +506,11 @@ class IohandlerWatch:
         self._finished = False
         self.done = False  # set (iohandler thread) once the watcher is gone; read by the waiter
 
-    def start(self, ctx: Context) -> None:
+    def start(self, ioh: ThreadHub) -> None:
         if self._finished:
             return
         try:
-            w = ctx.loop.io(self.fd, self.events)
+            w = ioh.loop.io(self.fd, self.events)
         except Exception as exc:  # an fd the loop refuses: wake the waiter with the reason
             self._finish()
             self.waiter.wake(exc)
@@ -590,21 +539,19 @@ class IohandlerWatch:
         self.on_gone()
 
 
-def wait_fd_iohandler(
-    ctx: Context, fd: int, events: int, waiter: Waiter, timeout: float | None, on_gone: Callable[[], None]
-) -> Any:
-    """Park ``waiter`` until ``fd`` is ready, watched by the iohandler hub.
+def wait_fd_iohandler(ioh: ThreadHub, waiter: Waiter, fd: int, events: int, timeout: float | None,
+                      on_gone: Callable[[], None]) -> Any:
+    """Park ``waiter`` until ``fd`` is ready, watched by the iohandler hub ``ioh``.
 
     ``on_gone`` is called (in the iohandler thread) once that hub has dropped its watcher.
     """
-    ioh = iohandler_context()
     watch = IohandlerWatch(fd, events, waiter, on_gone)
     then = waiter.orphan
 
-    def orphaned() -> None:
+    def orphaned(w: Waiter) -> None:
         ioh.schedule(watch.cancel)
         if then is not None:
-            then()
+            then(w)
 
     waiter.orphan = orphaned
     ioh.schedule(watch.start, ioh)
@@ -618,6 +565,87 @@ def wait_fd_iohandler(
                 on_gone()
 
 
+# -- add_watch() sources ---------------------------------------------------------------------------
+
+
+class Source:
+    """The watcher behind one ``add_watch()``: an io watcher on ``fd``, or (``fd`` None, a channel
+    that is always ready) an idle watcher.  Made, started and closed in ``home``'s thread."""
+
+    __slots__ = ("_watcher",)
+
+    def __init__(self, home: ThreadHub, fd: int | None, events: int, callback: Callable[[], Any]) -> None:
+        self._watcher = home.loop.idle() if fd is None else home.loop.io(fd, events)
+        self._watcher.start(callback)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+
+# -- greenlets -----------------------------------------------------------------------------------
+
+
 def sleep(seconds: float) -> None:
-    """Park the calling greenlet for ``seconds`` on its own thread's hub."""
+    """Park the calling greenlet for ``seconds`` on its own thread's hub (0: one loop turn)."""
     gevent.sleep(seconds)
+
+
+def spawn_here(fn: Callable[..., Any], *args: Any, tasks: set[Any] | None = None,
+               on_exit: Callable[[Any], Any] | None = None) -> Any:
+    """Start ``fn(*args)`` as a greenlet of the calling thread's hub; it is in ``tasks`` while it
+    runs, and ``on_exit(greenlet)`` runs in the hub once it has ended (even killed before it
+    started).  Never switches."""
+    g = gevent.spawn(fn, *args)
+    if tasks is not None:
+        tasks.add(g)
+        g.rawlink(tasks.discard)
+    if on_exit is not None:
+        g.rawlink(on_exit)
+    return g
+
+
+def kill_soon(greenlet: Any) -> None:
+    """Raise GreenletExit in ``greenlet`` at its hub's next turn.  Its own thread; never switches."""
+    greenlet.kill(block=False)
+
+
+def kill_all(greenlets: list[Any], timeout: float) -> None:
+    """Kill ``greenlets`` (of this thread) and wait for them up to ``timeout``.  Parks."""
+    gevent.killall(greenlets, timeout=timeout)
+
+
+__all__ = [
+    "GreenletExit",
+    "IohandlerWatch",
+    "KeptWatcher",
+    "LockType",
+    "OSEvent",
+    "OSLock",
+    "OSRLock",
+    "OSThread",
+    "PlainPopen",
+    "PlainSocket",
+    "READ",
+    "Source",
+    "TIMED_OUT",
+    "ThreadHub",
+    "ThreadLocal",
+    "WRITE",
+    "Waiter",
+    "current_greenlet",
+    "in_hub",
+    "is_main_thread",
+    "kill_all",
+    "kill_soon",
+    "plain_getaddrinfo",
+    "plain_poll",
+    "plain_socketpair",
+    "sleep",
+    "spawn_here",
+    "thread_has_hub",
+    "thread_ident",
+    "thread_name",
+    "trace",
+    "wait_fd",
+    "wait_fd_iohandler",
+]

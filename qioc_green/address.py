@@ -95,3 +95,6 @@ def format_sockaddr(family: int, sockaddr: Any) -> str:
     if hasattr(socket, "AF_VSOCK") and family == socket.AF_VSOCK:
         return f"vsock:{sockaddr[0]}:{sockaddr[1]}"
     return repr(sockaddr)
+
+
+__all__ = ["SocketAddress", "format_sockaddr", "parse_address"]

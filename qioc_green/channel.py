@@ -5,17 +5,23 @@ A channel kind implements a few non-blocking hooks (QEMU's ``QIOChannelClass`` v
 =========================  =====================================================================
 ``_io_readv``              read into a list of buffers; may take fds; ``BlockingIOError`` if it
                            would block; 0 bytes at EOF
-``_io_readinto``           the same for one buffer (fast path; defaults to ``_io_readv``)
+``_io_readinto``           the same for one buffer (defaults to ``_io_readv``)
+``_io_read``               read up to n bytes as bytes (defaults to ``_io_readinto``)
 ``_io_writev``             write a list of buffers, with fds; may be partial
-``_io_write``              the same for one buffer (fast path; defaults to ``_io_writev``)
+``_io_write``              the same for one buffer (defaults to ``_io_writev``)
 ``_io_fd(cond)``           the fd to watch for ``IOCondition.IN`` or ``OUT``, or None for a
                            direction that never waits (regular files, memory)
 ``_io_close``              release the OS resources; called once, when nothing uses them any more
 ``_io_shutdown``, ``_io_seek``, ``_io_set_delay``, ``_io_set_cork``, ``_io_flush``: optional
 =========================  =====================================================================
 
-Everything that blocks lives here, in one shape (QEMU's ``qio_channel_readv_full_all_eof``):
-try the hook; on ``BlockingIOError`` park the calling greenlet until the fd is ready; retry.
+Everything that blocks has one shape (QEMU's ``qio_channel_readv_full_all_eof``): try the hook;
+on ``BlockingIOError`` park the calling greenlet until the fd is ready (or raise WouldBlock in
+non-blocking mode); retry on EINTR; translate any other OSError.  That loop is ``_retry``; the
+``*_all`` calls loop over it, counting progress.  Two copies of it are unrolled by hand for speed,
+``_read_some`` (every ``read``/``read_all``) and the first try of ``write_all``: each is marked
+"change both", and kept identical to ``_retry``.  Where a direction waits (its slot, its kept
+watcher, the busy/closed/orphan checks) is ``Direction``; watches are ``channel_watch``.
 
 The file descriptor's lifetime
 ------------------------------
@@ -28,23 +34,32 @@ libev's EBADF noise.  So every user of the fd holds it: each operation while it 
 the last one after ``close()`` runs ``_io_close`` (once, by a token).  ``close()`` therefore only
 marks the channel closed, wakes every parked greenlet with ChannelClosedError, and drops the
 channel's own hold; the fd is closed when the woken greenlets have left their watchers.
+
+An interrupted ``*_all`` read
+-----------------------------
+A ``*_all`` read that ends early never loses the bytes it took, nor hands them over twice: they
+go back to the channel, and the next read returns them first (as asyncio's ``readexactly`` leaves
+them in its buffer when cancelled).  Only when no later read could return them do they ride on
+the exception's ``partial`` instead: ``UnexpectedEOF`` (the peer closed) and
+``ChannelClosedError`` (we closed).  See ``Channel``.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import select
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import IntFlag
 from typing import Any
 
 from . import _hub
+from ._buffers import Buffer, advance, fill, head, nbytes, views
+from ._context import Context, current_context, iohandler_context, this_thread
+from .channel_watch import Watch
 from .errors import (
-    BrokenChannelError,
     ChannelBusyError,
     ChannelClosedError,
     ChannelError,
@@ -52,9 +67,9 @@ from .errors import (
     NotSupportedError,
     UnexpectedEOF,
     WouldBlock,
+    add_progress,
+    from_os_error,
 )
-
-Buffer = Any  # bytes-like: bytes, bytearray, memoryview, array, mmap
 
 
 class IOCondition(IntFlag):
@@ -92,7 +107,6 @@ class Feature(IntFlag):
     SEEKABLE = 32
 
 
-_tls = _hub._local
 _NO_READ_FLAGS: Any = 0  # read()'s default: a plain 0 costs nothing to test or pass on
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
@@ -102,29 +116,137 @@ _F_PEEK = int(Feature.READ_MSG_PEEK)
 _F_ZERO_COPY = int(Feature.WRITE_ZERO_COPY)
 _F_SEEKABLE = int(Feature.SEEKABLE)
 _F_SHUTDOWN = int(Feature.SHUTDOWN)
-_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN})
+# The first read of a read_all(n) asks for at most this much; later reads grow with what arrived
+# (at most doubling), so a length field from a peer never costs its full size up front.
+_FIRST_READ = 1 << 20
 
 
-def _deadline(timeout: float | None) -> float | None:
+def deadline(timeout: float | None) -> float | None:
+    """The monotonic time at which ``timeout`` seconds from now are up (None: never)."""
     return None if timeout is None else time.monotonic() + timeout
 
 
-def _views(buffers: Iterable[Buffer]) -> list[memoryview]:
-    return [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """What a channel is doing at one instant (trio's ``statistics()``).  See ``Channel.statistics``."""
+
+    readers_waiting: int  # greenlets parked to read (QEMU allows one)
+    writers_waiting: int  # greenlets parked to write
+    holds: int  # users of the fd: the channel itself until close(), each running call, each watcher
+    watches: int  # add_watch() watches not yet gone
+    unread: int  # bytes an interrupted *_all read gave back, returned by the next read
+    closed: bool  # close() was called
+    released: bool  # the fd (and whatever else the kind holds) has been released
 
 
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """Drop ``n`` bytes from the front of a buffer list (QEMU's ``iov_discard_front``)."""
-    i = 0
-    while n:
-        length = len(views[i])
-        if n >= length:
-            n -= length
-            i += 1
-        else:
-            views[i] = views[i][n:]
-            n = 0
-    return views[i:]
+class Direction:
+    """One direction of a channel: who is parked in it, its kept watcher, and how it parks.
+
+    A kind whose waits are another channel's replaces ``park`` (``channel_tls``).
+
+    At most one greenlet may be parked per direction (ChannelBusyError for a second).  The
+    parked greenlet's Waiter sits in ``slot`` while it is parked, so that ``close()``,
+    ``wake_read()`` and a stopping context can find it.
+    """
+
+    __slots__ = ("channel", "cond", "events", "verb", "slot", "kept", "_orphaned_cb")
+
+    def __init__(self, channel: Channel, cond: IOCondition) -> None:
+        self.channel = channel
+        self.cond = cond
+        self.events = _hub.READ if cond is _IN else _hub.WRITE
+        self.verb = "read" if cond is _IN else "write"
+        self.slot: list[_hub.Waiter] = []
+        # A follow-mode watcher kept between waits, for the context that last waited here (only
+        # that context's thread starts and stops it); released by the channel's _finalize.
+        self.kept: _hub.KeptWatcher | None = None
+        self._orphaned_cb = self._orphaned
+
+    def park(self, deadline: float | None) -> None:
+        """Park the calling greenlet until this direction may be ready, or it is woken.
+
+        The caller holds the fd.  Raises ChannelBusyError, ChannelClosedError,
+        ChannelTimeoutError, ContextStoppedError; RuntimeError inside a hub.
+        """
+        ch = self.channel
+        kept = self.kept
+        if kept is not None and deadline is None and ch._follow and _hub.trace is None:
+            # The hot path (a server's handler): follow on, no deadline, and a watcher kept on
+            # this very hub from the last wait in this direction.  Same steps as below, fewer.
+            ctx = getattr(this_thread, "context", None)
+            if kept.home is ctx:
+                waiter = _hub.Waiter(kept.home)
+                slot = self.slot
+                slot.append(waiter)  # visible to wakers: every exit must leave or park
+                try:
+                    self._check(waiter)
+                    waiter.orphan = self._orphaned_cb
+                    kept.wait(waiter)
+                    return
+                finally:
+                    waiter.orphan = None
+                    try:
+                        slot.remove(waiter)
+                    except ValueError:
+                        pass  # released by an orphaning wake
+        fd = ch._io_fd(self.cond)
+        if fd is None:
+            return
+        ctx = current_context()  # looked up at every wait, never stored (semantics 1)
+        waiter = _hub.Waiter(ctx)
+        slot = self.slot
+        slot.append(waiter)  # from here on wakers can see it: every exit must leave or park
+        try:
+            self._check(waiter)
+            # If this greenlet's thread ends while it is parked, whoever wins the wake releases
+            # what this call holds: its slot and the operation's hold on the fd.
+            waiter.orphan = self._orphaned_cb
+            if ch._follow and deadline is None and _hub.trace is None and (kept is None or kept.home.dead):
+                # First follow-mode wait in this direction (or its hub is gone): keep a watcher.
+                kept = self.kept = _hub.KeptWatcher(ctx, fd, self.events)
+                kept.wait(waiter)
+                return
+            timeout = None if deadline is None else deadline - time.monotonic()
+            try:
+                if ch._follow:
+                    _hub.wait_fd(waiter, fd, self.events, timeout)
+                else:
+                    ch._holds.append(None)  # the iohandler's watcher holds the fd until it is gone
+                    _hub.wait_fd_iohandler(iohandler_context(), waiter, fd, self.events, timeout, ch._leave)
+            except TimeoutError:
+                raise ChannelTimeoutError(f"{ch._name}: timed out waiting to {self.verb}") from None
+        finally:
+            waiter.orphan = None
+            try:
+                slot.remove(waiter)
+            except ValueError:
+                pass
+
+    def _check(self, waiter: _hub.Waiter) -> None:
+        ch = self.channel
+        if self.slot[0] is not waiter:
+            waiter.leave()
+            raise ChannelBusyError(f"{ch._name}: another greenlet is already waiting to {self.verb}")
+        if ch._closed:  # close() ran after the caller's _enter but before it could see us
+            waiter.leave()
+            raise ChannelClosedError(f"{ch._name}: channel is closed")
+
+    def _orphaned(self, waiter: _hub.Waiter) -> None:
+        try:
+            self.slot.remove(waiter)
+        except ValueError:
+            return
+        self.channel._leave()
+
+    def wake_all(self, value: Any) -> None:
+        """Resume whoever is parked here with ``value``.  Any thread; never switches."""
+        for waiter in list(self.slot):
+            waiter.wake(value)
+
+    def release_kept(self) -> None:
+        kept, self.kept = self.kept, None
+        if kept is not None:
+            kept.release()
 
 
 class Channel:
@@ -143,6 +265,17 @@ class Channel:
 
     At most one greenlet may be parked per direction (ChannelBusyError for a second); a reader
     and a writer may be parked at once, in different threads.
+
+    **Interrupted ``*_all`` reads** (``read_all``, ``read_all_eof``, ``readinto_all``,
+    ``readv_all``, ``readv_all_eof``, ``readv_full_all``, ``readv_full_all_eof``): whatever ends
+    one early, the bytes it had taken reach the caller exactly once.  They are given back to the
+    channel, and the next read returns them first, when it ends by ``timeout=``
+    (ChannelTimeoutError), ``gevent.Timeout``, WouldBlock in non-blocking mode, ``kill()``, a
+    stopping context, a broken connection, or any other exception; the exception's ``done``
+    counts them, its ``partial`` is empty.  They ride on the exception's ``partial`` instead, and
+    are not given back, when no later read could return them: UnexpectedEOF (the peer closed
+    after some bytes) and ChannelClosedError (the channel was closed while the call waited).
+    fds a ``readv_full_all`` had received are closed either way.
     """
 
     kind = "channel"
@@ -157,14 +290,13 @@ class Channel:
         self._close_token = [None]
         self._io_close_token = [None]
         self._holds: list[None] = [None]  # the channel's own hold, dropped by close()
-        self._slots: tuple[list[_hub.Waiter], list[_hub.Waiter]] = ([], [])
+        self._rd = Direction(self, _IN)
+        self._wr = Direction(self, _OUT)
         self._watches: set[Watch] = set()
         self._wait_efd: int | None = None
-        self._wait_lock = threading.Lock()
-        # Follow-mode watcher kept between waits, per direction: (context, watcher) or None.
-        # Only the context's own thread starts/stops it; it is released in _finalize.
-        self._wcache: list[Any] = [None, None]
-        # Read prediction (see _park_first): the last read parked, and a write came after it.
+        self._wait_lock = _hub.OSLock()
+        self._unread = b""  # given back by an interrupted *_all read; the next read takes it first
+        # The read prediction (see _read_some): the last read parked, and a write came after it.
         self._rd_parked = False
         self._wrote = False
 
@@ -253,6 +385,18 @@ class Channel:
         """In non-blocking mode a call that would wait raises WouldBlock.  QEMU: ``qio_channel_set_blocking()``."""
         self._blocking = bool(enabled)
 
+    def statistics(self) -> ChannelStatistics:
+        """A snapshot of what the channel is doing (who waits, who holds the fd).  Never switches."""
+        return ChannelStatistics(
+            readers_waiting=len(self._rd.slot),
+            writers_waiting=len(self._wr.slot),
+            holds=len(self._holds),
+            watches=len(self._watches),
+            unread=len(self._unread),
+            closed=self._closed,
+            released=not self._io_close_token,
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         mode = "follow" if self._follow else "iohandler"
@@ -287,138 +431,65 @@ class Channel:
         if efd is not None:
             os.close(efd)
         self._io_close()
-        # The cached watchers are stopped (nobody holds the channel, so nobody is parked);
-        # each is freed by its own hub.
-        for i, ent in enumerate(self._wcache):
-            if ent is not None:
-                self._wcache[i] = None
-                _hub.release_watcher(ent[0], ent[1])
+        # The kept watchers are stopped (nobody holds the channel, so nobody is parked); each
+        # is freed by its own hub, or went with it.
+        self._rd.release_kept()
+        self._wr.release_kept()
 
-    def _broken(self, exc: OSError, what: str, done: int = 0, expected: int | None = None) -> Exception:
+    def _broken(self, exc: OSError, what: str, done: int = 0, expected: int | None = None) -> ChannelError:
+        """The one translation of an OSError from a hook (ChannelClosedError if we closed meanwhile)."""
         if self._closed:
             return ChannelClosedError(f"{self._name}: closed during {what}", done=done, expected=expected)
-        if exc.errno in _RESET_ERRNOS:
-            reason = "connection reset by peer" if exc.errno != errno.EPIPE else "peer closed its end"
-        else:
-            reason = exc.strerror or str(exc)
-        progress = f" after {done} of {expected} bytes" if expected is not None else ""
-        return BrokenChannelError(f"{self._name}: {what} failed{progress}: {reason}", done=done, expected=expected)
+        return from_os_error(exc, self._name, what, done=done, expected=expected)
+
+    def _would_block(self, what: str) -> WouldBlock:
+        return WouldBlock(f"{self._name}: {what} would block")
+
+    def _negative(self, n: int) -> ValueError:
+        return ValueError(f"{self._name}: negative size {n}")
+
+    # -- the one retry loop ----------------------------------------------------------------------
+
+    def _retry(self, d: Direction, deadline: float | None, hook: Callable[..., Any], *args: Any) -> Any:
+        """Hold the fd, call ``hook(*args)``; on EAGAIN park in direction ``d`` (or raise
+        WouldBlock) and retry; retry on EINTR; translate any other OSError.
+
+        Hand-unrolled copies (change both): ``_read_some`` and ``write_all``'s first try.
+        """
+        self._enter()
+        try:
+            while True:
+                try:
+                    return hook(*args)
+                except BlockingIOError:
+                    if not self._blocking:
+                        raise self._would_block(d.verb) from None
+                    d.park(deadline)
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    raise self._broken(exc, d.verb) from exc
+        finally:
+            self._leave()
 
     # -- waiting ---------------------------------------------------------------------------------
-
-    def _park(self, cond: IOCondition, deadline: float | None) -> Any:
-        """Park the calling greenlet until ``cond`` may be ready, or it is woken.  Holds taken."""
-        if deadline is None and self._follow:
-            # The hot path (a server's handler): follow on, no deadline, and a watcher kept on
-            # this very hub from the last wait in this direction.  Same steps as below, fewer.
-            i = 0 if cond is _IN else 1
-            ent = self._wcache[i]
-            if ent is not None and _hub.trace is None:
-                try:
-                    ctx = _tls.context  # current_context(), inlined (it exists: ent was made here)
-                except AttributeError:
-                    ctx = _hub.current_context()
-                if ent[0] is ctx:
-                    slot = self._slots[i]
-                    waiter = _hub.Waiter(ctx)
-                    slot.append(waiter)  # visible to wakers: every exit must withdraw or park
-                    try:
-                        if slot[0] is not waiter:
-                            waiter.withdraw()
-                            direction = "read" if i == 0 else "write"
-                            raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
-                        if self._closed:
-                            waiter.withdraw()
-                            raise ChannelClosedError(f"{self._name}: channel is closed")
-                        waiter.orphan = lambda: self._orphaned(slot, waiter)
-                        return _hub.wait_watcher(ent[1], waiter)
-                    finally:
-                        waiter.orphan = None
-                        try:
-                            slot.remove(waiter)
-                        except ValueError:
-                            pass  # released by an orphaning wake
-        fd = self._io_fd(cond)
-        if fd is None:
-            return None
-        ctx = _hub.current_context()  # looked up at every wait, never stored (semantics 1)
-        slot = self._slots[0 if cond is _IN else 1]
-        waiter = _hub.Waiter(ctx)
-        slot.append(waiter)  # from here on wakers can see it: every exit must withdraw or park
-        try:
-            if slot[0] is not waiter:
-                waiter.withdraw()
-                direction = "read" if cond is _IN else "write"
-                raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {direction}")
-            if self._closed:  # close() ran after our _enter but before it could see us
-                waiter.withdraw()
-                raise ChannelClosedError(f"{self._name}: channel is closed")
-            # If this greenlet's thread ends while it is parked, whoever wins the wake releases
-            # what this call holds: its slot and the operation's hold on the fd.
-            waiter.orphan = lambda: self._orphaned(slot, waiter)
-            events = _hub.READ if cond is _IN else _hub.WRITE
-            if self._follow and deadline is None and _hub.trace is None:
-                # First follow-mode wait in this direction: make the watcher to keep (above).
-                i = 0 if cond is _IN else 1
-                ent = self._wcache[i]
-                if ent is None or ent[0]._dead:  # none yet, or its hub is gone (IOThread stopped)
-                    watcher = ctx.loop.io(fd, events)
-                    self._wcache[i] = (ctx, watcher)
-                    return _hub.wait_watcher(watcher, waiter)
-            timeout = None if deadline is None else deadline - time.monotonic()
-            try:
-                if self._follow:
-                    return _hub.wait_fd_follow(ctx, fd, events, waiter, timeout)
-                self._holds.append(None)  # the iohandler's watcher holds the fd until it is gone
-                return _hub.wait_fd_iohandler(ctx, fd, events, waiter, timeout, self._leave)
-            except TimeoutError:
-                direction = "readable" if cond is _IN else "writable"
-                raise ChannelTimeoutError(f"{self._name}: timed out waiting to be {direction}") from None
-        finally:
-            waiter.orphan = None
-            try:
-                slot.remove(waiter)
-            except ValueError:
-                pass
-
-    def _orphaned(self, slot: list[_hub.Waiter], waiter: _hub.Waiter) -> None:
-        try:
-            slot.remove(waiter)
-        except ValueError:
-            return
-        self._leave()
-
-    def _park_counting(self, cond: IOCondition, deadline: float | None, done: int, expected: int | None) -> None:
-        """``_park`` inside a loop that has moved ``done`` bytes: errors carry that progress."""
-        try:
-            self._park(cond, deadline)
-        except ChannelError as exc:
-            exc.done, exc.expected = done, expected
-            raise
-
-    # _park_first: wait for readability *before* trying a read that will most likely find nothing.
-
-    # A request/response peer has nothing to say between our reply and its next request, so the
-    # read that follows a write nearly always meets EAGAIN, and raising and catching that costs
-    # more than the syscall (PERF-NOTES: the lean loop waits first, then reads once).  The
-    # prediction, inlined in read(), readinto() and read_all(): the previous read on this channel
-    # had to park, and a write came since.  A stream that keeps data queued never parks, so it
-    # keeps trying first, and a read that fills the caller's whole buffer after parking ends the
-    # guess.  A wrong guess costs one loop iteration (the watcher fires at once on a ready fd).
 
     def yield_(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Park the calling greenlet until ``cond`` (IN or OUT) may be ready, or until woken.
 
-        Switches.  Returns early on ``wake_read()`` (callers retry their operation).  Raises
-        ChannelBusyError if another greenlet waits in that direction, ChannelClosedError if the
-        channel is closed meanwhile, TimeoutError after ``timeout``.  QEMU: ``qio_channel_yield()``.
+        Switches (returns at once for IN while given-back bytes wait to be read).  Returns early
+        on ``wake_read()`` (callers retry their operation).  Raises ChannelBusyError if another
+        greenlet waits in that direction, ChannelClosedError if the channel is closed meanwhile,
+        TimeoutError after ``timeout``.  QEMU: ``qio_channel_yield()``.
         """
         cond = IOCondition(cond)
         if cond is not _IN and cond is not _OUT:
             raise ValueError("yield_() takes exactly one of IOCondition.IN and IOCondition.OUT")
         self._enter()
         try:
-            self._park(cond, _deadline(timeout))
+            if cond is _IN and self._unread:
+                return
+            (self._rd if cond is _IN else self._wr).park(deadline(timeout))
         finally:
             self._leave()
 
@@ -427,8 +498,7 @@ class Channel:
 
         Thread-safe; never switches.  ``*_all`` reads simply retry.  QEMU: ``qio_channel_wake_read()``.
         """
-        for waiter in list(self._slots[0]):
-            waiter.wake(None)
+        self._rd.wake_all(None)
 
     def wait(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Block the calling OS thread until ``cond`` may be ready, without running other greenlets.
@@ -440,17 +510,20 @@ class Channel:
         self._enter()
         try:
             fd = self._io_fd(cond)
-            if fd is None:
+            if fd is None or (cond is _IN and self._unread):
                 return
             with self._wait_lock:
                 if self._wait_efd is None:
-                    self._wait_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                    try:
+                        self._wait_efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                    except OSError as exc:
+                        raise self._broken(exc, "wait") from exc
                 efd = self._wait_efd
             # close() sets the flag, then signals the eventfd; we made the eventfd, then read
             # the flag: one of us sees the other.
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
-            poller = select.poll()
+            poller = _hub.plain_poll()  # blocks the OS thread, even under gevent's monkey patching
             poller.register(fd, select.POLLIN if cond is _IN else select.POLLOUT)
             poller.register(efd, select.POLLIN)
             ms = None if timeout is None else max(int(timeout * 1000), 0)
@@ -462,8 +535,33 @@ class Channel:
         finally:
             self._leave()
 
-    def _would_block(self, what: str, done: int = 0, expected: int | None = None) -> WouldBlock:
-        return WouldBlock(f"{self._name}: {what} would block", done=done, expected=expected)
+    # -- given-back bytes (see the class docstring) ----------------------------------------------
+
+    def _give_back(self, data: bytes) -> None:
+        if data and not self._closed:
+            self._unread = data + self._unread
+
+    def _take_unread(self, n: int, peek: bool = False) -> bytes:
+        if self._closed:
+            raise ChannelClosedError(f"{self._name}: channel is closed")
+        data = self._unread[:n]
+        if not peek:
+            self._unread = self._unread[n:]
+        return data
+
+    def _take_unread_into(self, bufs: list[memoryview], peek: bool = False) -> int:
+        return fill(bufs, self._take_unread(nbytes(bufs), peek))
+
+    def _all_failed(self, exc: BaseException, taken: Callable[[], bytes], done: int, expected: int) -> None:
+        """Where the bytes of a ``*_all`` read that ended early go (the class docstring's rule)."""
+        if isinstance(exc, ChannelError):
+            add_progress(exc, done, expected)
+        if isinstance(exc, UnexpectedEOF):
+            return  # partial already set
+        if isinstance(exc, ChannelClosedError):
+            exc.partial = taken() if done else b""
+        elif done:
+            self._give_back(taken())
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -477,100 +575,85 @@ class Channel:
                    timeout: float | None = None) -> tuple[int, list[int]]:
         """Read into ``buffers``, and up to ``max_fds`` passed fds; return ``(nbytes, fds)``.
 
-        May park until some data is available.  0 bytes means EOF.  The caller owns the fds.
-        Raises NotSupportedError for fds without FD_PASS (or MSG_PEEK without READ_MSG_PEEK),
-        WouldBlock in non-blocking mode, BrokenChannelError, ChannelClosedError, TimeoutError.
-        QEMU: ``qio_channel_readv_full()``.
+        May park until some data is available.  0 bytes means EOF (or no room: empty buffers
+        return 0 at once).  The caller owns the fds.  Raises NotSupportedError for fds without
+        FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking mode,
+        BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
-        result: tuple[int, list[int]] = self._retry(_IN, "read", _deadline(timeout),
-                                                    self._io_readv, _views(buffers), max_fds, int(flags))
+        bufs = views(buffers)
+        if not bufs:
+            return 0, []
+        if self._unread:
+            return self._take_unread_into(bufs, bool(flags)), []
+        result: tuple[int, list[int]] = self._retry(self._rd, deadline(timeout), self._io_readv, bufs,
+                                                    max_fds, int(flags))
         return result
-
-    def _retry(self, cond: IOCondition, what: str, deadline: float | None, hook: Callable[..., Any],
-               *args: Any) -> Any:
-        """The one shape of a single operation: hold the fd, try the hook, park on EAGAIN (or
-        raise WouldBlock), retry on EINTR, translate any other OSError."""
-        self._enter()
-        try:
-            while True:
-                try:
-                    return hook(*args)
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block(what) from None
-                    self._park(cond, deadline)
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, what) from exc
-        finally:
-            self._leave()
 
     def readv(self, buffers: Sequence[Buffer], *, timeout: float | None = None) -> int:
         """``readv_full`` without fds; returns the byte count (0 at EOF).  May park."""
         return self.readv_full(buffers, timeout=timeout)[0]
 
-    def readinto(self, buf: Buffer, *, flags: ReadFlag = ReadFlag.NONE, timeout: float | None = None) -> int:
-        """Read into one buffer; return the byte count (0 at EOF).  May park."""
-        self._check_read_flags(0, flags)
+    def readinto(self, buf: Buffer, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> int:
+        """Read into one buffer; return the byte count (0 at EOF; 0 at once for an empty
+        buffer).  May park."""
+        if flags:
+            self._check_read_flags(0, flags)
+            flags = int(flags)  # type: ignore[assignment]
         view = memoryview(buf).cast("B")
         if not len(view):
             return 0
-        deadline = _deadline(timeout)
-        self._enter()
-        try:
-            parked = False
-            if self._wrote:
-                self._wrote = False
-                if self._rd_parked and self._blocking:
-                    self._park(_IN, deadline)  # see _park_first
-                    parked = True
-            while True:
-                try:
-                    got = self._io_readinto(view, int(flags))
-                    self._rd_parked = parked and got < len(view)
-                    return got
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("read") from None
-                    parked = True
-                    self._park(_IN, deadline)
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, "read") from exc
-        finally:
-            self._leave()
+        if self._unread:
+            return self._take_unread_into([view], bool(flags))
+        n: int = self._retry(self._rd, None if timeout is None else time.monotonic() + timeout,
+                             self._io_readinto, view, flags)
+        return n
 
     def read(self, n: int, *, flags: ReadFlag = _NO_READ_FLAGS, timeout: float | None = None) -> bytes:
-        """Read up to ``n`` bytes; ``b""`` at EOF.  May park."""
+        """Read up to ``n`` bytes; ``b""`` at EOF (and for ``n`` 0).  May park."""
         if flags:
             self._check_read_flags(0, flags)
             flags = int(flags)  # type: ignore[assignment]
         if n <= 0:
+            if n < 0:
+                raise self._negative(n)
             return b""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._read_some(n, flags, None if timeout is None else time.monotonic() + timeout, n)
+
+    def _read_some(self, n: int, flags: int, deadline: float | None, full: int) -> bytes:
+        """One read of up to ``n`` bytes: ``_retry`` around ``_io_read``, unrolled (change both).
+
+        The read prediction: a request/response peer has nothing to say between our reply and
+        its next request, so the read that follows a write nearly always meets EAGAIN, and
+        raising and catching that costs more than the syscall.  So when the previous read on
+        this channel had to park and a write came since, park first.  A stream that keeps data
+        queued never parks, so it keeps trying first; a read that brings ``full`` bytes after
+        parking (``read`` passes its ``n``: it filled the caller's buffer, more may be queued)
+        ends the guess.  A wrong guess costs one loop iteration (the watcher fires at once).
+        """
+        if self._unread:
+            return self._take_unread(n, bool(flags))
         self._holds.append(None)  # _enter(), inlined: this is a server's every request
         try:
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            d = self._rd
             parked = False
             if self._wrote:
                 self._wrote = False
                 if self._rd_parked and self._blocking:
-                    self._park(_IN, deadline)  # see _park_first
+                    d.park(deadline)
                     parked = True
             while True:
                 try:
                     data = self._io_read(n, flags)
-                    self._rd_parked = parked and len(data) < n
+                    self._rd_parked = parked and len(data) < full
                     return data
                 except BlockingIOError:
                     if not self._blocking:
                         raise self._would_block("read") from None
                     parked = True
-                    self._park(_IN, deadline)
+                    d.park(deadline)
                 except InterruptedError:
                     continue
                 except OSError as exc:
@@ -581,70 +664,72 @@ class Channel:
             if not holds:
                 self._finalize()
 
-    def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None,
-                   done: int = 0) -> tuple[bool, list[int]]:
-        """The one read loop (QEMU's ``qio_channel_readv_full_all_eof``).
+    def _readv_all(self, buffers: Sequence[Buffer], max_fds: int, timeout: float | None) -> tuple[bool, list[int]]:
+        """The ``*_all`` loop over caller's buffers (QEMU's ``qio_channel_readv_full_all_eof``).
 
         Returns ``(False, [])`` on EOF before any byte; raises UnexpectedEOF after some.  fds
         received by any of the partial reads are all returned; on error they are closed.
         """
         self._check_read_flags(max_fds, 0)
-        views = _views(buffers)
-        expected = sum(len(v) for v in views)
-        deadline = _deadline(timeout)
+        bufs = views(buffers)
+        expected = nbytes(bufs)
+        dl = deadline(timeout)
         fds: list[int] = []
-        if done:  # the caller already filled the first ``done`` bytes
-            views = _advance(views, done)
-        single = views[0] if len(views) == 1 and not max_fds else None
-        start = done
-        self._enter()
+        done = 0
         try:
-            while views:
-                try:
-                    if single is not None:
-                        n = self._io_readinto(single[done - start:] if done > start else single, 0)
-                    else:
-                        n, got = self._io_readv(views, max_fds, 0)
-                        if got:
-                            fds.extend(got)
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("read", done, expected) from None
-                    self._park_counting(_IN, deadline, done, expected)
-                    continue
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, "read", done, expected) from exc
+            if self._unread and bufs:
+                done = self._take_unread_into(bufs)
+                bufs = advance(bufs, done)
+            while bufs:
+                n, got = self._retry(self._rd, dl, self._io_readv, bufs, max_fds, 0)
+                if got:
+                    fds.extend(got)
                 if n == 0:
                     if done == 0 and not fds:
                         return False, fds
-                    partial = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[:done]
-                    raise UnexpectedEOF(
-                        f"{self._name}: peer closed after {done} of {expected} bytes",
-                        partial=partial,
-                        expected=expected,
-                    )
+                    raise UnexpectedEOF(f"{self._name}: peer closed after {done} of {expected} bytes",
+                                        partial=head(buffers, done), expected=expected)
                 done += n
-                if single is not None:
-                    if done == expected:
-                        break
-                else:
-                    views = _advance(views, n)
+                bufs = advance(bufs, n)
             return True, fds
-        except BaseException:
+        except BaseException as exc:
             for fd in fds:
                 os.close(fd)
+            self._all_failed(exc, lambda: head(buffers, done), done, expected)
             raise
-        finally:
-            self._leave()
+
+    def _read_rest(self, first: bytes, n: int, dl: float | None, eof_ok: bool) -> bytes | None:
+        """The rest of ``read_all``/``read_all_eof`` after a first read brought ``first``.
+
+        Each read asks for at most as much as has arrived so far (or the first read's cap), so
+        memory grows with what the peer sends, not with what ``n`` claims.
+        """
+        if not first:
+            if eof_ok:
+                return None
+            raise UnexpectedEOF(f"{self._name}: peer closed before any of {n} bytes", expected=n)
+        chunks = [first]
+        got = len(first)
+        try:
+            while got < n:
+                chunk = self._retry(self._rd, dl, self._io_read, min(n - got, max(got, _FIRST_READ)), 0)
+                if not chunk:
+                    raise UnexpectedEOF(f"{self._name}: peer closed after {got} of {n} bytes",
+                                        partial=b"".join(chunks), expected=n)
+                chunks.append(chunk)
+                got += len(chunk)
+        except BaseException as exc:
+            self._all_failed(exc, lambda: b"".join(chunks), got, n)
+            raise
+        return b"".join(chunks)
 
     def readv_full_all_eof(self, buffers: Sequence[Buffer], *, max_fds: int = 0,
                            timeout: float | None = None) -> tuple[bool, list[int]]:
         """Fill every buffer, or return ``(False, [])`` on a clean EOF before any byte.
 
         May park.  Raises UnexpectedEOF (with ``partial`` and ``expected``) on EOF after some
-        bytes.  fds from every partial read are returned.  QEMU: ``qio_channel_readv_full_all_eof()``.
+        bytes.  fds from every partial read are returned.  Interrupted, it gives its bytes back
+        (class docstring).  QEMU: ``qio_channel_readv_full_all_eof()``.
         """
         return self._readv_all(buffers, max_fds, timeout)
 
@@ -677,58 +762,51 @@ class Channel:
     def read_all_eof(self, n: int, *, timeout: float | None = None) -> bytes | None:
         """Read exactly ``n`` bytes; None on a clean EOF before any.  May park.
 
-        Raises UnexpectedEOF after some bytes.  QEMU: ``qio_channel_read_all_eof()``.
+        Raises UnexpectedEOF after some bytes.  Interrupted, it gives its bytes back (class
+        docstring).  QEMU: ``qio_channel_read_all_eof()``.
         """
-        buf = bytearray(n)
-        if n and not self._readv_all((buf,), 0, timeout)[0]:
-            return None
-        return bytes(buf)
+        if n <= 0:
+            if n < 0:
+                raise self._negative(n)
+            return b""
+        dl = deadline(timeout)
+        try:
+            data = self._read_some(n if n <= _FIRST_READ else _FIRST_READ, 0, dl, n + 1)
+        except ChannelError as exc:
+            add_progress(exc, 0, n)
+            raise
+        if len(data) == n:
+            return data
+        return self._read_rest(data, n, dl, True)
 
     def read_all(self, n: int, *, timeout: float | None = None) -> bytes:
-        """Read exactly ``n`` bytes; EOF anywhere raises UnexpectedEOF.  May park."""
-        # Fast path: one read usually brings the whole message.
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._holds.append(None)
-        try:
-            if self._closed:
-                raise ChannelClosedError(f"{self._name}: channel is closed")
-            parked = False
-            if self._wrote:
-                self._wrote = False
-                if self._rd_parked and self._blocking:
-                    self._park(_IN, deadline)  # see _park_first
-                    parked = True
-            while True:
-                try:
-                    data = self._io_read(n, 0)
-                    self._rd_parked = parked
-                    break
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("read", 0, n) from None
-                    parked = True
-                    self._park_counting(_IN, deadline, 0, n)
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, "read", 0, n) from exc
-        finally:
-            self._leave()
-        got = len(data)
-        if got == n:
+        """Read exactly ``n`` bytes; EOF anywhere raises UnexpectedEOF.  May park.
+
+        Interrupted, it gives its bytes back (class docstring).  QEMU: ``qio_channel_read_all()``.
+        """
+        if n <= 0:
+            if n < 0:
+                raise self._negative(n)
+            return b""
+        dl = None if timeout is None else time.monotonic() + timeout
+        try:  # one read usually brings the whole message
+            data = self._read_some(n if n <= _FIRST_READ else _FIRST_READ, 0, dl, n + 1)
+        except ChannelError as exc:
+            add_progress(exc, 0, n)
+            raise
+        if len(data) == n:
             return data
-        if not got:
-            raise UnexpectedEOF(f"{self._name}: peer closed before any of {n} bytes", expected=n)
-        buf = bytearray(n)
-        buf[:got] = data
-        self._readv_all((buf,), 0, None if deadline is None else deadline - time.monotonic(), done=got)
-        return bytes(buf)
+        rest: bytes = self._read_rest(data, n, dl, False)  # type: ignore[assignment]
+        return rest
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def _check_write(self, fds: Sequence[int], flags: int) -> None:
-        if fds and not self._features & _F_FD_PASS:
-            raise NotSupportedError(f"{self._name}: channel does not support file descriptor passing")
+    def _check_write(self, fds: Sequence[int], flags: int, bufs: list[memoryview]) -> None:
+        if fds:
+            if not self._features & _F_FD_PASS:
+                raise NotSupportedError(f"{self._name}: channel does not support file descriptor passing")
+            if not bufs:
+                raise ValueError(f"{self._name}: fds must travel with at least one byte of data")
         if flags and not self._features & _F_ZERO_COPY:
             raise NotSupportedError(f"{self._name}: channel does not support zero-copy writes")
 
@@ -736,12 +814,16 @@ class Channel:
                     *, timeout: float | None = None) -> int:
         """Write from ``buffers`` (and pass ``fds``); return the bytes written, possibly fewer.
 
-        May park until some can be written.  Raises NotSupportedError, WouldBlock,
-        BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_writev_full()``.
+        May park until some can be written.  fds need at least one byte to travel with
+        (ValueError otherwise).  Raises NotSupportedError, WouldBlock, BrokenChannelError,
+        ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_writev_full()``.
         """
-        self._check_write(fds, flags)
+        bufs = views(buffers)
+        self._check_write(fds, flags, bufs)
+        if not bufs:
+            return 0
         self._wrote = True
-        n: int = self._retry(_OUT, "write", _deadline(timeout), self._io_writev, _views(buffers), fds, int(flags))
+        n: int = self._retry(self._wr, deadline(timeout), self._io_writev, bufs, fds, int(flags))
         return n
 
     def writev(self, buffers: Sequence[Buffer], *, timeout: float | None = None) -> int:
@@ -754,51 +836,35 @@ class Channel:
 
     def writev_full_all(self, buffers: Sequence[Buffer], fds: Sequence[int] = (),
                         flags: WriteFlag = WriteFlag.NONE, *, timeout: float | None = None) -> None:
-        """Write every byte of ``buffers``; ``fds`` go with the first chunk.  May park.
+        """Write every byte of ``buffers``; ``fds`` go with the first chunk (and need at least
+        one byte to travel with: ValueError otherwise).  May park.
 
         On error the exception's ``done`` says how many bytes were written.
         QEMU: ``qio_channel_writev_full_all()``.
         """
-        self._check_write(fds, flags)
-        self._writev_all(buffers, fds, int(flags), timeout)
+        self._writev_all(views(buffers), fds, int(flags), timeout)
 
-    def _writev_all(self, buffers: Sequence[Buffer], fds: Sequence[int], flags: int, timeout: float | None,
+    def _writev_all(self, bufs: list[memoryview], fds: Sequence[int], flags: int, timeout: float | None,
                     done: int = 0) -> None:
-        """The one write loop; the first ``done`` bytes are already written."""
+        """The ``*_all`` write loop over ``_retry``; the first ``done`` bytes are already written."""
+        self._check_write(fds, flags, bufs)
         self._wrote = True
-        views = _views(buffers)
-        expected = sum(len(v) for v in views)
-        deadline = _deadline(timeout)
+        expected = nbytes(bufs)
+        dl = deadline(timeout)
         if done:
-            views = _advance(views, done)
-        single = views[0] if len(views) == 1 and not fds and not flags else None
-        start = done
-        self._enter()
+            bufs = advance(bufs, done)
         try:
-            while views:
-                try:
-                    if single is not None:
-                        n = self._io_write(single[done - start:] if done > start else single)
-                    else:
-                        n = self._io_writev(views, fds, flags)
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("write", done, expected) from None
-                    self._park_counting(_OUT, deadline, done, expected)
-                    continue
-                except InterruptedError:
-                    continue
-                except OSError as exc:
-                    raise self._broken(exc, "write", done, expected) from exc
+            while bufs:
+                if len(bufs) == 1 and not fds and not flags:
+                    n = self._retry(self._wr, dl, self._io_write, bufs[0])
+                else:
+                    n = self._retry(self._wr, dl, self._io_writev, bufs, fds, flags)
                 done += n
                 fds = ()
-                if single is not None:
-                    if done == expected:
-                        break
-                else:
-                    views = _advance(views, n)
-        finally:
-            self._leave()
+                bufs = advance(bufs, n)
+        except ChannelError as exc:
+            add_progress(exc, done, expected)
+            raise
 
     def writev_all(self, buffers: Sequence[Buffer], *, timeout: float | None = None) -> None:
         """Write every byte of ``buffers``.  May park."""
@@ -806,7 +872,7 @@ class Channel:
 
     def write_all(self, data: Buffer, *, timeout: float | None = None) -> None:
         """Write every byte of ``data``.  May park.  QEMU: ``qio_channel_write_all()``."""
-        # Fast path: one send usually takes it all.
+        # First try, unrolled from _retry (change both): one send usually takes it all.
         if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")
         self._wrote = True
@@ -826,7 +892,7 @@ class Channel:
             if not holds:
                 self._finalize()
         if n < len(data):
-            self._writev_all((data,), (), 0, timeout, done=n)
+            self._writev_all([memoryview(data).cast("B")], (), 0, timeout, done=n)
 
     def flush(self) -> None:
         """Wait until zero-copy writes are complete; a no-op without WRITE_ZERO_COPY.  May park."""
@@ -835,68 +901,60 @@ class Channel:
         self._enter()
         try:
             self._io_flush()
+        except OSError as exc:
+            raise self._broken(exc, "flush") from exc
         finally:
             self._leave()
 
     # -- control ---------------------------------------------------------------------------------
 
+    def _control(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self._enter()
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise self._broken(exc, what) from exc
+        finally:
+            self._leave()
+
     def shutdown(self, how: Shutdown = Shutdown.BOTH) -> None:
         """Shut down one or both directions (peer sees EOF).  Never switches.  Needs SHUTDOWN."""
         if not self._features & _F_SHUTDOWN:
             raise NotSupportedError(f"{self._name}: channel does not support shutdown")
-        self._enter()
-        try:
-            self._io_shutdown(Shutdown(how))
-        except OSError as exc:
-            raise self._broken(exc, "shutdown") from exc
-        finally:
-            self._leave()
+        self._control("shutdown", self._io_shutdown, Shutdown(how))
 
     def set_delay(self, enabled: bool) -> None:
         """Allow (True) or disable (False) Nagle-style delays; a no-op where meaningless."""
-        self._enter()
-        try:
-            self._io_set_delay(bool(enabled))
-        finally:
-            self._leave()
+        self._control("set_delay", self._io_set_delay, bool(enabled))
 
     def set_cork(self, enabled: bool) -> None:
         """Cork (hold back partial frames) or uncork; a no-op where meaningless."""
-        self._enter()
-        try:
-            self._io_set_cork(bool(enabled))
-        finally:
-            self._leave()
+        self._control("set_cork", self._io_set_cork, bool(enabled))
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position of a SEEKABLE channel; return the new position."""
         if not self._features & _F_SEEKABLE:
             raise NotSupportedError(f"{self._name}: channel is not seekable")
-        self._enter()
-        try:
-            return self._io_seek(offset, whence)
-        except OSError as exc:
-            raise self._broken(exc, "seek") from exc
-        finally:
-            self._leave()
+        pos: int = self._control("seek", self._io_seek, offset, whence)
+        return pos
 
     def close(self) -> None:
         """Close the channel.  Any thread or greenlet; idempotent; never switches.
 
         Every greenlet parked on it, in whatever context, resumes with ChannelClosedError; the
-        fd itself is released once every watcher on it is gone (module docstring).
-        QEMU: ``qio_channel_close()``.
+        fd itself is released once every watcher on it is gone (module docstring).  Bytes given
+        back by an interrupted ``*_all`` read are dropped.  QEMU: ``qio_channel_close()``.
         """
         try:
             self._close_token.pop()
         except IndexError:
             return
         self._closed = True
+        self._unread = b""
         for watch in list(self._watches):
             watch.cancel()
-        for slot in self._slots:
-            for waiter in list(slot):
-                waiter.wake(ChannelClosedError(f"{self._name}: channel closed while waiting"))
+        for d in (self._rd, self._wr):
+            d.wake_all(ChannelClosedError(f"{self._name}: channel closed while waiting"))
         efd = self._wait_efd
         if efd is not None:
             try:
@@ -905,10 +963,10 @@ class Channel:
                 pass
         self._leave()  # the channel's own hold
 
-    # -- GSource-style watches -------------------------------------------------------------------
+    # -- GSource-style watches (channel_watch) ---------------------------------------------------
 
     def add_watch(self, cond: IOCondition, callback: Callable[[Channel, IOCondition], bool],
-                  context: _hub.Context | None = None) -> Watch:
+                  context: Context | None = None) -> Watch:
         """Call ``callback(channel, cond)`` in ``context`` (default: the caller's) whenever
         ``cond`` is ready, until it returns a false value or the watch is cancelled.
 
@@ -918,86 +976,37 @@ class Channel:
         cond = IOCondition(cond)
         if cond not in (_IN, _OUT):
             raise ValueError("add_watch() takes IOCondition.IN or IOCondition.OUT")
-        ctx = context if context is not None else _hub.current_context()
+        ctx = context if context is not None else current_context()
         self._enter()  # released when the watch is gone
-        watch = Watch(self, cond, callback, ctx)
+        d = self._rd if cond is _IN else self._wr
+        watch = Watch(self, cond, d.events, callback, ctx, lambda: self._watch_fd(cond), self._watch_gone)
         self._watches.add(watch)
         try:
-            ctx.schedule(watch._start)
+            ctx.schedule(watch.start)
         except BaseException:
             self._watches.discard(watch)
             self._leave()
             raise
         return watch
 
+    def _watch_fd(self, cond: IOCondition) -> int | None:
+        if cond is _IN and self._unread:
+            return None  # given-back bytes: ready without the fd
+        return self._io_fd(cond)
 
-class Watch:
-    """A callback watch on a channel, living on one context's hub.  ``cancel()`` from anywhere."""
+    def _watch_gone(self, watch: Watch) -> None:
+        self._watches.discard(watch)
+        self._leave()
 
-    def __init__(self, channel: Channel, cond: IOCondition, callback: Callable[[Channel, IOCondition], bool],
-                 context: _hub.Context) -> None:
-        self.channel = channel
-        self.cond = cond
-        self.callback = callback
-        self.context = context
-        self._watcher: Any = None
-        self._gone = [None]
-        self.cancelled = False
 
-    def __repr__(self) -> str:
-        return f"<Watch {self.channel.name} {self.cond!r} in {self.context.name}>"
-
-    def _start(self) -> None:
-        if self.cancelled:
-            return
-        ctx = self.context
-        ctx.watches.add(self)
-        fd = self.channel._io_fd(self.cond)
-        if fd is None:  # always ready, as QEMU's buffer and null channel sources are
-            self._watcher = ctx.loop.idle()
-            self._watcher.start(self._fire)
-        else:
-            self._watcher = ctx.loop.io(fd, _hub.READ if self.cond is _IN else _hub.WRITE)
-            self._watcher.start(self._fire)
-
-    def _fire(self) -> None:
-        if self.cancelled:
-            return
-        try:
-            keep = self.callback(self.channel, self.cond)
-        except Exception:
-            import sys
-
-            self.context.hub.handle_error(self.callback, *sys.exc_info())
-            keep = False
-        if not keep:
-            self._stop()
-
-    def cancel(self) -> None:
-        """Remove the watch.  Thread-safe, idempotent; the callback is not called again."""
-        self.cancelled = True
-        ctx = self.context
-        if ctx.in_own_thread():
-            self._stop()
-            return
-        try:
-            ctx.schedule(self._stop)
-        except Exception:
-            self._stop_unowned()
-
-    def _stop(self) -> None:
-        self.cancelled = True
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
-        self.context.watches.discard(self)
-        self._stop_unowned()
-
-    def _stop_unowned(self) -> None:
-        try:
-            self._gone.pop()
-        except IndexError:
-            return
-        self.channel._watches.discard(self)
-        self.channel._leave()
-
+__all__ = [
+    "Channel",
+    "ChannelStatistics",
+    "Direction",
+    "Feature",
+    "IOCondition",
+    "ReadFlag",
+    "Shutdown",
+    "WriteFlag",
+    "deadline",
+]

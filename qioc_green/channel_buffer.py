@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .channel import Buffer, Channel, Feature, IOCondition
+from ._buffers import Buffer
+from .channel import Channel, Feature, IOCondition
 
 
 class BufferChannel(Channel):
@@ -92,3 +93,6 @@ class NullChannel(Channel):
 
     def _io_writev(self, buffers: list[memoryview], fds: Sequence[int], flags: int) -> int:
         return sum(len(b) for b in buffers)
+
+
+__all__ = ["BufferChannel", "NullChannel"]

@@ -18,11 +18,10 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-import gevent
-
 from . import _hub
+from ._context import current_context
 from .channel import Channel, Feature, IOCondition, Shutdown
-from .errors import ChannelBusyError, NotSupportedError
+from .errors import ChannelBusyError, NotSupportedError, from_os_error
 
 
 class CommandChannel(Channel):
@@ -50,15 +49,18 @@ class CommandChannel(Channel):
         """
         if mode not in ("r", "w", "rw"):
             raise ValueError(f"mode must be 'r', 'w' or 'rw', not {mode!r}")
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if "w" in mode else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if "r" in mode else subprocess.DEVNULL,
-            stderr=stderr,
-            env=env,
-            cwd=cwd,
-            close_fds=True,
-        )
+        try:
+            proc = _hub.PlainPopen(  # the unpatched Popen, even under gevent's monkey patching
+                list(argv),
+                stdin=subprocess.PIPE if "w" in mode else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if "r" in mode else subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+                cwd=cwd,
+                close_fds=True,
+            )
+        except OSError as exc:  # no such program, not executable, no cwd
+            raise from_os_error(exc, name or f"command-{os.path.basename(argv[0])}", f"start {argv[0]}") from exc
         return cls(proc, name=name or f"command-{os.path.basename(argv[0])}-{proc.pid}", grace=grace)
 
     @property
@@ -101,12 +103,12 @@ class CommandChannel(Channel):
         # with dup2(): the pipe end is released (the child sees EOF) and the number stays ours
         # until _io_close.  Refused while a greenlet is parked on that end.
         if how & Shutdown.WRITE and self._wfd is not None:
-            if self._slots[1]:
+            if self._wr.slot:
                 raise ChannelBusyError(f"{self.name}: cannot shut down writing while a greenlet writes")
             fd, self._wfd = self._wfd, None
             _release_pipe_end(fd)
         if how & Shutdown.READ and self._rfd is not None:
-            if self._slots[0]:
+            if self._rd.slot:
                 raise ChannelBusyError(f"{self.name}: cannot shut down reading while a greenlet reads")
             fd, self._rfd = self._rfd, None
             _release_pipe_end(fd)
@@ -127,8 +129,8 @@ class CommandChannel(Channel):
         super().close()
         if self._proc.returncode is not None:
             return
-        if _hub.hub_of_current_thread_is_running_us():
-            gevent.spawn(self._reap)
+        if _hub.in_hub():
+            current_context().spawn(self._reap)
             return
         self._reap()
 
@@ -168,9 +170,8 @@ class CommandChannel(Channel):
             except subprocess.TimeoutExpired:
                 return False
         try:
-            ctx = _hub.current_context()
             try:
-                _hub.wait_fd_follow(ctx, pidfd, _hub.READ, _hub.Waiter(ctx), timeout)
+                _hub.wait_fd(_hub.Waiter(current_context()), pidfd, _hub.READ, timeout)
             except TimeoutError:
                 return proc.poll() is not None
             proc.wait()
@@ -180,8 +181,12 @@ class CommandChannel(Channel):
 
 
 def _release_pipe_end(fd: int) -> None:
+    # /dev/null over the number: the pipe end is released, the number stays ours.
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         os.dup2(null, fd)
     finally:
         os.close(null)
+
+
+__all__ = ["CommandChannel"]

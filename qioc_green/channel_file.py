@@ -13,8 +13,9 @@ import os
 import stat
 from collections.abc import Sequence
 
-from .channel import Buffer, Channel, Feature, IOCondition, _views
-from .errors import BrokenChannelError, NotSupportedError
+from ._buffers import Buffer, views
+from .channel import Channel, Feature, IOCondition
+from .errors import NotSupportedError, from_os_error
 
 _MODES = {
     "r": os.O_RDONLY,
@@ -32,7 +33,10 @@ class FileChannel(Channel):
     kind = "file"
 
     def __init__(self, fd: int, *, name: str | None = None) -> None:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise from_os_error(exc, name or f"file-fd{fd}", "fstat") from exc
         self._positional = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
         super().__init__(name=name, features=Feature.SEEKABLE if self._positional else 0)
         self._fd = fd
@@ -58,7 +62,7 @@ class FileChannel(Channel):
         try:
             fd = os.open(path, flags | os.O_CLOEXEC, mode)
         except OSError as exc:
-            raise BrokenChannelError(f"{path}: cannot open: {exc.strerror}") from exc
+            raise from_os_error(exc, os.fspath(path), "open") from exc
         try:
             return cls(fd, name=name or f"file-{os.fspath(path)}")
         except BaseException:
@@ -73,8 +77,11 @@ class FileChannel(Channel):
     @classmethod
     def pipe(cls, *, name: str | None = None) -> tuple[FileChannel, FileChannel]:
         """A pipe as ``(read_end, write_end)``."""
-        r, w = os.pipe2(os.O_CLOEXEC)
         base = name or "pipe"
+        try:
+            r, w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_os_error(exc, base, "pipe") from exc
         return cls(r, name=f"{base}-r"), cls(w, name=f"{base}-w")
 
     def fileno(self) -> int:
@@ -91,7 +98,7 @@ class FileChannel(Channel):
         self._need_positional()
         self._enter()
         try:
-            return os.preadv(self._fd, _views(buffers), offset)
+            return os.preadv(self._fd, views(buffers), offset)
         except OSError as exc:
             raise self._broken(exc, f"read at {offset}") from exc
         finally:
@@ -102,7 +109,7 @@ class FileChannel(Channel):
         self._need_positional()
         self._enter()
         try:
-            return os.pwritev(self._fd, _views(buffers), offset)
+            return os.pwritev(self._fd, views(buffers), offset)
         except OSError as exc:
             raise self._broken(exc, f"write at {offset}") from exc
         finally:
@@ -157,3 +164,6 @@ class FileChannel(Channel):
 
     def _io_close(self) -> None:
         os.close(self._fd)
+
+
+__all__ = ["FileChannel"]

@@ -1,8 +1,11 @@
 """SocketChannel: TCP (IPv4/IPv6), UNIX (with fd passing), vsock.  QEMU: ``io/channel-socket.c``.
 
 The channel owns a plain stdlib socket in non-blocking mode, never a gevent socket (a gevent
-socket is bound to the hub that made it).  The hooks call the socket's methods directly; the
-base class parks on EAGAIN.
+socket is bound to the hub that made it): sockets are made with the unpatched class even after
+``gevent.monkey.patch_all()``, and ``from_socket()`` unwraps a gevent socket it is given.  Only
+stream sockets are accepted.  The hooks call the socket's methods directly; the base class parks
+on EAGAIN.  OSErrors from making, binding and connecting sockets are translated here, naming
+the address.
 
 Accept errors: ECONNABORTED and EPROTO mean one client went away during the handshake and are
 retried; EMFILE/ENFILE/ENOBUFS/ENOMEM are resource limits and are raised to the caller (the
@@ -22,8 +25,8 @@ from typing import Any
 
 from . import _hub
 from .address import SocketAddress, format_sockaddr, parse_address
-from .channel import Channel, Feature, IOCondition, Shutdown, _deadline
-from .errors import BrokenChannelError, ChannelClosedError, NotSupportedError
+from .channel import Channel, Feature, IOCondition, Shutdown, deadline
+from .errors import BrokenChannelError, ChannelClosedError, NotSupportedError, from_os_error
 from .task import run_in_thread
 
 MAX_FDS = 16  # QEMU's limit of fds in one message
@@ -51,6 +54,11 @@ class SocketChannel(Channel):
     kind = "socket"
 
     def __init__(self, sock: socket.socket, *, name: str | None = None, unlink_on_close: str | None = None) -> None:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError(f"{name or 'socket'}: a SocketChannel needs a stream socket, "
+                             f"not {socket.SocketKind(sock.type).name}")
+        if not isinstance(sock, _hub.PlainSocket):  # a gevent socket (monkey patching): unwrap it
+            sock = _hub.PlainSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         features = Feature.SHUTDOWN | Feature.READ_MSG_PEEK
         if sock.family == socket.AF_UNIX:
             features |= Feature.FD_PASS
@@ -73,14 +81,20 @@ class SocketChannel(Channel):
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, name: str | None = None) -> SocketChannel:
-        """Wrap an existing socket; the channel takes ownership (and makes it non-blocking)."""
+        """Wrap an existing stream socket; the channel takes ownership (and makes it non-blocking).
+
+        ValueError for a datagram (or any non-stream) socket.
+        """
         return cls(sock, name=name)
 
     @classmethod
     def socketpair(cls, *, name: str | None = None) -> tuple[SocketChannel, SocketChannel]:
         """Two connected UNIX stream channels."""
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         base = name or "socketpair"
+        try:
+            a, b = _hub.plain_socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise from_os_error(exc, base, "socketpair") from exc
         return cls(a, name=f"{base}-a"), cls(b, name=f"{base}-b")
 
     @classmethod
@@ -93,22 +107,30 @@ class SocketChannel(Channel):
         ``timeout``.  QEMU: ``qio_channel_socket_connect_sync()``.
         """
         sa = parse_address(addr)
-        deadline = _deadline(timeout)
+        dl = deadline(timeout)
+        label = name or f"socket-{sa}"
         if sa.kind == "fd":
-            return cls(socket.socket(fileno=os.dup(sa.fd)), name=name)
+            try:
+                sock = _hub.PlainSocket(fileno=os.dup(sa.fd))
+            except OSError as exc:
+                raise from_os_error(exc, label, f"connect to {sa}") from exc
+            return cls(sock, name=name)
         if sa.kind == "unix":
             targets: list[tuple[int, Any]] = [(socket.AF_UNIX, sa.path)]
         elif sa.kind == "vsock":
             targets = [(socket.AF_VSOCK, (sa.cid, sa.port))]
         else:
-            targets = [(fam, sockaddr) for fam, sockaddr in _resolve(sa, passive=False, deadline=deadline)]
+            targets = [(fam, sockaddr) for fam, sockaddr in _resolve(sa, passive=False, deadline=dl)]
         last: Exception | None = None
         for family, sockaddr in targets:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            ch = cls(sock, name=name or f"socket-{sa}")
+            try:
+                sock = _hub.PlainSocket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                raise from_os_error(exc, label, "connect") from exc
+            ch = cls(sock, name=label)
             ch.set_follow_coroutine_ctx(follow)
             try:
-                ch._connect(sockaddr, deadline)
+                ch._connect(sockaddr, dl)
                 return ch
             except (BrokenChannelError, ChannelClosedError) as exc:
                 ch.close()
@@ -118,10 +140,13 @@ class SocketChannel(Channel):
                 raise
         if len(targets) == 1 and last is not None:
             raise last  # it already names the channel and the reason
-        raise BrokenChannelError(f"{name or f'socket-{sa}'}: connect failed on every address: {last}") from last
+        raise BrokenChannelError(f"{label}: connect failed on every address: {last}") from last
 
     def _connect(self, sockaddr: Any, deadline: float | None) -> None:
-        err = self._sock.connect_ex(sockaddr)
+        try:
+            err = self._sock.connect_ex(sockaddr)
+        except OSError as exc:  # an address the kernel refuses outright (a UNIX path too long)
+            raise self._broken(exc, "connect") from exc
         # On a UNIX socket EAGAIN means "the listener's backlog is full", not "in progress":
         # nothing is pending, so retry with a short back-off until the deadline.
         backoff = 0.001
@@ -134,12 +159,13 @@ class SocketChannel(Channel):
         if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
             self._enter()
             try:
-                self._park(IOCondition.OUT, deadline)
+                self._wr.park(deadline)
             finally:
                 self._leave()
             err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise BrokenChannelError(f"{self.name}: connect failed: {os.strerror(err)}") from OSError(err, os.strerror(err))
+            cause = OSError(err, os.strerror(err))
+            raise self._broken(cause, "connect") from cause
         if self._family in (socket.AF_INET, socket.AF_INET6):
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -159,13 +185,26 @@ class SocketChannel(Channel):
     @classmethod
     def listen_all(cls, addr: Any, backlog: int = 128, *, name: str | None = None,
                    reuse_port: bool = False) -> list[SocketChannel]:
-        """Like ``listen``, but one channel per resolved address (a name may give IPv4 and IPv6)."""
+        """Like ``listen``, but one channel per resolved address (a name may give IPv4 and IPv6).
+
+        Raises BrokenChannelError naming the address when it cannot listen (address in use, a
+        path too long, a bad ``fd:N``), the OSError in ``__cause__``.
+        """
         sa = parse_address(addr)
+        label = name or f"listen-{sa}"
+        try:
+            return cls._listen_all(sa, backlog, name, reuse_port)
+        except OSError as exc:
+            raise from_os_error(exc, label, "listen") from exc
+
+    @classmethod
+    def _listen_all(cls, sa: SocketAddress, backlog: int, name: str | None,
+                    reuse_port: bool) -> list[SocketChannel]:
         if sa.kind == "fd":
-            sock = socket.socket(fileno=sa.fd)
+            sock = _hub.PlainSocket(fileno=sa.fd)
             return [cls(sock, name=name or f"listen-fd{sa.fd}")]
         if sa.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _hub.PlainSocket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 if os.path.exists(sa.path) and _is_socket(sa.path):
                     os.unlink(sa.path)
@@ -176,15 +215,19 @@ class SocketChannel(Channel):
                 raise
             return [cls(sock, name=name or f"listen-{sa}", unlink_on_close=sa.path)]
         if sa.kind == "vsock":
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            sock.bind((sa.cid, sa.port))
-            sock.listen(backlog)
+            sock = _hub.PlainSocket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            try:
+                sock.bind((sa.cid, sa.port))
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
             return [cls(sock, name=name or f"listen-{sa}")]
         out: list[SocketChannel] = []
         port = sa.port
         try:
             for family, sockaddr in _resolve(sa, passive=True, deadline=None):
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = _hub.PlainSocket(family, socket.SOCK_STREAM)
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if reuse_port:
@@ -215,31 +258,30 @@ class SocketChannel(Channel):
         """
         if not self._features & Feature.LISTEN:
             raise NotSupportedError(f"{self.name}: not a listening socket")
-        deadline = _deadline(timeout)
-        self._enter()
-        try:
-            while True:
-                try:
-                    sock, _ = self._sock.accept()
-                except BlockingIOError:
-                    if not self._blocking:
-                        raise self._would_block("accept") from None
-                    self._park(IOCondition.IN, deadline)
-                    continue
-                except OSError as exc:
-                    if exc.errno in _RETRY_ACCEPT:
-                        continue
-                    raise self._broken(exc, "accept") from exc
-                break
-        finally:
-            self._leave()
+        sock = self._retry(self._rd, deadline(timeout), self._accept_once)
         ch = SocketChannel(sock, name=name)
         if ch._family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ch._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if name is None:
             ch.set_name(f"socket-{ch.remote_address}")
         ch.set_follow_coroutine_ctx(self._follow)
         return ch
+
+    def _accept_once(self) -> socket.socket:
+        # The accept hook for _retry: BlockingIOError parks; one client gone mid-handshake is
+        # retried at once; anything else is this call's error.
+        while True:
+            try:
+                # socket.accept() wraps the new fd with whatever ``socket.socket`` is now (gevent's,
+                # under monkey patching); wrap it ourselves with the plain class.
+                fd, _ = self._sock._accept()  # type: ignore[attr-defined]
+                return _hub.PlainSocket(self._family, socket.SOCK_STREAM, self._sock.proto, fileno=fd)
+            except BlockingIOError:
+                raise
+            except OSError as exc:
+                if exc.errno in _RETRY_ACCEPT:
+                    continue
+                raise self._broken(exc, "accept") from exc
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -251,13 +293,19 @@ class SocketChannel(Channel):
     def fileno(self) -> int:
         return self._fd
 
+    def _sockname(self) -> Any:
+        try:
+            return self._sock.getsockname()
+        except OSError as exc:
+            raise self._broken(exc, "getsockname") from exc
+
     @property
     def local_address(self) -> str:
-        return format_sockaddr(self._family, self._sock.getsockname())
+        return format_sockaddr(self._family, self._sockname())
 
     @property
     def local_port(self) -> int:
-        return int(self._sock.getsockname()[1])
+        return int(self._sockname()[1])
 
     @property
     def remote_address(self) -> str:
@@ -347,12 +395,9 @@ class SocketChannel(Channel):
 
     def _io_flush(self) -> None:
         # Completions arrive on the socket's error queue as ranges of send numbers.  Reading
-        # the error queue never blocks; waiting for it is a short poll for POLLERR, as QEMU's
-        # flush waits with G_IO_ERR.
-        import select
-
-        poller = select.poll()
-        poller.register(self._fd, select.POLLERR)
+        # the error queue never blocks.  QEMU waits for G_IO_ERR; a libev watcher cannot wait
+        # for the error queue alone (it reports a readable socket as ready too), so we look
+        # every 0.5 ms, parked in between, for at most 30 s.
         deadline = time.monotonic() + 30.0
         while self._zc_done < self._zc_sent:
             try:
@@ -385,10 +430,11 @@ def _is_socket(path: str) -> bool:
 def _resolve(sa: SocketAddress, *, passive: bool, deadline: float | None) -> list[tuple[int, Any]]:
     host = sa.host or (None if passive else "localhost")
     flags = socket.AI_PASSIVE if passive else 0
+    getaddrinfo = _hub.plain_getaddrinfo  # the OS's, in a worker thread, even under monkey patching
     try:  # a numeric host resolves without DNS, on the spot
-        infos = socket.getaddrinfo(host, sa.port, 0, socket.SOCK_STREAM, 0, flags | socket.AI_NUMERICHOST)
+        infos = getaddrinfo(host, sa.port, 0, socket.SOCK_STREAM, 0, flags | socket.AI_NUMERICHOST)
     except socket.gaierror:
-        fut = run_in_thread(socket.getaddrinfo, host, sa.port, 0, socket.SOCK_STREAM, 0, flags, name="qioc-dns")
+        fut = run_in_thread(getaddrinfo, host, sa.port, 0, socket.SOCK_STREAM, 0, flags, name="qioc-dns")
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             infos = fut.result(timeout)
@@ -402,3 +448,6 @@ def _resolve(sa: SocketAddress, *, passive: bool, deadline: float | None) -> lis
             seen.add(key)
             out.append((family, sockaddr))
     return out
+
+
+__all__ = ["MAX_FDS", "SocketChannel"]

@@ -16,9 +16,15 @@ The decisions
   only non-blocking work (feed the BIO from the inner channel's non-blocking read hook, run the
   cipher, push ciphertext with the inner's non-blocking write hook), and releases it.  A hook that
   would have to wait raises ``BlockingIOError`` *after* releasing the lock; the base class's one
-  loop then parks, and parking is forwarded to the inner channel (``_park`` below), so the wait
-  happens on the hub the inner channel's follow flag says (DESIGN semantic 6; QEMU 9.1's fix for
-  NBD+TLS in an iothread).  The follow flag itself is the inner channel's: this channel has none.
+  loop then parks, and parking is forwarded to the inner channel (``_InnerDirection``), so the
+  wait happens on the hub the inner channel's follow flag says (DESIGN semantic 6; QEMU 9.1's fix
+  for NBD+TLS in an iothread).  The follow flag itself is the inner channel's: this has none.
+* **The handshake** runs in the same hooks, as ``ssl.SSLSocket`` does: a read or write before
+  ``handshake()`` first completes it (``handshake()`` is that loop with no data to move).  While
+  it runs, a wait is for whichever direction the handshake needs (out while its ciphertext is
+  queued, else in), and only one greenlet waits on the inner channel for it: a reader and a
+  writer of other threads that both arrive first take turns (``_wait_handshake``) instead of
+  meeting as two readers of the inner channel.
 * **Ciphertext that the inner channel would not take** stays in ``_out`` and goes first at the
   next write; every write call of this class drains it before returning (parking on the inner
   channel if needed), so a write that returned has handed all its ciphertext to the kernel.
@@ -27,25 +33,48 @@ The decisions
   inner channel, which wakes whoever is parked on it.  ``shutdown(Shutdown.WRITE)`` sends
   close_notify, drains it (may park) and half-closes the inner channel; reading goes on until the
   peer's close_notify, which reads as EOF.  An EOF from the inner channel without close_notify
-  is a truncation attack as far as TLS knows: it raises BrokenChannelError.
+  is a truncation attack as far as TLS knows: it raises BrokenChannelError, unless the channel
+  was made with ``suppress_ragged_eofs=True`` (``ssl.SSLSocket``'s option; most Python ssl
+  clients close without close_notify), where it reads as EOF.  Protocols that frame their
+  messages still see a truncated message as UnexpectedEOF.
 """
 
 from __future__ import annotations
 
 import errno
 import ssl
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from .channel import Channel, Feature, IOCondition, Shutdown, WriteFlag
-from .errors import BrokenChannelError, ChannelClosedError, ChannelError, NotSupportedError
+from . import _hub
+from .channel import Channel, Direction, Feature, IOCondition, Shutdown, WriteFlag, deadline
+from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ChannelTimeoutError, NotSupportedError
+from .sync import Event
 
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
 _CHUNK = 256 * 1024  # ciphertext read from the inner channel at once
 _MAX_PLAIN = 16 * 1024 * 16  # plaintext encrypted per hook call (16 records)
+
+
+class _InnerDirection(Direction):
+    """A direction of a TLS channel: its waits are the inner channel's (DESIGN semantic 6), and
+    while the handshake runs, whichever direction the handshake needs."""
+
+    __slots__ = ()
+
+    def __init__(self, tls: TLSChannel, cond: IOCondition) -> None:
+        super().__init__(tls, cond)
+        inner = tls.inner
+        self.slot = (inner._rd if cond is _IN else inner._wr).slot  # who waits is the inner's
+
+    def park(self, deadline: float | None) -> None:
+        tls: TLSChannel = self.channel  # type: ignore[assignment]
+        if not tls._handshaken:
+            tls._wait_handshake(deadline)
+        else:
+            tls._park_inner(self.cond, deadline)
 
 
 class TLSChannel(Channel):
@@ -58,7 +87,8 @@ class TLSChannel(Channel):
     kind = "tls"
 
     def __init__(self, inner: Channel, ssl_context: ssl.SSLContext, *, server_side: bool,
-                 server_hostname: str | None = None, name: str | None = None) -> None:
+                 server_hostname: str | None = None, name: str | None = None,
+                 suppress_ragged_eofs: bool = False) -> None:
         super().__init__(name=name or f"tls-{inner.name}", features=Feature.SHUTDOWN)
         self._inner = inner
         self._server_side = server_side
@@ -67,25 +97,38 @@ class TLSChannel(Channel):
         self._outbio = ssl.MemoryBIO()
         self._ssl = ssl_context.wrap_bio(self._in, self._outbio, server_side=server_side,
                                          server_hostname=server_hostname)
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()  # unpatched: a reader and a writer of two threads share it
         self._out = bytearray()  # ciphertext the inner channel has not taken yet
+        self._ragged_ok = suppress_ragged_eofs
         self._handshaken = False
+        self._hs_error: BrokenChannelError | None = None
+        self._hs_driving = False  # a greenlet waits on the inner channel for the handshake
+        self._hs_turn = Event()  # set (and replaced) each time that wait ends
         self._sent_close = False
         self._plain = bytearray()  # plaintext already decrypted when close_notify was sent
         self._flusher: Any = None  # the watch that pushes queued ciphertext in non-blocking mode
+        self._rd = _InnerDirection(self, _IN)
+        self._wr = _InnerDirection(self, _OUT)
 
     @classmethod
     def client(cls, inner: Channel, ssl_context: ssl.SSLContext, server_hostname: str | None = None, *,
-               name: str | None = None) -> TLSChannel:
+               name: str | None = None, suppress_ragged_eofs: bool = False) -> TLSChannel:
         """A client session over ``inner``; ``server_hostname`` is checked against the
-        certificate when the context says so.  Never switches (the handshake is ``handshake()``).
+        certificate when the context says so.  Never switches (the handshake is ``handshake()``,
+        or the first read or write).
         QEMU: ``qio_channel_tls_new_client()``."""
-        return cls(inner, ssl_context, server_side=False, server_hostname=server_hostname, name=name)
+        return cls(inner, ssl_context, server_side=False, server_hostname=server_hostname, name=name,
+                   suppress_ragged_eofs=suppress_ragged_eofs)
 
     @classmethod
-    def server(cls, inner: Channel, ssl_context: ssl.SSLContext, *, name: str | None = None) -> TLSChannel:
-        """A server session over ``inner``.  Never switches.  QEMU: ``qio_channel_tls_new_server()``."""
-        return cls(inner, ssl_context, server_side=True, name=name)
+    def server(cls, inner: Channel, ssl_context: ssl.SSLContext, *, name: str | None = None,
+               suppress_ragged_eofs: bool = False) -> TLSChannel:
+        """A server session over ``inner``.  Never switches.  QEMU: ``qio_channel_tls_new_server()``.
+
+        ``suppress_ragged_eofs``: a peer's hang-up without close_notify reads as EOF (as with
+        ``ssl.SSLSocket``) instead of raising BrokenChannelError (module docstring).
+        """
+        return cls(inner, ssl_context, server_side=True, name=name, suppress_ragged_eofs=suppress_ragged_eofs)
 
     # -- what is the inner channel's -------------------------------------------------------------
 
@@ -108,12 +151,35 @@ class TLSChannel(Channel):
     def wake_read(self) -> None:
         self._inner.wake_read()
 
-    def _park(self, cond: IOCondition, deadline: float | None) -> Any:
-        timeout = None if deadline is None else deadline - time.monotonic()
+    def _park_inner(self, cond: IOCondition, dl: float | None) -> None:
+        timeout = None if dl is None else dl - time.monotonic()
         try:
             self._inner.yield_(cond, timeout=timeout)
         except ChannelClosedError:
             raise ChannelClosedError(f"{self._name}: channel closed while waiting") from None
+
+    def _wait_handshake(self, dl: float | None) -> None:
+        """Wait until the handshake may progress: on the inner channel, in the direction it needs,
+        for one greenlet at a time; the others wait for that greenlet's turn to end."""
+        with self._lock:
+            if self._handshaken or self._hs_error is not None:
+                return
+            turn = self._hs_turn
+            driving = not self._hs_driving
+            if driving:
+                self._hs_driving = True
+                cond = _OUT if self._out else _IN
+        if not driving:
+            if not turn.wait(None if dl is None else max(dl - time.monotonic(), 0.0)):
+                raise ChannelTimeoutError(f"{self._name}: timed out waiting for the tls handshake")
+            return
+        try:
+            self._park_inner(cond, dl)
+        finally:
+            with self._lock:
+                self._hs_driving = False
+                self._hs_turn = Event()
+            turn.set()
 
     def _io_fd(self, cond: IOCondition) -> int | None:
         return self._inner._io_fd(cond)
@@ -183,7 +249,9 @@ class TLSChannel(Channel):
         try:
             while True:
                 try:
-                    data = inner._io_read(_CHUNK, 0)
+                    # Bytes an interrupted read_all of the inner channel gave back come first
+                    # (a STARTTLS-style protocol reads in plain text before it wraps the channel).
+                    data = inner._take_unread(_CHUNK) if inner._unread else inner._io_read(_CHUNK, 0)
                     break
                 except InterruptedError:
                     continue
@@ -197,61 +265,74 @@ class TLSChannel(Channel):
     # -- handshake -------------------------------------------------------------------------------
 
     def handshake(self, timeout: float | None = None) -> None:
-        """Run the TLS handshake to its end.  May park (on the inner channel).
+        """Run the TLS handshake to its end (the first read or write does it too).  May park (on
+        the inner channel).
 
         Raises BrokenChannelError naming the peer when verification fails or the peer breaks
-        off, TimeoutError after ``timeout``.  QEMU: ``qio_channel_tls_handshake()``.
+        off, TimeoutError after ``timeout``, WouldBlock in non-blocking mode when it would wait.
+        QEMU: ``qio_channel_tls_handshake()``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._enter()
+        self._retry(self._rd, deadline(timeout), self._handshake_hook)
+
+    def _handshake_hook(self) -> None:
+        with self._lock:
+            if not self._handshaken:
+                self._handshake_step()
+
+    def _handshake_step(self) -> None:
+        """Drive the handshake as far as it goes without waiting (lock held).
+
+        Returns once it is done; BlockingIOError when it must wait (the base loop then parks in
+        ``_InnerDirection``); BrokenChannelError when it failed (for every later call too).
+        """
+        if self._hs_error is not None:
+            raise BrokenChannelError(str(self._hs_error)) from self._hs_error.__cause__
+        if self._hs_driving:
+            # Another greenlet waits on the inner channel for the handshake: only it may take
+            # the next step, so the handshake cannot end while it still waits (and then meet the
+            # next reader as a second greenlet parked to read the inner channel).
+            raise BlockingIOError(11, "tls: another greenlet waits for the handshake")
         try:
             while True:
-                want: IOCondition | None = None
-                with self._lock:
-                    try:
-                        self._ssl.do_handshake()
-                        done = True
-                    except ssl.SSLWantReadError:
-                        done = False
-                    except ssl.SSLCertVerificationError as exc:
-                        self._push_out_quietly()  # the alert, best effort
-                        raise BrokenChannelError(
-                            f"{self._name}: certificate verification of {self.peer} failed: "
-                            f"{exc.verify_message or exc.reason}"
-                        ) from exc
-                    except ssl.SSLError as exc:
-                        self._push_out_quietly()
-                        raise BrokenChannelError(
-                            f"{self._name}: tls handshake with {self.peer} failed: {exc.reason or exc}"
-                        ) from exc
-                    try:
-                        pushed = self._push_out()
-                    except OSError as exc:
-                        raise self._broken(exc, "tls handshake") from exc
-                    if not pushed:
-                        want = _OUT
-                    elif done:
+                try:
+                    self._ssl.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                except ssl.SSLCertVerificationError as exc:
+                    self._push_out_quietly()  # the alert, best effort
+                    raise BrokenChannelError(
+                        f"{self._name}: certificate verification of {self.peer} failed: "
+                        f"{exc.verify_message or exc.reason}"
+                    ) from exc
+                except ssl.SSLError as exc:
+                    self._push_out_quietly()
+                    raise BrokenChannelError(
+                        f"{self._name}: tls handshake with {self.peer} failed: {exc.reason or exc}"
+                    ) from exc
+                try:
+                    if not self._push_out():
+                        raise BlockingIOError(11, "tls: handshake ciphertext still queued")
+                    if done:
                         self._handshaken = True
                         return
-                    else:
-                        try:
-                            self._pull_in()
-                            if self._in.eof:
-                                raise BrokenChannelError(
-                                    f"{self._name}: {self.peer} closed the connection during the tls handshake")
-                        except BlockingIOError:
-                            want = _IN
-                        except OSError as exc:
-                            raise self._broken(exc, "tls handshake") from exc
-                if want is not None:
-                    self._park(want, deadline)
-        finally:
-            self._leave()
+                    self._pull_in()  # BlockingIOError: nothing from the peer yet
+                except OSError as exc:
+                    if isinstance(exc, BlockingIOError):
+                        raise
+                    raise self._broken(exc, "tls handshake") from exc
+                if self._in.eof:
+                    raise BrokenChannelError(f"{self._name}: {self.peer} closed the connection during the tls handshake")
+        except BrokenChannelError as exc:
+            self._hs_error = exc
+            raise
 
     # -- hooks -----------------------------------------------------------------------------------
 
     def _io_readinto(self, buf: memoryview, flags: int) -> int:
         with self._lock:
+            if not self._handshaken:
+                self._handshake_step()
             if self._plain:  # set aside by _send_close_notify
                 k = min(len(buf), len(self._plain))
                 buf[:k] = self._plain[:k]
@@ -264,12 +345,16 @@ class TLSChannel(Channel):
                     if self._outbio.pending or self._out:
                         self._push_out()
                     if self._in.eof:
+                        if self._ragged_ok:
+                            return 0
                         raise self._truncated() from None
                     self._pull_in()  # BlockingIOError: the base loop parks on the inner channel
                     continue
                 except ssl.SSLZeroReturnError:
                     return 0  # close_notify: a clean EOF
                 except ssl.SSLEOFError:
+                    if self._ragged_ok:
+                        return 0
                     raise self._truncated() from None
                 # One SSL_read gives one record (16 KiB at most); take the other records that
                 # already arrived in the same call, rather than one base-loop turn each.
@@ -294,6 +379,8 @@ class TLSChannel(Channel):
 
     def _io_write(self, buf: memoryview) -> int:
         with self._lock:
+            if not self._handshaken:
+                self._handshake_step()
             if self._sent_close:
                 raise OSError(errno.ESHUTDOWN, "close_notify already sent (shut down for writing)")
             if self._out and not self._push_out():
@@ -313,25 +400,29 @@ class TLSChannel(Channel):
                 break
         return self._io_write(memoryview(joined))
 
-    def _drain(self, deadline: float | None) -> None:
+    def _drain(self, dl: float | None) -> None:
         """Park (on the inner channel) until every queued byte of ciphertext has been written.
 
         In non-blocking mode it never parks: the plaintext is already accepted (the caller was
         told so), so what the inner channel will not take now is pushed by a watch on the inner
         channel, in the calling context, as soon as it is writable.
         """
-        while True:
-            with self._lock:
-                try:
-                    if self._push_out():
-                        return
-                except OSError as exc:  # translated here: this is not one of the base's loops
-                    raise self._broken(exc, "tls write") from exc
-                if not self._blocking:
-                    if self._flusher is None:
-                        self._flusher = self._inner.add_watch(_OUT, self._flush_when_writable)
+        if self._blocking:
+            self._retry(self._wr, dl, self._drain_hook)
+            return
+        with self._lock:
+            try:
+                if self._push_out():
                     return
-            self._park(_OUT, deadline)
+            except OSError as exc:
+                raise self._broken(exc, "write") from exc
+            if self._flusher is None:
+                self._flusher = self._inner.add_watch(_OUT, self._flush_when_writable)
+
+    def _drain_hook(self) -> None:
+        with self._lock:
+            if not self._push_out():
+                raise BlockingIOError(11, "tls: ciphertext still queued")
 
     def _flush_when_writable(self, inner: Channel, cond: IOCondition) -> bool:
         # Runs inside a hub: never wait.  The lock's holders never park, but do not even queue
@@ -351,24 +442,16 @@ class TLSChannel(Channel):
 
     def writev_full(self, buffers: Sequence[Any], fds: Sequence[int] = (), flags: WriteFlag = WriteFlag.NONE,
                     *, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        dl = deadline(timeout)
         n = super().writev_full(buffers, fds, flags, timeout=timeout)
-        self._enter()
-        try:
-            self._drain(deadline)
-        finally:
-            self._leave()
+        self._drain(dl)
         return n
 
     def writev_full_all(self, buffers: Sequence[Any], fds: Sequence[int] = (),
                         flags: WriteFlag = WriteFlag.NONE, *, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        dl = deadline(timeout)
         super().writev_full_all(buffers, fds, flags, timeout=timeout)
-        self._enter()
-        try:
-            self._drain(deadline)
-        finally:
-            self._leave()
+        self._drain(dl)
 
     def write_all(self, data: Any, *, timeout: float | None = None) -> None:
         self.writev_full_all((data,), timeout=timeout)

@@ -40,25 +40,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
-from greenlet import getcurrent
-
 from . import _hub
+from ._context import Context, Future, current_context, iohandler_context
 from .address import parse_address
 from .channel_socket import SocketChannel
 from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ContextStoppedError
-from .future import Future
 from .threads import IOThreadPool
 
-log = logging.getLogger("qioc_green.net_listener")
+_log = logging.getLogger("qioc_green.net_listener")
 
 Handler = Callable[[SocketChannel], Any]
-Contexts = Union[IOThreadPool, "_hub.Context", Sequence["_hub.Context"], None]
-Policy = Callable[[SocketChannel, Sequence["_hub.Context"]], "_hub.Context"]
+Contexts = Union[IOThreadPool, "Context", Sequence["Context"], None]
+Policy = Callable[[SocketChannel, Sequence["Context"]], "Context"]
 
 _names = itertools.count(1)
 _BACKOFF_START = 0.05
@@ -70,7 +67,7 @@ def round_robin() -> Policy:
     """The default policy: each new client goes to the next context in turn."""
     counter = itertools.count()
 
-    def pick(channel: SocketChannel, contexts: Sequence[_hub.Context]) -> _hub.Context:
+    def pick(channel: SocketChannel, contexts: Sequence[Context]) -> Context:
         return contexts[next(counter) % len(contexts)]
 
     return pick
@@ -79,7 +76,7 @@ def round_robin() -> Policy:
 class _Client:
     __slots__ = ("channel", "context", "greenlet", "done")
 
-    def __init__(self, channel: SocketChannel, context: _hub.Context) -> None:
+    def __init__(self, channel: SocketChannel, context: Context) -> None:
         self.channel = channel
         self.context = context
         self.greenlet: Any = None
@@ -98,7 +95,7 @@ class NetListener:
     """
 
     def __init__(self, name: str | None = None, max_clients: int | None = None, *,
-                 accept_context: _hub.Context | None = None, reuse_port: bool = False,
+                 accept_context: Context | None = None, reuse_port: bool = False,
                  backlog: int = 1024) -> None:
         if max_clients is not None and max_clients < 1:
             raise ValueError("max_clients must be at least 1")
@@ -107,12 +104,12 @@ class NetListener:
         self.reuse_port = reuse_port
         self.backlog = backlog
         self._accept_context = accept_context
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()
         self._sockets: list[SocketChannel] = []
         self._started: set[int] = set()  # ids of listening channels that have an acceptor
         self._acceptors: list[Future[None]] = []
         self._handler: Handler | None = None
-        self._contexts: list[_hub.Context] = []
+        self._contexts: list[Context] = []
         self._policy: Policy = round_robin()
         self._clients: set[_Client] = set()
         self._pending: list[SocketChannel] = []  # accepted with no handler: for wait_client()
@@ -222,7 +219,7 @@ class NetListener:
         if fn is not None:
             self._start_acceptors()
 
-    def _least_busy(self, channel: SocketChannel, contexts: Sequence[_hub.Context]) -> _hub.Context:
+    def _least_busy(self, channel: SocketChannel, contexts: Sequence[Context]) -> Context:
         load = {id(c): 0 for c in contexts}
         for client in list(self._clients):
             if id(client.context) in load:
@@ -263,7 +260,7 @@ class NetListener:
             todo = [ch for ch in self._sockets if id(ch) not in self._started]
             self._started.update(id(ch) for ch in todo)
             contexts = list(self._contexts)
-        default = self._accept_context or _hub.iohandler_context()
+        default = self._accept_context or iohandler_context()
         for ch in todo:
             family_tcp = ch.local_address.startswith("tcp:")
             if self.reuse_port and family_tcp and len(contexts) > 0 and self._handler is not None:
@@ -271,7 +268,7 @@ class NetListener:
             else:
                 self._acceptors.append(default.spawn(self._accept_loop, ch, None))
 
-    def _start_reuse_group(self, first: SocketChannel, contexts: list[_hub.Context]) -> None:
+    def _start_reuse_group(self, first: SocketChannel, contexts: list[Context]) -> None:
         # One socket per context on the same address; the first one exists already.
         extra: list[SocketChannel] = []
         try:
@@ -289,7 +286,7 @@ class NetListener:
         for ctx, ch in zip(contexts, [first, *extra]):
             self._acceptors.append(ctx.spawn(self._accept_loop, ch, ctx))
 
-    def _accept_loop(self, lch: SocketChannel, own: _hub.Context | None) -> None:
+    def _accept_loop(self, lch: SocketChannel, own: Context | None) -> None:
         backoff = 0.0
         while True:
             try:
@@ -302,7 +299,7 @@ class NetListener:
                 with self._lock:
                     self.accept_errors += 1
                 if not backoff:
-                    log.warning("%s: accept on %s failed (%s); backing off and retrying",
+                    _log.warning("%s: accept on %s failed (%s); backing off and retrying",
                                 self.name, lch.local_address, exc.__cause__ or exc)
                 backoff = min(backoff * 2, _BACKOFF_MAX) if backoff else _BACKOFF_START
                 try:
@@ -311,11 +308,11 @@ class NetListener:
                     return
                 continue
             if backoff:
-                log.warning("%s: accepting on %s again", self.name, lch.local_address)
+                _log.warning("%s: accepting on %s again", self.name, lch.local_address)
                 backoff = 0.0
             self._dispatch(ch, own)
 
-    def _dispatch(self, ch: SocketChannel, own: _hub.Context | None, counted: bool = False) -> None:
+    def _dispatch(self, ch: SocketChannel, own: Context | None, counted: bool = False) -> None:
         """Give a new client to a wait_client() caller, or to the handler, or refuse it.
 
         ``counted``: a client held for wait_client() and handed on now, already in ``accepted``.
@@ -348,7 +345,7 @@ class NetListener:
         if refuse:
             ch.close()  # it sees EOF
             if not self._closed:
-                log.info("%s: refused %s: %d clients already", self.name, ch.remote_address, self.max_clients)
+                _log.info("%s: refused %s: %d clients already", self.name, ch.remote_address, self.max_clients)
             return
         try:
             ctx.schedule(self._serve, client, handler)
@@ -357,13 +354,9 @@ class NetListener:
             ch.close()
 
     def _serve(self, client: _Client, handler: Handler) -> None:
-        # Runs in the client's context, inside its hub: start the handler greenlet from here.
-        import gevent
-
-        g = gevent.spawn(self._run_handler, client, handler)
-        client.greenlet = g
-        client.context.tasks.add(g)
-        g.rawlink(client.context.tasks.discard)
+        # Runs in the client's context, inside its hub: start the handler greenlet from here
+        # (one of the context's tasks, so stopping the context ends it).
+        client.greenlet = _hub.spawn_here(self._run_handler, client, handler, tasks=client.context.tasks)
 
     def _run_handler(self, client: _Client, handler: Handler) -> None:
         ch = client.channel
@@ -376,7 +369,7 @@ class NetListener:
         except BrokenChannelError as exc:  # the peer's doing (reset, EOF mid-message): no traceback
             with self._lock:
                 self.handler_errors += 1
-            log.warning("%s: client %s: %s", self.name, peer, exc)
+            _log.warning("%s: client %s: %s", self.name, peer, exc)
         except Exception:
             self._handler_failed(peer)
         finally:
@@ -386,7 +379,7 @@ class NetListener:
     def _handler_failed(self, peer: str) -> None:
         with self._lock:
             self.handler_errors += 1
-        log.exception("%s: handler for client %s failed", self.name, peer)
+        _log.exception("%s: handler for client %s failed", self.name, peer)
 
     def _forget(self, client: _Client) -> None:
         with self._lock:
@@ -418,7 +411,7 @@ class NetListener:
             ch.close()
         for waiter in waiters:
             waiter.set_exception(ChannelClosedError(f"{self.name}: listener closed"))
-        me = getcurrent()
+        me = _hub.current_greenlet()
         deadline = time.monotonic() + max(grace, 0.0)
         self._wait_clients(deadline, me)
         with self._lock:
@@ -449,12 +442,12 @@ class NetListener:
         return self._closed
 
 
-def _contexts_list(contexts: Contexts) -> list[_hub.Context]:
+def _contexts_list(contexts: Contexts) -> list[Context]:
     if contexts is None:
-        return [_hub.current_context()]
+        return [current_context()]
     if isinstance(contexts, IOThreadPool):
         return contexts.contexts
-    if isinstance(contexts, _hub.Context):
+    if isinstance(contexts, Context):
         return [contexts]
     out = list(contexts if isinstance(contexts, Iterable) else [contexts])
     if not out:
@@ -462,4 +455,4 @@ def _contexts_list(contexts: Contexts) -> list[_hub.Context]:
     return out
 
 
-__all__ = ["NetListener", "round_robin"]
+__all__ = ["Contexts", "Handler", "NetListener", "Policy", "round_robin"]

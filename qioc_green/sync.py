@@ -3,7 +3,7 @@
 gevent's own queue and event belong to one hub.  These may be used from any greenlet of any
 thread (and from plain threads): a caller that must wait parks on its own thread's hub, and
 whoever makes progress possible wakes it through its thread's inbox.  The state is guarded by a
-``threading.Lock`` that is never held while parked.
+lock (an unpatched OS lock) that is never held while parked.
 
 A wake only says "look again": a woken getter re-checks the queue under the lock, so an item is
 never handed to a waiter that meanwhile timed out.  Every waiter of the kind that may now make
@@ -18,12 +18,11 @@ handed the lock meanwhile, and if so passes it on, so no hand-off is ever lost.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import Generic, TypeVar
 
-from . import _hub
+from . import _context, _hub
 
 T = TypeVar("T")
 
@@ -32,9 +31,9 @@ class QueueClosed(Exception):
     """The queue was closed: ``put`` refused; ``get`` raises once it is empty."""
 
 
-def _park_until(lock: threading.Lock, waiters: deque[_hub.Waiter], deadline: float | None, what: str) -> None:
+def _park_until(lock: _hub.LockType, waiters: deque[_hub.Waiter], deadline: float | None, what: str) -> None:
     """Called with ``lock`` held: register, release, park, re-acquire.  Raises TimeoutError."""
-    ctx = _hub.current_context()
+    ctx = _context.current_context()
     waiter = _hub.Waiter(ctx)
     waiters.append(waiter)
     lock.release()
@@ -65,7 +64,7 @@ class Queue(Generic[T]):
     def __init__(self, maxsize: int = 0) -> None:
         self.maxsize = maxsize
         self._items: deque[T] = deque()
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()
         self._getters: deque[_hub.Waiter] = deque()
         self._putters: deque[_hub.Waiter] = deque()
         self._closed = False
@@ -134,7 +133,7 @@ class Event:
 
     def __init__(self) -> None:
         self._flag = False
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()
         self._waiters: deque[_hub.Waiter] = deque()
 
     def is_set(self) -> bool:
@@ -163,8 +162,6 @@ class Event:
             return True
 
 
-
-
 class Lock:
     """A mutex that greenlets of any thread (and plain threads) share; gevent's belongs to one hub.
 
@@ -174,7 +171,7 @@ class Lock:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()
         self._held = False
         self._waiters: deque[_hub.Waiter] = deque()
 
@@ -191,9 +188,9 @@ class Lock:
                 return True
             if not blocking:
                 return False
-            waiter = _hub.Waiter(_hub.current_context())
+            waiter = _hub.Waiter(_context.current_context())
             # A waiter whose thread has ended can never take the lock: hand it on instead.
-            waiter.orphan = self.release
+            waiter.orphan = lambda _waiter: self.release()
             self._waiters.append(waiter)
         try:
             waiter.park(None if timeout is None else max(timeout, 0.0))
@@ -229,3 +226,6 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+__all__ = ["Event", "Lock", "Queue", "QueueClosed"]

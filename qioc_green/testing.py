@@ -13,14 +13,14 @@ compared at the end.  ``placement`` says where the two run:
 from __future__ import annotations
 
 import contextlib
-import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import gevent
-
 from . import _hub
-from .channel import Channel, IOCondition, _advance
+from ._buffers import advance
+from ._context import current_context
+from .channel import Channel, IOCondition
 from .errors import WouldBlock
 from .threads import IOThread
 
@@ -41,7 +41,7 @@ def _write_all_nonblocking(ch: Channel, buffers: Sequence[bytes]) -> None:
         except WouldBlock:
             ch.yield_(IOCondition.OUT)
             continue
-        views = _advance(views, n)
+        views = advance(views, n)
 
 
 def _read_all_nonblocking(ch: Channel, buffers: Sequence[bytearray]) -> None:
@@ -54,7 +54,7 @@ def _read_all_nonblocking(ch: Channel, buffers: Sequence[bytearray]) -> None:
             continue
         if n == 0:
             raise EOFError("eof before all data was read")
-        views = _advance(views, n)
+        views = advance(views, n)
 
 
 def run_pattern(writer: Channel, reader: Channel, *, blocking: bool = True, placement: str = "one-hub",
@@ -75,7 +75,7 @@ def run_pattern(writer: Channel, reader: Channel, *, blocking: bool = True, plac
             writer.writev_all(src)
         else:
             _write_all_nonblocking(writer, src)
-        where["writer_thread"] = threading.current_thread().name
+        where["writer_thread"] = _hub.thread_name()
         if after_write is not None:
             after_write(writer)
 
@@ -85,24 +85,29 @@ def run_pattern(writer: Channel, reader: Channel, *, blocking: bool = True, plac
             reader.readv_all(dst)
         else:
             _read_all_nonblocking(reader, dst)
-        where["reader_thread"] = threading.current_thread().name
+        where["reader_thread"] = _hub.thread_name()
+
+    def both(fw: Any, fr: Any) -> None:
+        end = time.monotonic() + timeout
+        try:
+            fw.result(timeout)
+            fr.result(max(end - time.monotonic(), 0.0))
+        finally:
+            fw.cancel()
+            fr.cancel()
 
     if placement == "one-hub":
         for ch in (writer, reader):
             ch.set_follow_coroutine_ctx(True)
-        with gevent.Timeout(timeout):
-            gw = gevent.spawn(write)
-            gr = gevent.spawn(read)
-            gevent.joinall([gw, gr], raise_error=True)
+        here = current_context()
+        both(here.spawn(write), here.spawn(read))
     elif placement in ("two-iothreads", "iohandler"):
         follow = placement == "two-iothreads"
         for ch in (writer, reader):
             ch.set_follow_coroutine_ctx(follow)
         with IOThread("pattern-reader") as tr, IOThread("pattern-writer") as tw:
             fr = tr.context.spawn(read)
-            fw = tw.context.spawn(write)
-            fw.result(timeout)
-            fr.result(timeout)
+            both(tw.context.spawn(write), fr)
     else:
         raise ValueError(f"unknown placement {placement!r}")
     for i, (want, got) in enumerate(zip(src, dst)):
@@ -115,11 +120,11 @@ def run_pattern(writer: Channel, reader: Channel, *, blocking: bool = True, plac
 def trace_readiness() -> Iterator[list[tuple[str, int, int]]]:
     """Record ``(thread name, fd, events)`` each time a hub sees a waited-on fd become ready."""
     seen: list[tuple[str, int, int]] = []
-    lock = threading.Lock()
+    lock = _hub.OSLock()
 
     def tr(fd: int, events: int) -> None:
         with lock:
-            seen.append((threading.current_thread().name, fd, events))
+            seen.append((_hub.thread_name(), fd, events))
 
     previous = _hub.trace
     _hub.trace = tr
@@ -183,3 +188,6 @@ class ScriptedChannel(Channel):
         n = len(data) if step is None else min(int(step), len(data))
         self.written += data[:n]
         return n
+
+
+__all__ = ["BUFLEN", "NBUFFERS", "ScriptedChannel", "pattern_buffers", "run_pattern", "trace_readiness"]

@@ -1,24 +1,20 @@
 """IOThreads: OS threads that each run their own hub, QEMU's ``-object iothread``.
 
-Stopping one (``stop()``) is done in its own thread, in this order: mark the context stopping
-(new waits fail at once); wake every greenlet parked in it on a channel or a future with
-ContextStoppedError, whoever started it; let the woken greenlets run their handlers; kill the
-greenlets ``spawn()`` started that are still alive; destroy the hub in its own thread; exit.
-``stop()`` joins the thread.
+An IOThread is a real OS thread even after ``gevent.monkey.patch_all()`` (its thread and locks
+are the unpatched ones).  ``stop()`` asks the thread to stop itself, in its own thread (see
+``Context.serve``: parked greenlets are woken with ContextStoppedError, leftover tasks killed,
+the hub destroyed), and joins it.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import gevent
-
 from . import _hub
+from ._context import Context, new_thread_context
 from .errors import ContextStoppedError
 
 _names = itertools.count(1)
@@ -37,9 +33,9 @@ class IOThread:
         self.name = name or f"iothread-{next(_names)}"
         self._pin_cpu = pin_cpu
         self._yield = yield_each_iteration
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._context: _hub.Context | None = None
+        self._thread: _hub.OSThread | None = None
+        self._ready = _hub.OSEvent()
+        self._context: Context | None = None
         self._error: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -47,15 +43,16 @@ class IOThread:
         return f"<IOThread {self.name} {state}>"
 
     @property
-    def context(self) -> _hub.Context:
+    def context(self) -> Context:
         if self._context is None:
             raise RuntimeError(f"iothread {self.name} is not started")
         return self._context
 
     def start(self) -> IOThread:
+        """Start the thread and wait (blocking this OS thread briefly) until its hub runs."""
         if self._thread is not None:
             raise RuntimeError(f"iothread {self.name} already started")
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        self._thread = _hub.OSThread(self._main, self.name)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -66,8 +63,7 @@ class IOThread:
         try:
             if self._pin_cpu is not None:
                 os.sched_setaffinity(0, {self._pin_cpu})
-            ctx = _hub.current_context()
-            ctx.name = self.name
+            ctx = new_thread_context(self.name)
             ctx.pinned = self._pin_cpu is not None
             if self._yield:
                 ctx.set_yield_each_iteration(True)
@@ -76,43 +72,17 @@ class IOThread:
             self._ready.set()
             return
         self._context = ctx
-        stop = _hub.Waiter(ctx)
         self._ready.set()
+        ctx.serve()
+
+    def _stopped(self) -> ContextStoppedError:
+        return ContextStoppedError(f"iothread {self.name} stopped")
+
+    def _request_stop(self) -> None:
         try:
-            stop.park()
-        except ContextStoppedError:
-            pass
-        self._wind_down(ctx)
-
-    @staticmethod
-    def _wind_down(ctx: _hub.Context, grace: float = 1.0) -> None:
-        # We were switched to from inside the hub (the stop request's callback): first let the
-        # hub finish that batch of inbox work.  Then let the greenlets woken with
-        # ContextStoppedError run their handlers (each sleep(0) is one loop iteration); tasks
-        # of spawn() still alive once nothing is parked (busy in gevent.sleep, say) are killed
-        # and their futures fail with ContextStoppedError.  ``grace`` bounds the whole.
-        def stopped() -> ContextStoppedError:
-            return ContextStoppedError(f"context {ctx.name} is stopping")
-
-        gevent.sleep(0)
-        deadline = time.monotonic() + grace
-        while (ctx.parked or ctx.tasks) and time.monotonic() < deadline:
-            ctx.wake_all_parked(stopped)
-            gevent.sleep(0)
-            if ctx.tasks and not ctx.parked:
-                gevent.killall(list(ctx.tasks), timeout=max(deadline - time.monotonic(), 0.01))
-        # Refuse new work, then run what was accepted meanwhile before the hub goes.
-        ctx.close_inbox()
-        for _ in range(100):
-            if not ctx._inbox:
-                break
-            gevent.sleep(0)
-        ctx.destroy()
-
-    def _begin_stop(self) -> None:
-        ctx = self.context
-        ctx.stopping = True
-        ctx.wake_all_parked(lambda: ContextStoppedError(f"iothread {self.name} stopped"))
+            self.context.schedule(self.context.begin_stop, self._stopped)
+        except (ContextStoppedError, RuntimeError):
+            pass  # stopped already, or it never got as far as a context
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Wake every greenlet parked in this thread with ContextStoppedError, then join it.
@@ -123,14 +93,10 @@ class IOThread:
         t = self._thread
         if t is None or not t.is_alive():
             return
-        try:
-            self.context.schedule(self._begin_stop)
-        except ContextStoppedError:
-            pass
-        if threading.current_thread() is t:
+        self._request_stop()
+        if self.context.in_own_thread():
             return
-        t.join(timeout)
-        if t.is_alive():
+        if not t.join(timeout):
             raise TimeoutError(f"iothread {self.name} did not stop within {timeout} s")
 
     def is_alive(self) -> bool:
@@ -167,7 +133,7 @@ class IOThreadPool:
             for i in range(n)
         ]
         self._rr = itertools.cycle(range(n))
-        self._lock = threading.Lock()
+        self._lock = _hub.OSLock()
         try:
             for t in self.threads:
                 t.start()
@@ -176,10 +142,10 @@ class IOThreadPool:
             raise
 
     @property
-    def contexts(self) -> list[_hub.Context]:
+    def contexts(self) -> list[Context]:
         return [t.context for t in self.threads]
 
-    def next_context(self) -> _hub.Context:
+    def next_context(self) -> Context:
         with self._lock:
             return self.threads[next(self._rr)].context
 
@@ -190,12 +156,10 @@ class IOThreadPool:
         return iter(self.threads)
 
     def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop every thread (all asked at once, then joined)."""
         for t in self.threads:
             if t.is_alive():
-                try:
-                    t.context.schedule(t._begin_stop)
-                except (ContextStoppedError, RuntimeError):
-                    pass
+                t._request_stop()
         for t in self.threads:
             t.stop(timeout)
 
@@ -204,3 +168,6 @@ class IOThreadPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+__all__ = ["IOThread", "IOThreadPool"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 import pytest
 
@@ -32,29 +33,30 @@ def need(*programs: str) -> dict[str, str]:
     return found
 
 
-def need_qemu10() -> dict[str, object]:
-    """QEMU 10's ``binary`` and ``data_dirs`` (keyword arguments of ``qioc_green.migration.qemu``'s
-    ``Qemu`` and ``capture*``), or skip (fail under QIOC_REQUIRE_PEERS=1). It lives beside the
-    system's 7.2, unpacked by ``.ci/install-qemu10``; ``QIOC_QEMU10`` says where."""
-    from qioc_green.migration.qemu import QEMU10_DIR, qemu10
+def qemu_args(version: str = "7.2") -> dict[str, Any]:
+    """``binary`` and ``data_dirs`` for ``qioc_green.migration.qemu.Qemu`` (and ``capture``):
+    QEMU ``version`` ("7.2", Debian's, or "10", unpacked beside it), or skip (fail when
+    required).
 
-    found = qemu10()
-    if found is None:
-        msg = f"QEMU 10 not found in {QEMU10_DIR} (set QIOC_QEMU10, or run .ci/install-qemu10)"
+    QEMU 10.0 is unpacked by ``.ci/install-qemu10`` into ``$QIOC_QEMU10`` (default
+    /opt/qioc-qemu10), so its ROMs are found with ``-L``.
+    """
+    if version == "7.2":
+        return {"binary": need("qemu-system-x86_64")["qemu-system-x86_64"], "data_dirs": []}
+    if version != "10":
+        raise ValueError(f"QEMU {version!r}: the peers are 7.2 and 10")
+    root = os.environ.get("QIOC_QEMU10", "/opt/qioc-qemu10")
+    binary = os.path.join(root, "usr", "bin", "qemu-system-x86_64")
+    if not os.access(binary, os.X_OK):
+        msg = f"QEMU 10.0 not found at {binary} (run .ci/install-qemu10, or set QIOC_QEMU10)"
         if REQUIRED:
             pytest.fail(msg + " (QIOC_REQUIRE_PEERS=1)", pytrace=False)
         pytest.skip(msg)
-    return found
+    return {"binary": binary, "data_dirs": [os.path.join(root, "usr", "share", "qemu"),
+                                            os.path.join(root, "usr", "share", "seabios")]}
 
 
-QEMU_VERSIONS = ("7.2", "10.0")
-
-
-def need_qemu_version(version: str) -> dict[str, object]:
-    """Keyword arguments for ``qioc_green.migration.qemu.Qemu`` that run QEMU ``version``
-    ("7.2": the system's, "10.0": the one beside it), or skip (fail under QIOC_REQUIRE_PEERS=1).
-    Every live migration test runs against both where both apply."""
-    if version == "10.0":
-        return need_qemu10()
-    need("qemu-system-x86_64")
-    return {}
+def need_qemu10() -> list[str]:
+    """The argv prefix that runs QEMU 10.0's system emulator, or skip (fail when required)."""
+    args = qemu_args("10")
+    return [args["binary"], *(a for d in args["data_dirs"] for a in ("-L", d))]

@@ -189,6 +189,25 @@ def test_tls(server_factory, tmp_path):
     assert "summary: 2 connections, 12000 bytes echoed" in out
 
 
+@pytest.mark.peers
+def test_tls_client_that_closes_without_close_notify_is_a_normal_end(server_factory, tmp_path):
+    # Python's ssl clients close() without close_notify unless told to unwrap(): that is how a
+    # TLS client usually leaves, and the server must not log it as a connection error.
+    certs = make_certs(str(tmp_path))
+    srv = server_factory("--listen", "tcp:127.0.0.1:0", "-v",
+                         "--tls-cert", certs["server.pem"], "--tls-key", certs["server.key"])
+    srv.read_listening(1)
+    ctx = ssl.create_default_context(cafile=certs["ca.pem"])
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", srv.port()), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                assert echo(s, b"bye") == b"bye"
+    rc, out, err = srv.stop()
+    assert rc == 0, err
+    assert "summary: 2 connections, 6 bytes echoed" in out and "0 handler errors" in out
+    assert err == ""  # -v logs every connection error: there was none
+
+
 def test_bad_certificate_file_is_status_1(tmp_path):
     bogus = tmp_path / "bogus.pem"
     bogus.write_text("not a certificate")

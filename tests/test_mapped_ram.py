@@ -3,7 +3,7 @@
 tests/data/none-mapped-ram.file.gz is a real QEMU 10.0.2 ``migrate file:`` with the mapped-ram
 capability of a paused ``-M none`` VM whose 4 MiB of RAM is ``qemu.pattern_ram``, so RAM
 rebuilt from it is compared with that byte for byte. Corruptions change fields the reader itself
-located on the good file. The live tests (``peers.need_qemu10``) migrate random RAM to a file,
+located on the good file. The live tests (``peers.qemu_args("10")``) migrate random RAM to a file,
 with and without multifd, and rebuild it through ``qioc_green.FileChannel``'s positional reads.
 """
 
@@ -299,9 +299,9 @@ def test_fuzz_only_mapped_ram_errors_and_bounded_memory(data):
 def test_live_mapped_ram_file_rebuilds_ram(tmp_path, multifd, offset):
     import qioc_green as q
     from qioc_green.migration.qemu import capture_file
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
-    qemu = need_qemu10()
+    qemu = qemu_args("10")
     ram = random.Random(f"{multifd}{offset}").randbytes(16 << 20)
     (tmp_path / "ram.bin").write_bytes(ram)
     path = tmp_path / "mig.file"

@@ -48,8 +48,8 @@ from qioc_green.migration import (
 pytestmark = pytest.mark.timeout(60)
 
 DATA = Path(__file__).parent / "data"
-# the complete captures (cmd-postcopy-* are parsed by the command tests: PACKAGED is refused,
-# and the resumed connection has no stream header)
+# the complete captures (cmd-postcopy-* are parsed by the command and package tests: RAM
+# pages come twice in postcopy, and the resumed connection has no stream header)
 CAPTURES = ["pc", "q35", "none", "pc-nodesc", "pc-ignore-shared", "cmd-return-path-7.2",
             "cmd-colo-7.2", "cmd-return-path-10.0"]
 MACHINES = {"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2", "none": "none",
@@ -512,22 +512,81 @@ def test_command_numbers_against_streams_qemu_wrote():
     got, err = commands_of("cmd-return-path-10.0")
     assert got == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (11, "SWITCHOVER_START", 0)]
     assert err is None
-    data = load("cmd-postcopy-7.2")
     got, err = commands_of("cmd-postcopy-7.2")
+    assert err is None
     assert got[:3] == [(1, "OPEN_RETURN_PATH", 0), (2, "PING", 4), (3, "POSTCOPY_ADVISE", 16)]
     discards = [c for c in got[3:] if c[0] == 6]
     assert discards and all(c[1] == "POSTCOPY_RAM_DISCARD" for c in discards)
-    # PACKAGED (7): a be32 size, then that many bytes of a stream of their own, which QEMU
-    # opens with POSTCOPY_LISTEN (4) and closes with POSTCOPY_RUN (5), both without data.
-    assert err is not None and "PACKAGED command (postcopy device state, " in str(err)
-    at = err.offset
-    cmd, length, size = struct.unpack_from(">xHHI", data, at)
-    assert (data[at], cmd, length) == (0x08, 7, 4)
-    package = data[at + 9 : at + 9 + size]
-    assert len(package) == size
-    assert package[:5] == b"\x08\x00\x04\x00\x00"  # POSTCOPY_LISTEN
-    assert package[-5:] == b"\x08\x00\x05\x00\x00"  # POSTCOPY_RUN
-    assert str(err) == f"offset {at}: PACKAGED command (postcopy device state, {size} bytes) is not supported"
+    # PACKAGED (7): a be32 size, then a stream of its own, which QEMU opens with
+    # POSTCOPY_LISTEN (4) and closes with PING 3 and POSTCOPY_RUN (5); PING 4 follows it
+    assert got[3 + len(discards):] == [(2, "PING", 4), (7, "PACKAGED", 4), (4, "POSTCOPY_LISTEN", 0),
+                                       (2, "PING", 4), (5, "POSTCOPY_RUN", 0), (2, "PING", 4)]
+
+
+def package_of(data: bytes) -> tuple[int, int]:
+    """Where the PACKAGED command of a postcopy capture is, and its package's size."""
+    p = StreamParser()
+    p.feed(data)
+    while (ev := p.next_event()) is not NEED_DATA:
+        if isinstance(ev, Command) and ev.name == "PACKAGED":
+            return ev.offset, struct.unpack(">I", ev.data)[0]
+    raise AssertionError("no PACKAGED")
+
+
+def test_postcopy_package_parsed_in_place_whatever_the_chunking():
+    """A real 7.2 postcopy stream: the package's device sections and commands come out in
+    stream order after PACKAGED, framed by their footers and the package's end; the stream is
+    complete without a VM description (postcopy sends none)."""
+    data = load("cmd-postcopy-7.2")
+    events = parse([data])
+    at, size = package_of(data)
+    end = at + 9 + size
+    inside = [e for e in events if at < getattr(e, "offset", -1) < end]
+    assert isinstance(inside[0], Command) and inside[0].name == "POSTCOPY_LISTEN"
+    assert [e.name for e in inside if isinstance(e, Command)] == ["POSTCOPY_LISTEN", "PING",
+                                                                   "POSTCOPY_RUN"]
+    fulls = [e for e in inside if isinstance(e, SectionFull)]
+    assert "globalstate" in {f.idstr for f in fulls}
+    footers = [e for e in inside if isinstance(e, SectionFooter)]
+    assert [f.section_id for f in footers] == [f.section_id for f in fulls]
+    assert isinstance(events[-1], StreamEnd) and events[-1].described is False
+    assert events[-1].offset == len(data)
+    ref = expand_pages(events)
+    for seed in range(3):
+        assert expand_pages(parse(random_chunks(data, seed))) == ref
+    assert expand_pages(parse(data[i : i + 1] for i in range(len(data)))) == ref
+
+
+def test_postcopy_package_errors():
+    """The package length is a peer's number: it is capped, and it is a hard end."""
+    data = load("cmd-postcopy-7.2")
+    at, size = package_of(data)
+    body = at + 9
+
+    def resized(n: int, insert: bytes = b"", where: int = 5) -> bytes:
+        return (data[: at + 5] + struct.pack(">I", n) + data[body : body + where] + insert
+                + data[body + where :])
+
+    err = parse_error([data], StreamParser(max_device_bytes=1000))
+    assert str(err) == (f"offset {at}: PACKAGED of {size} bytes is over the 1000-byte device "
+                        "data cap")
+    # one byte short: the POSTCOPY_RUN that ends the package would cross its end
+    err = parse_error([resized(size - 1)])
+    assert err.offset == body + size - 1 and "crosses the end of the postcopy package" in str(err)
+    # 16 short: the end cuts the footer of the last device section
+    err = parse_error([resized(size - 16)])
+    assert "the postcopy package ends inside section" in str(err) and "before its footer" in str(err)
+    # 5 long: PING 4, after the package, would cross its end
+    err = parse_error([resized(size + 5)])
+    assert "crosses the end of the postcopy package" in str(err)
+    err = parse_error([resized(size + 1, b"\x00")])  # EOF right after POSTCOPY_LISTEN
+    assert str(err) == f"offset {body + 5}: EOF (0x00) inside the postcopy package"
+    nested = b"\x08\x00\x07\x00\x04" + struct.pack(">I", 0)
+    err = parse_error([resized(size + len(nested), nested)])
+    assert str(err) == f"offset {body + 5}: PACKAGED inside the postcopy package"
+    ram = b"\x01" + struct.pack(">I", 99) + b"\x03ram" + struct.pack(">II", 0, 4)
+    err = parse_error([resized(size + len(ram), ram)])
+    assert str(err) == f"offset {body + 5}: a ram section inside the postcopy package"
 
 
 def test_postcopy_recovery_commands_against_a_stream_qemu_wrote():
@@ -608,6 +667,28 @@ def test_fuzz_only_stream_errors(case):
     except MigrationStreamError as err:
         assert str(err).startswith(f"offset {err.offset}: ")
         assert 0 <= err.offset <= len(data)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.integers(0, (1 << 32) - 1), split=st.integers(0, 300_000),
+       inner=st.binary(max_size=40), where=st.integers(0, 12_000))
+def test_fuzz_postcopy_package_length_and_contents(size, split, inner, where):
+    """Whatever length a peer writes in PACKAGED, and whatever it puts inside the package, the
+    parser ends in a result or one stream error (the cap is 1 MiB here: bigger is refused)."""
+    data = load("cmd-postcopy-7.2")
+    at, real = package_of(data)
+    body = at + 9
+    where = min(where, real)
+    mutated = (data[: at + 5] + struct.pack(">I", size) + data[body : body + where] + inner
+               + data[body + where :])
+    p = StreamParser(max_device_bytes=1 << 20)
+    try:
+        parse([mutated[:split], mutated[split:]], p)
+    except MigrationStreamError as err:
+        assert str(err).startswith(f"offset {err.offset}: ")
+        assert 0 <= err.offset <= len(mutated)
 
 
 # -- fresh captures from a real QEMU ----------------------------------------------------------

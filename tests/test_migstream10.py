@@ -5,7 +5,7 @@ QEMU 10.0 sends the SWITCHOVER_START command (11) when the switchover begins
 (``migration_switchover_start`` in migration.c, ``qemu_savevm_maybe_send_switchover_start`` in
 savevm.c), just before the iterable sections' END pieces, unless the migration property
 ``send-switchover-start`` is off, which ``hw_compat_9_2`` does for machine types up to 9.2.
-The live test checks both sides of that rule against a real QEMU 10 (``peers.need_qemu10``).
+The live test checks both sides of that rule against a real QEMU 10 (``peers.qemu_args("10")``).
 """
 
 from __future__ import annotations
@@ -94,9 +94,9 @@ def test_switchover_start_comes_once_before_the_ram_end():
                                           ("pc-i440fx-9.2", False), ("none", True)])
 def test_live_switchover_start_follows_the_machine_type(machine, sent):
     from qioc_green.migration.qemu import capture
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
-    data = capture(machine, "16M", **need_qemu10())
+    data = capture(machine, "16M", **qemu_args("10"))
     events = parse([data])
     assert isinstance(events[-1], StreamEnd)
     count, around = switchover_position(events)

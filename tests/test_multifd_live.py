@@ -34,9 +34,9 @@ MEM = "16M"
 @pytest.fixture(params=["7.2", "10.0"])
 def qemu(request) -> dict[str, Any]:
     """``{"version": "7.2" | "10.0", "args": Qemu keyword arguments}`` for each installed QEMU."""
-    from tests.peers import need_qemu_version
+    from tests.peers import qemu_args
 
-    return {"version": request.param, "args": need_qemu_version(request.param)}
+    return {"version": request.param, "args": qemu_args("10" if request.param == "10.0" else request.param)}
 
 
 def random_ram(path: Path, seed: object) -> bytes:
@@ -137,10 +137,10 @@ def test_live_old_source_through_the_receiver_into_qemu_10_on_its_machine_type(r
     """An upgrade: a QEMU 7.2 source (pc-i440fx-7.2) through the receiver into a QEMU 10.0
     destination on the same machine type; the destination's RAM equals the source's."""
     from qioc_green.migration.qemu import Qemu
-    from tests.peers import need, need_qemu10
+    from tests.peers import need, qemu_args
 
     need("qemu-system-x86_64")
-    q10 = need_qemu10()
+    q10 = qemu_args("10")
     src, ram = source(tmp_path, {"args": {}}, machine="pc-i440fx-7.2", seed="upgrade",
                       capabilities=())
     with src, Qemu(machine="pc-i440fx-7.2", mem=MEM, ram_file=str(tmp_path / "dst.bin"),
@@ -158,9 +158,9 @@ def test_live_old_source_through_the_receiver_into_qemu_10_on_its_machine_type(r
 @pytest.mark.parametrize("with_multifd", [False, True], ids=["mapped-ram", "mapped-ram+multifd"])
 def test_live_mapped_ram_file_into_the_receiver(receivers, tmp_path, with_multifd):
     from qioc_green.migration.qemu import capture_file
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
-    q10 = need_qemu10()
+    q10 = qemu_args("10")
     ram = random_ram(tmp_path / "src-ram.bin", with_multifd)
     path = tmp_path / "vm.mig"
     caps = ["mapped-ram", "multifd"] if with_multifd else ["mapped-ram"]
@@ -202,9 +202,9 @@ def test_live_multifd_source_into_a_receiver_not_told(receivers, tmp_path, qemu)
 
 def test_live_more_channels_than_the_receiver_was_told(receivers, tmp_path):
     from qioc_green.migration.qemu import QemuError
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
-    src, _ = source(tmp_path, {"args": need_qemu10()})
+    src, _ = source(tmp_path, {"args": qemu_args("10")})
     with src:
         multifd(src, 4)
         rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2")
@@ -219,9 +219,9 @@ def test_live_more_channels_than_the_receiver_was_told(receivers, tmp_path):
 
 def test_live_compression_other_than_the_receiver_was_told(receivers, tmp_path):
     from qioc_green.migration.qemu import QemuError
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
-    src, _ = source(tmp_path, {"args": need_qemu10()})
+    src, _ = source(tmp_path, {"args": qemu_args("10")})
     with src:
         multifd(src, 2, "zstd")
         rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2",
@@ -236,10 +236,10 @@ def test_live_compression_other_than_the_receiver_was_told(receivers, tmp_path):
 
 def test_live_mapped_ram_file_as_a_stream_is_refused(receivers, tmp_path):
     from qioc_green.migration.qemu import capture_file
-    from tests.peers import need_qemu10
+    from tests.peers import qemu_args
 
     path = tmp_path / "vm.mig"
-    capture_file(str(path), "q35", MEM, capabilities=["mapped-ram"], **need_qemu10())
+    capture_file(str(path), "q35", MEM, capabilities=["mapped-ram"], **qemu_args("10"))
     rx = receivers(f"exec:cat '{path}'", listens=False)
     assert rx.wait() == 1
     assert one_line(rx).endswith("capability mapped-ram: a mapped-ram migration is a file with "

@@ -461,25 +461,26 @@ def test_usage_of_the_multifd_options(receivers, tmp_path):
 # -- in-process: the settings a monitor sets, and the receiver's threads and fds -----------------
 
 
-def test_incoming_settings_take_qmp_names_and_refuse_what_they_cannot():
-    from qioc_green.migration import IncomingSettings
+def test_multifd_is_set_as_qmp_sets_it_and_refused_where_it_cannot_go():
+    """The command line and a QMP monitor set multifd on DestinationSettings alike; one
+    migration takes IncomingSettings from it."""
+    from qioc_green.migration import CommandError, DestinationSettings, IncomingSettings
 
-    s = IncomingSettings()
-    assert not s.multifd and s.channels == 0
-    s.set_capability("multifd")
-    s.set_parameters({"multifd-channels": 4, "multifd-compression": "zlib"})
-    assert s.multifd and s.channels == 4 and s.multifd_compression == "zlib"
-    for bad, msg in (({"multifd-channels": 0}, "expects 1 to 255"),
-                     ({"multifd-channels": True}, "expects 1 to 255"),
-                     ({"multifd-compression": "qpl"}, "'qpl' is not supported"),
-                     ({"multifd-channels": 2, "tls-creds": "x"}, "'tls-creds' is not supported")):
-        with pytest.raises(ValueError, match=msg):
-            s.set_parameters(bad)
-    assert s.channels == 4  # a refused call changes nothing
-    with pytest.raises(ValueError, match="capability 'rdma-pin-all' is not supported"):
-        s.set_capability("rdma-pin-all")
-    s.set_capability("multifd", False)
-    assert s.channels == 0
+    d = DestinationSettings(monitored=True, deferred=True)
+    assert not IncomingSettings.from_destination(d.capabilities(), d.parameters()).multifd
+    d.set_capabilities({"multifd": True})
+    d.set_parameters({"multifd-channels": 4, "multifd-compression": "zlib"})
+    got = IncomingSettings.from_destination(d.capabilities(), d.parameters())
+    assert (got.multifd, got.channels, got.multifd_compression) == (True, 4, "zlib")
+    # the command line without --multifd-compression: what the packets say
+    assert IncomingSettings.from_destination(d.capabilities(), d.parameters(),
+                                             strict_compression=False).multifd_compression is None
+    for bad, msg in (({"multifd-compression": "qpl"}, "'qpl' is not supported"),
+                     ({"tls-authz": "x"}, "tls-authz is not supported")):
+        with pytest.raises(CommandError, match=msg):
+            d.set_parameters(bad)
+    with pytest.raises(CommandError, match="Capability 'rdma-pin-all'"):
+        d.set_capabilities({"rdma-pin-all": True})
 
 
 def test_multifd_receiver_in_process_stops_its_iothreads(tmp_path):
@@ -489,9 +490,7 @@ def test_multifd_receiver_in_process_stops_its_iothreads(tmp_path):
     from qioc_green.migration import IncomingSettings, MultifdReceiver
 
     main, channels = split("zstd")
-    settings = IncomingSettings()
-    settings.set_capability("multifd")
-    settings.set_parameters({"multifd-channels": 2})
+    settings = IncomingSettings(multifd_channels=2)
     for parts, ok in (([*channels, main], True), ([main, channels[0][:5000], channels[1]], False)):
         lst = SocketChannel.listen("tcp:127.0.0.1:0", 8)
         lst.set_follow_coroutine_ctx(True)

@@ -21,12 +21,7 @@ from qioc_green import (
     SocketChannel,
     current_context,
 )
-
-
-def _until(pred, timeout=5.0):
-    with gevent.Timeout(timeout, AssertionError("condition never held")):
-        while not pred():
-            gevent.sleep(0.001)
+from tests.polling import wait_until
 
 
 def test_queue_wake_is_not_lost_when_the_woken_getter_is_killed():
@@ -38,7 +33,7 @@ def test_queue_wake_is_not_lost_when_the_woken_getter_is_killed():
 
     current_context()
     g1, g2 = gevent.spawn(getter, "g1"), gevent.spawn(getter, "g2")
-    _until(lambda: len(q._getters) == 2)
+    assert wait_until(lambda: len(q._getters) == 2)
     t = threading.Thread(target=q.put, args=("item",))
     t.start()
     t.join()  # the wake for a getter is now posted through the inbox
@@ -53,7 +48,7 @@ def test_errors_raised_while_parked_carry_progress():
     with b:
         g = gevent.spawn(a.read_all, 10)
         b.write_all(b"1234")
-        _until(lambda: a._slots[0])
+        assert wait_until(lambda: a.statistics().readers_waiting)
         a.close()
         with pytest.raises(ChannelClosedError) as info:
             g.get(timeout=5)
@@ -78,7 +73,8 @@ def test_close_releases_a_greenlet_orphaned_by_its_ended_thread():
     th.start()
     th.join(5)
     a.close()  # its wake finds the context gone and releases the slot and the fd hold
-    assert not a._slots[0] and not a._holds
+    st = a.statistics()
+    assert not st.readers_waiting and not st.holds and st.released
     b.close()
 
 

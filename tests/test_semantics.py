@@ -27,7 +27,7 @@ from qioc_green import (
     main_context,
 )
 from qioc_green.testing import trace_readiness
-from tests.polling import poll_pause
+from tests.polling import wait_until
 
 
 def _small_buffers(*chans, size=16384):
@@ -56,22 +56,13 @@ def test_readiness_seen_in_the_right_thread_and_resume_in_own_thread(follow):
             fut = t.context.spawn(read)
             parked.wait(5)
             # Give the reader no data until it is surely parked: its slot is taken.
-            assert _wait_for(lambda: b._slots[0])
+            assert wait_until(lambda: b.statistics().readers_waiting)
             a.write_all(b"hello")
             before, after, data = fut.result(5)
         assert data == b"hello"
         assert before == after == "reader-thread"  # resumed in its own thread
         threads = {name for name, fd, _ in seen if fd == b.fileno()}
         assert threads == {"reader-thread" if follow else "qioc-iohandler"}
-
-
-def _wait_for(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        poll_pause(0.0005)  # polling another thread's state from a plain thread: bounded
-    return False
 
 
 def test_follow_looks_up_the_context_at_each_wait():
@@ -82,7 +73,7 @@ def test_follow_looks_up_the_context_at_each_wait():
     with a, b, IOThread("A") as ta, IOThread("B") as tb, trace_readiness() as seen:
         for t, msg in ((ta, b"one"), (tb, b"two"), (ta, b"333")):
             fut = t.context.spawn(b.read_all, 3)
-            assert _wait_for(lambda: b._slots[0])
+            assert wait_until(lambda: b.statistics().readers_waiting)
             a.write_all(msg)
             assert fut.result(5) == msg
         assert [name for name, fd, _ in seen if fd == b.fileno()] == ["A", "B", "A"]
@@ -153,7 +144,7 @@ def test_second_reader_is_busy():
     with a, b:
         g1 = gevent.spawn(b.read_all, 1)
         gevent.sleep(0)
-        assert b._slots[0]
+        assert b.statistics().readers_waiting
         with pytest.raises(ChannelBusyError, match="already waiting to read"):
             b.read_all(1)
         # A writer may park while the reader is parked: the directions are separate.
@@ -230,7 +221,7 @@ def test_close_from_another_thread_wakes_reader_and_writer(follow, capfd):
 
     def checked_close():
         # The fd may be closed only when no operation and no watcher holds it any more.
-        closed_while_held.append(bool(a._holds) or bool(a._slots[0]) or bool(a._slots[1]))
+        closed_while_held.append(a.statistics().holds > 0 or a.statistics().readers_waiting or a.statistics().writers_waiting)
         real_close()
 
     a._io_close = checked_close
@@ -251,7 +242,7 @@ def test_close_from_another_thread_wakes_reader_and_writer(follow, capfd):
 
         fr = tr.context.spawn(read)
         fw = tw.context.spawn(write)
-        assert _wait_for(lambda: a._slots[0] and a._slots[1])
+        assert wait_until(lambda: a.statistics().readers_waiting and a.statistics().writers_waiting)
         parked.set()
         t0 = time.monotonic()
         closer = threading.Thread(target=a.close)
@@ -259,7 +250,7 @@ def test_close_from_another_thread_wakes_reader_and_writer(follow, capfd):
         closer.join(5)
         t_read, t_write = fr.result(5), fw.result(5)
         assert t_read - t0 < 0.1 and t_write - t0 < 0.1
-    assert _wait_for(lambda: closed_while_held == [False])
+    assert wait_until(lambda: closed_while_held == [False])
     out, err = capfd.readouterr()
     assert err == ""
 
@@ -304,23 +295,14 @@ def test_timeouts_leave_no_armed_watcher(follow):
             with gevent.Timeout(0.01):
                 b.read_all(4)
         g = gevent.spawn(b.read_all, 4)
-        gevent.sleep(0.001)
+        assert wait_until(lambda: b.statistics().readers_waiting)
         g.kill()
         assert _active_watchers() == base
-        assert not b._slots[0]
+        assert not b.statistics().readers_waiting
         # Exactly the channel's own hold remains: no watcher (here or in the iohandler) holds the fd.
-        assert _wait_until_main(lambda: len(b._holds) == 1)
+        assert wait_until(lambda: b.statistics().holds == 1)
         a.write_all(b"abcd")
         assert b.read_all(4, timeout=5) == b"abcd"
-
-
-def _wait_until_main(pred, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        gevent.sleep(0.001)
-    return False
 
 
 def test_future_result_timeout_is_builtin_timeout():
@@ -374,7 +356,7 @@ def test_stopping_an_iothread_wakes_parked_greenlets(follow):
 
     fut = t.context.spawn(park_on, b)  # started with ctx.spawn
     t.context.schedule(lambda: gevent.spawn(park_on, d))  # plain gevent.spawn in the thread
-    assert _wait_for(lambda: b._slots[0] and d._slots[0])
+    assert wait_until(lambda: b.statistics().readers_waiting and d.statistics().readers_waiting)
     t0 = time.monotonic()
     t.stop(timeout=5)
     assert time.monotonic() - t0 < 2
@@ -394,7 +376,7 @@ def test_a_plain_thread_that_waited_leaves_no_hub_behind():
     with a, b:
         t = threading.Thread(target=lambda: got.append(b.read_all(2)))
         t.start()
-        assert _wait_for(lambda: b._slots[0])
+        assert wait_until(lambda: b.statistics().readers_waiting)
         a.write_all(b"ok")
         t.join(5)
     assert got == [b"ok"]

@@ -308,3 +308,88 @@ def test_shutdown_after_the_peer_vanished_is_a_channel_error(certs):
             for _ in range(100):  # the first sends may still be taken by the kernel
                 c.write_all(b"x" * 65536)
             c.shutdown(Shutdown.WRITE)
+
+
+# -- without handshake(): the first read or write does it ---------------------------------------
+
+
+def test_first_read_and_write_handshake_and_close_still_sends_close_notify(certs):
+    a, b = SocketChannel.socketpair()
+    c = TLSChannel.client(a, client_context(certs), "localhost")
+    s = TLSChannel.server(b, server_context(certs))
+    for ch in (c, s):
+        ch.set_follow_coroutine_ctx(True)
+    with c, s:
+        g = gevent.spawn(s.read_all, 5, timeout=10)  # neither side called handshake()
+        c.write_all(b"hello", timeout=10)
+        assert g.get(timeout=10) == b"hello"
+        assert c.version == s.version == "TLSv1.3"
+        s.write_all(b"world", timeout=10)
+        assert c.read_all(5, timeout=10) == b"world"
+        c.close()  # close_notify: the server reads a clean EOF, not a truncation
+        assert s.read(10, timeout=10) == b""
+
+
+def test_reader_and_writer_of_two_iothreads_both_arrive_before_the_handshake(certs):
+    # The client's first read and first write start at once, in two threads: they take turns
+    # waiting for the handshake instead of meeting as two readers of the socket. Repeated: the
+    # orders they can meet in are a race.
+    with IOThread("R") as tr, IOThread("W") as tw:
+        for i in range(30):
+            a, b = SocketChannel.socketpair()
+            c = TLSChannel.client(a, client_context(certs), "localhost")
+            s = TLSChannel.server(b, server_context(certs))
+            for ch in (c, s):
+                ch.set_follow_coroutine_ctx(True)
+
+            def echo(srv=s):
+                while data := srv.read(4096, timeout=10):
+                    srv.write_all(data, timeout=10)
+
+            with c, s:
+                server = gevent.spawn(echo)
+                msg = b"hello, world %2d" % i
+                reply = tr.context.spawn(c.read_all, len(msg), timeout=10)
+                tw.context.spawn(c.write_all, msg, timeout=10).result(10)
+                assert reply.result(10) == msg
+                c.close()
+                server.get(timeout=10)
+
+
+def test_handshake_failure_is_every_later_calls_error(certs):
+    a, b = SocketChannel.socketpair()
+    c = TLSChannel.client(a, client_context(certs, ca="other.pem"), "localhost")
+    s = TLSChannel.server(b, server_context(certs))
+    for ch in (c, s):
+        ch.set_follow_coroutine_ctx(True)
+    with c, s:
+        g = gevent.spawn(s.read, 10, timeout=10)
+        with pytest.raises(BrokenChannelError, match="certificate verification"):
+            c.write_all(b"x", timeout=10)
+        with pytest.raises(BrokenChannelError, match="certificate verification"):
+            c.read(1, timeout=10)
+        with pytest.raises(BrokenChannelError):
+            g.get(timeout=10)
+
+
+def test_ragged_eofs_can_read_as_eof(certs):
+    # ssl.SSLSocket's suppress_ragged_eofs: a peer that hangs up without close_notify (most
+    # Python ssl clients' close()) reads as EOF when asked; by default it is a truncation.
+    for suppress in (False, True):
+        a, b = SocketChannel.socketpair()
+        c = TLSChannel.client(a, client_context(certs), "localhost")
+        s = TLSChannel.server(b, server_context(certs), suppress_ragged_eofs=suppress)
+        for ch in (c, s):
+            ch.set_follow_coroutine_ctx(True)
+        with s:
+            g = gevent.spawn(lambda srv=s: srv.write_all(srv.read_all(2, timeout=10), timeout=10))
+            c.write_all(b"hi", timeout=10)
+            assert c.read_all(2, timeout=10) == b"hi"  # (reads the session tickets too: no reset)
+            g.get(timeout=10)
+            c.inner.close()  # the socket, without close_notify
+            if suppress:
+                assert s.read(10, timeout=10) == b""
+            else:
+                with pytest.raises(BrokenChannelError, match="without close_notify"):
+                    s.read(10, timeout=10)
+        c.close()

@@ -29,11 +29,11 @@ from qioc_green import Channel, FileChannel, IOThreadPool
 
 from ._events import Configuration, RamBlocks, RamPages
 from ._format import NEED_DATA, MigrationStreamError
+from ._incoming import check_configuration
 from ._mapped_ram import MappedRamBlock, MappedRamError, MappedRamFile, NotMappedRam
 from ._multifd_channel import channel_path
 from ._parser import StreamParser
 from ._receiver import Outcome, describe
-from ._settings import check_configuration
 from ._sinks import RamDir
 from ._summary import Summary
 from ._uri import Endpoint

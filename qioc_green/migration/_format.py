@@ -84,21 +84,32 @@ RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
 RAM_SECTION = "ram"
 RAM_VERSION = 4
 
-#: command number -> (name, required data length or None when variable), as savevm.c
-COMMANDS: dict[int, tuple[str, int | None]] = {
-    1: ("OPEN_RETURN_PATH", 0),
-    2: ("PING", 4),
-    3: ("POSTCOPY_ADVISE", None),  # 0 or 16 bytes
-    4: ("POSTCOPY_LISTEN", 0),
-    5: ("POSTCOPY_RUN", 0),
-    6: ("POSTCOPY_RAM_DISCARD", None),
-    7: ("PACKAGED", 4),
-    8: ("ENABLE_COLO", 0),
-    9: ("POSTCOPY_RESUME", 0),
-    10: ("RECV_BITMAP", None),
-    11: ("SWITCHOVER_START", 0),
+class MigCommand(enum.IntEnum):
+    """``QEMU_VM_COMMAND`` numbers and names, as ``enum qemu_vm_cmd`` in savevm.c."""
+
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3  # 0 or 16 bytes
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    PACKAGED = 7
+    ENABLE_COLO = 8
+    POSTCOPY_RESUME = 9
+    RECV_BITMAP = 10
+    SWITCHOVER_START = 11
+
+
+#: required data length of each command, None when variable (``mig_cmd_args``)
+_LENGTHS: dict[MigCommand, int | None] = {
+    MigCommand.OPEN_RETURN_PATH: 0, MigCommand.PING: 4, MigCommand.POSTCOPY_ADVISE: None,
+    MigCommand.POSTCOPY_LISTEN: 0, MigCommand.POSTCOPY_RUN: 0,
+    MigCommand.POSTCOPY_RAM_DISCARD: None, MigCommand.PACKAGED: 4, MigCommand.ENABLE_COLO: 0,
+    MigCommand.POSTCOPY_RESUME: 0, MigCommand.RECV_BITMAP: None, MigCommand.SWITCHOVER_START: 0,
 }
-MIG_CMD_PACKAGED = 7
+#: command number -> (name, required data length or None when variable), as savevm.c
+COMMANDS: dict[int, tuple[str, int | None]] = {int(c): (c.name, n) for c, n in _LENGTHS.items()}
+MIG_CMD_PACKAGED = MigCommand.PACKAGED
 
 SECTION_KINDS = {
     QEMU_VM_SECTION_START: "START",
@@ -123,6 +134,11 @@ class MigrationStreamError(ValueError):
         self.offset = offset
 
 
+class LocalProtocolError(RuntimeError):
+    """Misuse of a sans-IO object by its caller (a reply with no request pending, a command
+    after the end...): a bug here, not the peer's fault (h11's split of local and remote)."""
+
+
 class NeedData(enum.Enum):
     NEED_DATA = "NEED_DATA"
 
@@ -130,6 +146,6 @@ class NeedData(enum.Enum):
         return "NEED_DATA"
 
 
-#: Returned by ``next_event()`` when it needs more input: one sentinel for every parser of the
-#: package (the main stream's and the multifd channels').
+#: Returned by every sans-IO ``next_event()``/``next_message()`` here when it needs more input
+#: (the stream parser, the multifd channel parser, the return-path reader, the QMP connection).
 NEED_DATA: Final = NeedData.NEED_DATA

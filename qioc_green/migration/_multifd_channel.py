@@ -114,6 +114,8 @@ class ChannelReader:
         save = FileChannel.open(channel_path(s.save, self.j), "w",
                                 name=f"save-multifd-{self.j}") if s.save else None
         fwd: Forwarder | None = None
+        if s.forward is not None and not s.main_forward_open():
+            raise Stopped("stopped")
         if s.forward is not None:
             fwd = Forwarder(s.forward, s.forward_context(conn).context, chunk=s.chunk,
                             buffers=s.buffers, digest=s.digest)

@@ -63,15 +63,16 @@ from qioc_green import (
     current_context,
 )
 
+from ._destination import Destination
 from ._events import Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
 from ._format import MigrationStreamError
+from ._incoming import IncomingSettings, check_configuration
 from ._multifd import MultifdChannels, sniff_channel
 from ._multifd_channel import ChannelReader, Connection, Stopped
 from ._multifd_events import MultifdError
 from ._multifd_sync import SyncFailed, SyncPoints
 from ._receiver import Outcome, ReceiveError, Receiver, describe
-from ._settings import IncomingSettings, check_configuration
 from ._sinks import BUFFERS, CHUNK, RamDir
 from ._summary import Summary
 from ._uri import Endpoint
@@ -97,7 +98,7 @@ class MultifdReceiver:
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None, deadline: float | None = None,
-                 channel_timeout: float = 10.0) -> None:
+                 channel_timeout: float = 10.0, destination: Destination | None = None) -> None:
         if not settings.multifd:
             raise ValueError("a multifd receiver needs the multifd capability")
         self.settings = settings
@@ -113,6 +114,7 @@ class MultifdReceiver:
         self.idle_timeout = idle_timeout
         self.deadline = deadline
         self.channel_timeout = channel_timeout
+        self.destination = destination
         self.connections: list[Connection] = []
         self.registry = MultifdChannels(self.channels)
         self.sync = SyncPoints(self.channels, connected=self._connected_ids,
@@ -135,6 +137,18 @@ class MultifdReceiver:
         self._sync_points = 0
         self._stopping = False
         self._last = time.monotonic()
+        self._empty = Summary()
+
+    @property
+    def summary(self) -> Summary:
+        """The main stream's summary so far (a QMP monitor reads it, from its own thread)."""
+        rx = self._main
+        return rx.summary if rx is not None else self._empty
+
+    @property
+    def received(self) -> int:
+        """Bytes received on every connection so far."""
+        return sum(c.bytes for c in list(self.connections))
 
     def stop(self, reason: str = "stopped") -> None:
         """End the migration now: it fails with ``reason``. Any thread; never parks (it closes
@@ -151,6 +165,18 @@ class MultifdReceiver:
     def touch(self) -> None:
         """Bytes arrived (for the idle timeout, which spans every connection)."""
         self._last = time.monotonic()
+
+    def main_forward_open(self) -> bool:
+        """Park until the main channel's forward connection is open (QEMU before 8.0 takes the
+        first connection for the main channel); False when the migration failed meanwhile."""
+        while not self.failed:
+            rx = self._main
+            fwd = rx.forwarder if rx is not None else None
+            if fwd is not None and fwd.connected.wait(_TICK):
+                return True
+            if fwd is None:
+                self.config_ready.wait(_TICK)  # the main stream not there yet: look again
+        return False
 
     def forward_context(self, conn: Connection) -> IOThread:
         """A new IOThread for ``conn``'s forwarding writer (stopped with the others)."""
@@ -408,7 +434,7 @@ class MultifdReceiver:
                       chunk=self.chunk, buffers=self.buffers,
                       allow_undescribed=self.allow_undescribed, digest=self.digest,
                       prefix=prefix, ram=self.ram, on_event=self._main_event,
-                      low_water=False)
+                      low_water=False, destination=self.destination)
         self._main = rx
         try:
             out = rx.receive(ch)

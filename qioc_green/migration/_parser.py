@@ -30,7 +30,8 @@ the chunking).
 buffer (a partial header or page left over is copied), so the caller may reuse its receive
 buffer then, after it has consumed the events that view it.
 
-*Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``.
+*Device sections are framed by their footers and split exactly by the JSON*: see ``_vmdesc``
+and ``_framing``, where postcopy's PACKAGED is parsed in place, bounded by its length.
 
 *Memory is bounded whatever the input*: page data is not buffered; headers are a few hundred
 bytes; held device state (data and events), the JSON (bytes and values), section ids and block
@@ -43,8 +44,7 @@ costs about a tenth of a core with 1 MiB receives. Run structs are compiled once
 length and shared by all parsers.
 
 *Not supported, refused with a clear error*: XBZRLE and compressed pages (switch those
-capabilities off), RDMA hooks, PACKAGED (postcopy's device-state package: the receiver would need
-to answer on the return path anyway), streams without section footers.
+capabilities off), RDMA hooks, streams without section footers.
 
 Errors are all :class:`MigrationStreamError` (a ``ValueError``), whose message starts with the
 stream offset: ``offset 1234: expected section footer 0x7e for section 5, got 0x12``. Misuse of
@@ -95,6 +95,7 @@ from ._format import (
     MigrationStreamError,
     NeedData,
 )
+from ._framing import DeviceFraming
 from ._ram import RamReader, check_page_bits
 from ._receivebuffer import SHORT, Cursor
 from ._vmdesc import Retained, check_described, load_description
@@ -111,11 +112,7 @@ class _Section(NamedTuple):
     is_ram: bool
 
 
-def _printable(b: bytes | bytearray | memoryview) -> bool:
-    return all(0x20 < c < 0x7F for c in b)
-
-
-class StreamParser(RamReader):
+class StreamParser(DeviceFraming, RamReader):
     """Parse one QEMU migration stream, sans-IO (h11-style).
 
     ``feed(data)`` adds input, ``next_event()`` returns the next event or :data:`NEED_DATA`,
@@ -277,6 +274,8 @@ class StreamParser(RamReader):
         return StreamHeader(version)
 
     def _st_section(self) -> Event | None | NeedData:
+        if self._package_end is not None and self._leave_package():
+            return None
         if not self._ensure(1):
             return self._starve("the next section (no EOF marker yet)")
         t = self._buf[self._pos]
@@ -287,6 +286,8 @@ class StreamParser(RamReader):
                 return self._starve(f"a {SECTION_KINDS[t]} section header")
             return res  # type: ignore[return-value]
         if t == QEMU_VM_EOF:
+            if self._package_end is not None:
+                raise self._err("EOF (0x00) inside the postcopy package")
             self._pos += 1
             self._step = self._st_after_eof
             return self._emit(EndOfState(at))
@@ -355,9 +356,7 @@ class StreamParser(RamReader):
             raise MigrationStreamError(at, f"command {name} has length {length}, expected {want}")
         data = c.take(length)
         if cmd == MIG_CMD_PACKAGED:
-            (size,) = BE32.unpack(data)
-            raise MigrationStreamError(
-                at, f"PACKAGED command (postcopy device state, {size} bytes) is not supported")
+            self._open_package(at, c.offset, BE32.unpack(data)[0], self.max_device_bytes)
         return Command(cmd, name, data, at)
 
     def _parse_section_header(self, c: Cursor, t: int) -> Event | None:
@@ -373,6 +372,8 @@ class StreamParser(RamReader):
             if not idstr.isprintable() or not idstr.isascii() or " " in idstr:
                 raise MigrationStreamError(idstr_at, f"section idstr {idstr!r} is not printable")
             is_ram = idstr == RAM_SECTION
+            if is_ram and self._package_end is not None:
+                raise MigrationStreamError(at, "a ram section inside the postcopy package")
             if is_ram and instance_id != 0:
                 raise MigrationStreamError(at, f"ram section with instance id {instance_id}")
             if sid in self._live:
@@ -453,6 +454,8 @@ class StreamParser(RamReader):
                     self._rejected = (self._body_start + q, bytes(body[q + 5 : q + 7]))
                 q = body.find(footer, q + 1)
             self._scan = q if q != -1 else max(0, len(body) - 4)
+            room = self._package_room(self._body_start, len(body),
+                                      f"section {sec.section_id} ({sec.idstr!r})")
             if not self._next_chunk():
                 if self._closed and self._rejected is not None:
                     at, after = self._rejected
@@ -466,7 +469,7 @@ class StreamParser(RamReader):
                     raise self._err(f"stream ends inside section {sec.section_id} "
                                     f"({sec.idstr!r}) before its footer", self._cur_offset)
                 return self._starve("device data")
-            take = min(len(self._buf) - self._pos, _SCAN_WINDOW)
+            take = min(len(self._buf) - self._pos, _SCAN_WINDOW, room or _SCAN_WINDOW)
             self._check_held(len(body) + take)
             if len(body) + take > self.max_device_bytes:
                 raise self._err(
@@ -495,45 +498,6 @@ class StreamParser(RamReader):
         self._step = self._st_footer
         return self._emit(
             DeviceState(sec.section_id, sec.idstr, sec.instance_id, data, self._body_start))
-
-    def _plausible_next(self, data: bytearray, i: int) -> bool | None:
-        """Is data[i:] a plausible start of what follows a footer? None: cannot tell yet."""
-        end = len(data)
-        unsure = not self._closed
-
-        def short(n: int) -> bool:
-            return i + n > end
-
-        if short(1):
-            return None if unsure else True
-        t = data[i]
-        if t == QEMU_VM_EOF:
-            if short(2):
-                return None if unsure else True
-            # EOF then the description marker: its length and JSON are checked after
-            return data[i + 1] == QEMU_VM_VMDESCRIPTION
-        if t in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
-            if short(6):
-                return None if unsure else True
-            n = data[i + 5]
-            if n == 0:
-                return False
-            if short(6 + n + 8):
-                return None if unsure else True
-            (version,) = BE32.unpack_from(data, i + 6 + n + 4)
-            return _printable(data[i + 6 : i + 6 + n]) and version < 0x10000
-        if t in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
-            if short(5):
-                return None if unsure else True
-            (sid,) = BE32.unpack_from(data, i + 1)
-            return sid in self._live
-        if t == QEMU_VM_COMMAND:
-            if short(5):
-                return None if unsure else True
-            cmd, length = struct.unpack_from(">HH", data, i + 1)
-            known = COMMANDS.get(cmd)
-            return known is not None and (known[1] is None or known[1] == length)
-        return False
 
     # -- after EOF ----------------------------------------------------------------------------
 

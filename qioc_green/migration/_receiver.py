@@ -72,11 +72,13 @@ from qioc_green import (
 )
 
 from ._children import EXIT_WAIT, end_command, failure
+from ._destination import EVENTS, Destination
 from ._events import Event, RamBlocks, RamPages, SectionHeader, ZeroPages
 from ._format import NEED_DATA, MigrationStreamError
 from ._parser import StreamParser
 from ._sinks import BUFFERS, CHUNK, Forwarder, RamDir
 from ._summary import Summary
+from ._tls import early_close
 from ._uri import Endpoint
 
 LOWAT_WAIT = 0.05  # s; see set_rcvlowat()
@@ -128,13 +130,11 @@ class Receiver:
     ``stop(reason)``, from any thread, ends the migration being received (or the next one) at
     once: it is reported as failed with ``reason`` and cleaned up as any failure is.
 
-    For the main channel of a multifd migration (``_multifd_receiver``): ``prefix``, bytes
-    already read from the channel (to tell it from a multifd channel), taken as its first
-    chunk; ``ram``, a RamDir shared with the multifd channels (left open); ``on_event``, called
-    with every event other than page runs, in the reading greenlet, before the summary takes
-    it (it may park: the multifd sync points do; see :meth:`pass_on_parsed`); ``low_water``
-    false: no SO_RCVLOWAT (a small stream whose records others wait for, as a multifd main
-    channel's MULTIFD_FLUSH, must be read when it comes, not at the mark's timeout).
+    ``destination``: the return path of this migration (``_destination``): answered, or
+    relayed from the forwarding destination.
+
+    A multifd main channel gives ``prefix`` (read already: its first chunk), ``ram`` (shared,
+    left open), ``on_event`` (non-page events; may park: :meth:`pass_on_parsed`), ``low_water``.
     """
 
     def __init__(self, *, save: str | None = None, ram_dir: str | None = None,
@@ -145,6 +145,7 @@ class Receiver:
                  min_rate: float | None = None, rate_window: float = 10.0,
                  label: str | None = None,
                  parser_factory: Callable[[], StreamParser] = StreamParser,
+                 destination: Destination | None = None,
                  prefix: bytes = b"", ram: RamDir | None = None,
                  on_event: Callable[[Event], None] | None = None,
                  low_water: bool = True) -> None:
@@ -168,11 +169,13 @@ class Receiver:
         self._window_end = self._next_check = float("inf")
         self._window_bytes = 0
         self.parser_factory = parser_factory
+        self.destination = destination
         self.prefix = prefix
         self.ram = ram
         self.on_event = on_event
         self.low_water = low_water
         self.parser: StreamParser | None = None
+        self.summary = Summary()  # of the migration being received: read by the QMP monitor
         self.received = 0
         self._eof = False  # the source's output ended (a read gave 0)
         self._stop_reason: str | None = None
@@ -195,7 +198,8 @@ class Receiver:
         are reported the same way.)
         """
         parser = self.parser = self.parser_factory()
-        summary = Summary()
+        summary = self.summary = Summary()
+        dest = self.destination
         save: FileChannel | None = None
         ram: RamDir | None = self.ram
         fwd: Forwarder | None = None
@@ -213,6 +217,8 @@ class Receiver:
         try:
             if self._stop_reason is not None:
                 raise _Stop(self._stop_reason)
+            if dest is not None:
+                dest.start(channel)
             source = _identity(channel)
             if self.save is not None:
                 save = _open_save(self.save, source)
@@ -220,13 +226,15 @@ class Receiver:
                 ram = RamDir(self.ram_dir, keep=source)
             if self.forward is not None:
                 assert self.forward_context is not None
-                fwd = self._fwd = Forwarder(self.forward, self.forward_context,
-                                            chunk=self.chunk, buffers=self.buffers,
-                                            digest=self.digest, idle_timeout=self.idle_timeout)
+                fwd = self._fwd = Forwarder(self.forward, self.forward_context, chunk=self.chunk,
+                                buffers=self.buffers, digest=self.digest,
+                                idle_timeout=self.idle_timeout,
+                                connect=dest.connect_forward if dest is not None else None)
             last = self._pump(channel, parser, summary, save, ram, fwd, sha)
             if not summary.complete:  # pragma: no cover - close() raises first
                 raise ReceiveError(self.received, "stream incomplete")
-            if not summary.described and not self.allow_undescribed:
+            if not summary.described and not (self.allow_undescribed
+                                              or (dest is not None and dest.postcopy)):
                 summary.complete = False
                 raise ReceiveError(self.received, "expected the VM description (0x06) after "
                                    "EOF, the stream ended (--allow-undescribed accepts that)")
@@ -249,6 +257,12 @@ class Receiver:
             error = f"offset {self.received}: {exc}"
         finally:
             self._glet = None  # no stop is thrown into the clean-up
+            if dest is not None and dest.error is not None:  # the relay failed it first
+                error = f"offset {self.received}: {dest.error}"
+            elif error is not None and dest is not None and dest.postcopy and not dest.done:
+                at, _, what = error.partition(": ")
+                error = (f"{at}: the source went away during postcopy, and postcopy recovery "
+                         f"is not supported: {what}")
             if fwd is not None and not finished:
                 fwd.abort()
             if isinstance(channel, CommandChannel):
@@ -256,6 +270,8 @@ class Receiver:
                 if problem is not None:
                     why = error.partition(": ")[2] if error is not None else None
                     error = f"offset {self.received}: {problem}" + (f"; {why}" if why else "")
+            if dest is not None:
+                dest.finish(error)
             channel.close()
             if save is not None:
                 save.close()
@@ -272,6 +288,8 @@ class Receiver:
             d["error"] = error
         if sha is not None:
             d["sha256_in"] = sha.hexdigest()
+        if dest is not None:
+            d["return_path"] = dest.as_dict()
         if fwd is not None:
             d["forward"] = {"uri": str(fwd.endpoint), "bytes": fwd.bytes_out,
                             "buffers_high_water": fwd.high_water,
@@ -291,13 +309,13 @@ class Receiver:
             except ContextStoppedError:
                 pass  # that thread is ending: its greenlets are being woken anyway
 
-    def pass_on_parsed(self) -> None:
-        """Forward now every byte parsed so far, the held-back chunk included. Reader side.
+    @property
+    def forwarder(self) -> Forwarder | None:
+        """The forwarder of the migration being received (None before or without one)."""
+        return self._fwd
 
-        For an ``on_event`` hook about to park: a multifd sync point waits for the other
-        channels, whose destination may in turn wait for what this channel has parsed (the
-        destination's own sync), so nothing parsed may stay held back across such a wait.
-        """
+    def pass_on_parsed(self) -> None:
+        """Forward all parsed, held-back chunk too, as a hook must before parking (reader side)."""
         fwd, parser, chunk = self._fwd, self.parser, self._chunk
         if fwd is None or parser is None or chunk is None:
             return
@@ -333,11 +351,13 @@ class Receiver:
             wait = LOWAT_WAIT if idle is None else min(idle, LOWAT_WAIT)
         progress = self.progress
         next_progress = time.monotonic() + 0.5 if progress is not None else float("inf")
-        on_event = self.on_event
-        carry = self.prefix
         t0 = last = time.monotonic()
         paced = self._next_check != float("inf")
         timeout = wait
+        on_event = self.on_event
+        carry = self.prefix
+        dest = self.destination
+        flush = False
         while True:
             if paced:
                 timeout = self._pace(wait)
@@ -359,8 +379,11 @@ class Receiver:
                 else:
                     n = ch.readinto(view, timeout=timeout)
             except BrokenChannelError as exc:  # the sender vanished: say what it was sending
-                raise ReceiveError(self.received,
-                                   f"{describe(exc)}; {_what_was_cut(parser)}") from exc
+                if dest is None or not dest.done:
+                    why = early_close(ch, self.received)
+                    raise ReceiveError(self.received, why or
+                                       f"{describe(exc)}; {_what_was_cut(parser)}") from exc
+                n = 0  # after SHUT: a TLS source hangs up without close_notify
             except TimeoutError:
                 # With a low-water mark, a quiet sender may leave fewer bytes than the mark
                 # waiting: the retry's read takes them (it tries before it parks).
@@ -401,6 +424,8 @@ class Receiver:
                             self.section = ev.idstr
                         elif tev is RamBlocks and ram is not None:
                             ram.blocks(ev)  # type: ignore[arg-type]
+                        elif dest is not None and tev in EVENTS and dest.event(ev):
+                            flush = True
                         if on_event is not None:
                             on_event(ev)
                     add(ev)
@@ -414,6 +439,12 @@ class Receiver:
                     fwd.submit(*self._pending)
                 self._pending = (buf, n, self._chunk_sent)  # type: ignore[assignment]
                 self._chunk = None
+                if flush or (dest is not None and dest.postcopy):
+                    # the source waits for the destination (its SHUT; in postcopy, pages its
+                    # guest faults on): hold nothing back
+                    fwd.submit(*self._pending)  # type: ignore[misc]
+                    self._pending = None
+                    flush = False
             if progress is not None:
                 now = time.monotonic()
                 if now >= next_progress:
@@ -425,6 +456,8 @@ class Receiver:
                     self._progress_shown = True
         parser.close()  # raises MigrationStreamError when the stream is cut short
         while (ev := next_event()) is not NEED_DATA:
+            if dest is not None and type(ev) in EVENTS:
+                dest.event(ev)
             if on_event is not None:
                 on_event(ev)
             add(ev)

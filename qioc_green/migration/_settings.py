@@ -1,148 +1,294 @@
-"""What the receiver is told before a migration arrives, as a QEMU destination is told it, and
-what it refuses in the stream's configuration (sans-IO).
+"""What a destination is set to and where its incoming migration stands: the receiver's
+capabilities, parameters and TLS objects, as a QMP monitor sets them (``MigrationTarget``) and
+as the command line does, and the one incoming migration's status and counters.
 
-A QEMU destination learns the multifd channel count and compression from QMP
-(``migrate-set-capabilities``, ``migrate-set-parameters``) before it listens: a multifd stream
-never says how many channels it has. :class:`IncomingSettings` holds those settings with QMP's
-names and QMP's checks, so the command line (``--multifd-channels``, ``--multifd-compression``)
-and a QMP monitor set them the same way; both refuse, with one line, what the receiver cannot do.
+:class:`DestinationSettings` is the monitor's ``MigrationTarget``; the command line fills the
+same object (``--tls-creds`` is a ``tls-creds-x509`` object, ``--switchover-ack`` the
+capability), so one code path builds each migration's TLS context and return path from it.
+Its methods run in the monitor's thread; the receiving thread updates the status with
+:meth:`DestinationSettings.set_status` and is read (counters) without locks: plain attribute
+reads of values another thread replaces whole.
 
-The configuration section lists only the capabilities both ends must agree on
-(``configuration/capabilities``: in QEMU 10, ``x-ignore-shared`` and ``mapped-ram``);
-:func:`check_configuration` refuses a stream whose list names one the receiver cannot take here,
-before any RAM has arrived. The others do not show in the stream until their effects do (see
-``docs/migration-formats.md``): a multifd source opens more connections, and its main stream
-carries MULTIFD_FLUSH records, which a receiver not told to expect multifd refuses at the first
-one (before RAM: QEMU sends one right after the RAM block list); xbzrle shows only at its first
-encoded page, which the parser refuses naming the capability.
+What can be set, and what is refused (one line naming it, QMP's ``GenericError``):
+
+- Capabilities: ``SUPPORTED`` are taken (the return path is always answered when the source
+  opens it, as by QEMU; ``switchover-ack`` and ``postcopy-ram`` then behave as on a QEMU
+  destination: SWITCHOVER_ACK only with the former, a postcopy ADVISE refused without the
+  latter); ``multifd`` with ``multifd-channels`` and ``multifd-compression`` makes the
+  receiver take N channels (``_multifd_receiver``), ``mapped-ram`` a ``file:`` of that kind.
+  The others are refused with the reason in ``REFUSED``.
+- Parameters: all of QEMU's, type-checked by the dispatcher; kept and reported. ``tls-creds``
+  must name a ``tls-creds-x509`` object for a server endpoint (QEMU checks that only when the
+  source connects; here ``migrate-set-parameters`` says it at once); ``tls-authz`` is refused.
+- ``object-add``: ``tls-creds-x509`` only (``dir``, ``endpoint``, ``verify-peer``), loaded and
+  checked at once as QEMU does (a missing file is an error then, not at the first
+  connection). It is how libvirt sets up TLS: ``object-add``, then ``migrate-set-parameters
+  tls-creds``. ``--tls-creds DIR`` on the command line is the object ``cli-tls0``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from ._events import Configuration, Event, RamFlush
-from ._format import MigrationStreamError
+from qioc_green import Context
+
+from ._destination import Destination
 from ._multifd_compress import COMPRESSIONS, DecompressError, decompressor_for
-from ._parser import StreamParser
+from ._qmp_dispatch import (
+    DEFAULT_PARAMETERS,
+    SOURCE_ONLY_CAPABILITIES,
+    CommandError,
+    IncomingInfo,
+    RamStats,
+)
+from ._tls import TlsCreds, TlsError
+from ._uri import Endpoint, Incoming, parse_uri
 
-#: Capabilities the receiver can take (QMP names); ``migrate-set-capabilities`` refuses others.
-SUPPORTED_CAPABILITIES = frozenset({
-    "multifd",  # the channels, with --multifd-channels
-    "x-ignore-shared",  # the parser reads the block addresses it adds
-    "mapped-ram",  # from file: only (a mapped-ram migration is a file)
-    "validate-uuid",  # the multifd channels are checked against the main stream's UUID
-    "events", "auto-converge", "zero-blocks", "dirty-limit", "pause-before-switchover",
-    "zero-copy-send", "late-block-activate",  # the source's business; nothing on the wire
-})
-#: Capabilities a stream's configuration may declare that this receiver understands.
-_DECLARABLE = frozenset({"x-ignore-shared", "mapped-ram"})
-MAX_MULTIFD_CHANNELS = 255  # QEMU's range for multifd-channels is 1..255
+if TYPE_CHECKING:
+    from ._multifd_receiver import MultifdReceiver
+    from ._receiver import Receiver
+
+SUPPORTED = frozenset({"events", "return-path", "switchover-ack", "postcopy-ram",
+                       "x-ignore-shared", "zero-blocks", "multifd",
+                       "mapped-ram"}) | SOURCE_ONLY_CAPABILITIES
+REFUSED = {
+    "xbzrle": "XBZRLE-encoded pages are not supported by this receiver",
+    "rdma-pin-all": "RDMA is not supported by this receiver",
+    "x-colo": "COLO is not supported by this receiver",
+    "postcopy-preempt": "postcopy-preempt needs a second channel, which this receiver does "
+                        "not take",
+    "dirty-bitmaps": "block dirty bitmaps are not migrated by this receiver",
+}
+CLI_TLS_ID = "cli-tls0"
+_LIVE = ("setup", "active", "postcopy-active")
 
 
-@dataclass
-class IncomingSettings:
-    """Capabilities and parameters of the incoming side, by their QMP names.
+class DestinationSettings:
+    """The receiver's settings and its incoming migration's state (see the module notes).
 
-    ``capabilities``: those switched on. ``multifd_channels``: QMP's ``multifd-channels``
-    (QEMU's default 2), used when ``multifd`` is on. ``multifd_compression``: QMP's
-    ``multifd-compression``, or None (the default here, unlike QEMU's ``none``) to take what
-    the packets say and hold every channel to it. Nothing here blocks or touches a socket.
+    ``monitored``: a QMP monitor sets the capabilities (then ``switchover-ack`` and
+    ``postcopy-ram`` are exactly the capabilities; without one, ``switchover_ack`` (None:
+    decide from the source's machine type) and no postcopy check). ``deferred``: started
+    with ``defer``, so ``migrate-incoming`` is what starts listening. ``on_incoming(incoming)``
+    is called (in the monitor's thread) when it has; ``on_quit()`` on ``quit``.
+    ``on_status(status)``: tell the monitor (any thread, never blocks).
     """
 
-    capabilities: set[str] = field(default_factory=set)
-    multifd_channels: int = 2
-    multifd_compression: str | None = None
+    def __init__(self, *, monitored: bool = False, deferred: bool = False,
+                 switchover_ack: bool | None = None,
+                 on_incoming: Callable[[Incoming], None] | None = None,
+                 on_quit: Callable[[], None] | None = None) -> None:
+        self.monitored = monitored
+        self.deferred = deferred
+        self.switchover_ack = switchover_ack
+        self.on_incoming = on_incoming
+        self.on_quit = on_quit
+        self.on_status: Callable[[str], None] | None = None
+        self.caps: dict[str, bool] = {}
+        self.params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
+        self.objects: dict[str, TlsCreds] = {}
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        # the incoming migration
+        self.status: str | None = None
+        self.error: str | None = None
+        self.addresses: list[dict[str, Any]] = []
+        self.receiver: Receiver | MultifdReceiver | None = None
+        self.destination_state: Destination | None = None
+        self.started_at = 0.0
+        self.ended_at: float | None = None
+        self.postcopy_from: int | None = None  # bytes received when postcopy began
 
-    @property
-    def multifd(self) -> bool:
-        return "multifd" in self.capabilities
+    # -- set up by the command line --------------------------------------------------------------
 
-    @property
-    def channels(self) -> int:
-        """How many multifd channels a migration brings (0 without multifd)."""
-        return self.multifd_channels if self.multifd else 0
+    def use_tls_dir(self, path: str, verify_peer: bool) -> None:
+        """``--tls-creds DIR [--tls-verify-peer]``. Raises TlsError (one line)."""
+        self.object_add_creds(CLI_TLS_ID, TlsCreds(path, "server", verify_peer))
+        self.params["tls-creds"] = CLI_TLS_ID
 
-    def set_capability(self, name: str, state: bool = True) -> None:
-        """``migrate-set-capabilities`` for one capability. ValueError names what is refused."""
-        if state and name not in SUPPORTED_CAPABILITIES:
-            raise ValueError(f"capability {name!r} is not supported by this receiver")
-        if state:
-            self.capabilities.add(name)
+    def object_add_creds(self, oid: str, creds: TlsCreds) -> None:
+        if oid in self.objects:
+            raise CommandError(f"attempt to add duplicate property '{oid}' to object "
+                               "(type 'container')")
+        self._contexts[oid] = creds.context()
+        self.objects[oid] = creds
+
+    # -- what one migration is set up with ----------------------------------------------------
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        """The TLS context the source's connections are accepted with (None: plaintext)."""
+        oid = self.params.get("tls-creds") or ""
+        return self._contexts.get(oid) if oid else None
+
+    def destination(self, context: Context, **kwargs: Any) -> Destination:
+        """The return path of the next migration, set as these settings say (``kwargs``:
+        ``relay``, ``allow_undescribed``, ``forward_tls``, ``write_timeout``)."""
+        if self.monitored:
+            ack: bool | None = self.caps.get("switchover-ack", False)
+            postcopy: bool | None = self.caps.get("postcopy-ram", False)
         else:
-            self.capabilities.discard(name)
+            ack, postcopy = self.switchover_ack, None
+        dest = Destination(context, switchover_ack=ack, postcopy_ram=postcopy,
+                           status=self.set_status, **kwargs)
+        self.destination_state = dest
+        return dest
 
-    def set_parameters(self, parameters: dict[str, Any]) -> None:
-        """``migrate-set-parameters``: ``multifd-channels``, ``multifd-compression``.
+    def set_status(self, status: str) -> None:
+        """The incoming migration is now in ``status`` (from the receiving thread)."""
+        rx = self.receiver
+        if status == "active":
+            self.started_at = time.monotonic()
+        elif status == "postcopy-active" and rx is not None:
+            self.postcopy_from = rx.received
+        elif status == "failed" and self.destination_state is not None:
+            self.error = self.destination_state.final_error or self.error
+        if status in ("completed", "failed"):
+            self.ended_at = time.monotonic()
+        self.status = status
+        if self.on_status is not None:
+            self.on_status(status)
 
-        Checks everything before changing anything; ValueError names the parameter.
-        """
-        channels = self.multifd_channels
-        compression = self.multifd_compression
-        for key, value in parameters.items():
-            if key == "multifd-channels":
-                if isinstance(value, bool) or not isinstance(value, int) or \
-                        not 1 <= value <= MAX_MULTIFD_CHANNELS:
-                    raise ValueError(f"parameter 'multifd-channels' expects 1 to "
-                                     f"{MAX_MULTIFD_CHANNELS}, not {value!r}")
-                channels = value
-            elif key == "multifd-compression":
-                if value not in COMPRESSIONS:
-                    raise ValueError(f"parameter 'multifd-compression' {value!r} is not supported "
-                                     f"({', '.join(COMPRESSIONS)})")
-                try:
-                    decompressor_for(value)  # zstd: is zstandard there?
-                except DecompressError as exc:
-                    raise ValueError(str(exc)) from None
-                compression = value
-            else:
-                raise ValueError(f"parameter {key!r} is not supported by this receiver")
-        self.multifd_channels = channels
-        self.multifd_compression = compression
+    def failed(self, error: str) -> None:
+        """The migration failed before it had a return path (a TLS handshake)."""
+        self.error = error
+        self.set_status("failed")
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"capabilities": sorted(self.capabilities),
-                "multifd-channels": self.multifd_channels,
-                "multifd-compression": self.multifd_compression}
+    # -- MigrationTarget ------------------------------------------------------------------------
+
+    def incoming_info(self) -> IncomingInfo:
+        status = self.status
+        if status is None:
+            return IncomingInfo()
+        addresses = self.addresses if status in _LIVE else []
+        return IncomingInfo(status, addresses, self.error if status == "failed" else None,
+                            self._ram_stats())
+
+    def _ram_stats(self) -> RamStats | None:
+        rx = self.receiver
+        if rx is None:
+            return None
+        blocks: list[dict[str, Any]] = []
+        for _ in range(3):  # the receiving thread may add a block meanwhile: look again
+            try:
+                blocks = [dict(b) for b in list(rx.summary.ram_blocks.values())]
+                break
+            except RuntimeError:
+                continue
+        received = rx.received
+        end = self.ended_at if self.ended_at is not None else time.monotonic()
+        elapsed = max(end - self.started_at, 1e-9) if self.started_at else 0.0
+        post = self.postcopy_from
+        return RamStats(
+            transferred=received, total=sum(b["size"] for b in blocks),
+            duplicate=sum(b["zero_pages"] for b in blocks),
+            normal=sum(b["normal_pages"] for b in blocks),
+            precopy_bytes=received if post is None else post,
+            postcopy_bytes=0 if post is None else received - post,
+            mbps=round(received * 8 / elapsed / 1e6, 3) if elapsed else 0.0)
+
+    def run_state(self) -> str:
+        dest = self.destination_state
+        if self.status != "completed":
+            return "inmigrate"
+        return (dest.source_runstate if dest is not None else None) or "paused"
+
+    def capabilities(self) -> Mapping[str, bool]:
+        return self.caps
+
+    def set_capabilities(self, changes: Mapping[str, bool]) -> None:
+        if self.status not in (None, "setup"):
+            raise CommandError("There's a migration process in progress")
+        for name, state in changes.items():
+            if state and name not in SUPPORTED:
+                why = REFUSED.get(name, "not supported by this receiver")
+                raise CommandError(f"Capability '{name}': {why}")
+        self.caps.update(changes)
+
+    def parameters(self) -> Mapping[str, Any]:
+        return self.params
+
+    def set_parameters(self, changes: Mapping[str, Any]) -> None:
+        oid = changes.get("tls-creds")
+        if oid:
+            creds = self.objects.get(oid)
+            if creds is None:
+                raise CommandError(f"No TLS credentials with id '{oid}'")
+            if creds.endpoint != "server":
+                raise CommandError("Expected TLS credentials for a server endpoint")
+        if changes.get("tls-authz"):
+            raise CommandError("tls-authz is not supported by this receiver")
+        method = changes.get("multifd-compression")
+        if method is not None:
+            if method not in COMPRESSIONS:
+                raise CommandError(f"multifd-compression '{method}' is not supported by this "
+                                   f"receiver ({', '.join(COMPRESSIONS)})")
+            try:
+                decompressor_for(method)  # zstd: is zstandard there?
+            except DecompressError as exc:
+                raise CommandError(str(exc)) from None
+        self.params.update(changes)
+
+    def object_add(self, qom_type: str, id: str, props: Mapping[str, Any]) -> None:
+        if "dir" not in props:
+            raise CommandError("Parameter 'dir' is missing (this receiver loads "
+                               "credentials from a directory)")
+        creds = TlsCreds(props["dir"], props.get("endpoint", "client"),
+                         props.get("verify-peer", True))
+        try:
+            self.object_add_creds(id, creds)
+        except TlsError as exc:
+            raise CommandError(str(exc)) from None
+
+    def object_del(self, id: str) -> None:
+        if id not in self.objects:
+            raise CommandError(f"object '{id}' not found")
+        if self.params.get("tls-creds") == id and self.status in _LIVE:
+            raise CommandError(f"object '{id}' is in use, can not be deleted")
+        del self.objects[id]
+        del self._contexts[id]
+
+    def migrate_incoming(self, uri: str, exit_on_error: bool) -> None:
+        if not self.deferred or self.status is not None:
+            raise CommandError("The incoming migration has already been started")
+        try:
+            endpoint = parse_uri(uri)
+        except ValueError as exc:
+            kind = uri.partition(":")[0]
+            if kind not in ("tcp", "unix", "fd", "exec", "file"):
+                raise CommandError(f"unknown migration protocol: {uri}") from None
+            raise CommandError(str(exc)) from None
+        multifd = self.caps.get("multifd")
+        incoming = Incoming(endpoint, backlog=int(self.params["multifd-channels"]) + 1
+                            if multifd else 1)
+        try:
+            incoming.open()
+        except OSError as exc:
+            raise CommandError(f"Failed to listen on {endpoint}: {exc.strerror or exc}") from None
+        self.listening(incoming)
+        if self.on_incoming is not None:
+            self.on_incoming(incoming)
+
+    def listening(self, incoming: Incoming) -> None:
+        """``incoming`` is open: status ``setup``, its address in QEMU's SocketAddress shape."""
+        self.addresses = socket_addresses(incoming)
+        self.set_status("setup")
+
+    def quit(self) -> None:
+        if self.on_quit is not None:
+            self.on_quit()
 
 
-def check_configuration(cfg: Configuration, offset: int, *, mapped_ram_ok: bool = False) -> None:
-    """Refuse a configuration that declares a capability we cannot take here.
-
-    ``offset``: the stream offset to report. ``mapped_ram_ok``: the stream is read from a
-    mapped-ram file by its reader. Raises MigrationStreamError with one line naming it.
-    """
-    for cap in cfg.capabilities:
-        if cap == "mapped-ram" and not mapped_ram_ok:
-            raise MigrationStreamError(
-                offset, "capability mapped-ram: a mapped-ram migration is a file with RAM at "
-                        "fixed offsets; read it with file:PATH, not as a sequential stream")
-        if cap not in _DECLARABLE:
-            raise MigrationStreamError(
-                offset, f"capability {cap!r} in the configuration is not supported by this "
-                        "receiver (switch it off on the source)")
-
-
-class _Parsing(Protocol):
-    parser: StreamParser | None
-
-
-def plain_stream_checks(rx: _Parsing) -> Callable[[Event], None]:
-    """A Receiver ``on_event`` hook for a migration without multifd: refuses, naming the
-    capability, a configuration it cannot take and the first MULTIFD_FLUSH (the source uses
-    multifd: its RAM would come on channels this receiver was not told to expect)."""
-
-    def check(ev: Event) -> None:
-        parser = rx.parser
-        assert parser is not None
-        if isinstance(ev, Configuration):
-            check_configuration(ev, parser.offset)
-        elif isinstance(ev, RamFlush):
-            raise MigrationStreamError(
-                parser.offset - 8, "MULTIFD_FLUSH: the source uses the multifd capability; "
-                                   "start the receiver with --multifd-channels N (the source's "
-                                   "multifd-channels)")
-
-    return check
+def socket_addresses(incoming: Incoming) -> list[dict[str, Any]]:
+    """What ``query-migrate`` lists as ``socket-address`` for this source (QEMU's shape)."""
+    ep: Endpoint = incoming.endpoint
+    where = incoming.listening
+    if ep.kind == "unix":
+        return [{"type": "unix", "path": ep.path}]
+    if where is None or not where.startswith("tcp:"):
+        return []
+    host, _, port = where.removeprefix("tcp:").rpartition(":")
+    v6 = host.startswith("[")
+    return [{"type": "inet", "host": host.strip("[]"), "port": port,
+             "ipv6" if v6 else "ipv4": True}]

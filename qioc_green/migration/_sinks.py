@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from qioc_green import (
@@ -31,6 +32,7 @@ from qioc_green import (
     Channel,
     CommandChannel,
     Context,
+    Event,
     FileChannel,
     Future,
     Queue,
@@ -142,11 +144,14 @@ class Forwarder:
     the destination, which sees EOF) and waits for the writer; ``abort(reason)`` drops the
     destination without sending what is queued. A writer failure surfaces in the reader's next
     ``acquire()`` as BrokenChannelError. ``high_water`` is the most buffers ever in flight.
+    ``connect(endpoint, timeout)`` opens the destination in the writer's greenlet (default
+    ``open_outgoing``; the receiver's adds TLS and the return-path relay).
     """
 
     def __init__(self, endpoint: Endpoint, context: Context, *, chunk: int = CHUNK,
                  buffers: int = BUFFERS, digest: bool = False,
-                 connect_timeout: float | None = 30.0, idle_timeout: float | None = None) -> None:
+                 connect_timeout: float | None = 30.0, idle_timeout: float | None = None,
+                 connect: Callable[[Endpoint, float | None], Channel] | None = None) -> None:
         if buffers < 2:
             raise ValueError("forwarding needs at least 2 buffers")
         self.endpoint = endpoint
@@ -163,7 +168,11 @@ class Forwarder:
         self._sha = hashlib.sha256() if digest else None
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
+        self._connect = connect
         self._channel: Channel | None = None
+        #: set once the destination's connection is open (or could not be): a multifd relay
+        #: opens its channels' only after its main channel's, as QEMU before 8.0 requires
+        self.connected = Event()
         self._done: Future[None] = context.spawn(self._run)
 
     @property
@@ -225,7 +234,13 @@ class Forwarder:
             raise
 
     def _write(self) -> None:
-        ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
+        try:
+            if self._connect is not None:
+                ch = self._connect(self.endpoint, self._connect_timeout)
+            else:
+                ch = open_outgoing(self.endpoint, timeout=self._connect_timeout)
+        finally:
+            self.connected.set()
         self._channel = ch
         sha = self._sha
         idle = self._idle_timeout

@@ -10,9 +10,17 @@ destination QEMU (which then resumes the VM).
     qioc-migration-receiver tcp::4444 --forward tcp:127.0.0.1:4445
     qioc-migration-receiver tcp::4444 --multifd-channels 4 --ram-dir ram/
     python -m qioc_green.migration exec:'cat vm.mig' --ram-dir ram/
+    qioc-migration-receiver tcp:127.0.0.1:4444 --tls-creds /etc/pki/qemu --ram-dir ram/
+    qioc-migration-receiver --qmp unix:/tmp/rx.qmp defer
+
+It answers on the return path as a destination QEMU does (PONG, SWITCHOVER_ACK, SHUT; or, with
+--forward, relays the real destination's answers), takes postcopy migrations, speaks TLS, and
+with --qmp serves a QMP monitor (``-incoming defer`` then ``migrate-incoming``, as libvirt
+drives a destination); see the package README.
 
 Exit status: 0 when every migration received was complete and well formed; 1 otherwise (the
-one-line error on stderr names the stream offset and what was expected); 2 for bad usage.
+one-line error on stderr names the stream offset and what was expected); 2 for bad usage. With
+--qmp the monitor stays up after the migration until ``quit``; then 0 if it completed.
 """
 
 from __future__ import annotations
@@ -28,12 +36,17 @@ from typing import Any, Protocol
 
 import qioc_green
 
+from ._destination import answers_back
 from ._file_input import MappedRamReceiver, input_kind, replay_channels, saved_channels
+from ._incoming import IncomingSettings, plain_stream_checks
+from ._monitor import Monitor
 from ._multifd_compress import COMPRESSIONS
 from ._multifd_receiver import MultifdReceiver, StrayWatcher
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
-from ._settings import IncomingSettings, plain_stream_checks
+from ._settings import DestinationSettings
 from ._sinks import BUFFERS, CHUNK
+from ._summary import Summary
+from ._tls import HANDSHAKE_TIMEOUT, TlsCreds, TlsError, accept_tls
 from ._uri import Endpoint, Incoming, parse_uri
 
 PROG = "qioc-migration-receiver"
@@ -50,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                "fd:N (an inherited socket, pipe or file; a listening socket is accepted on), "
                "exec:CMDLINE (reads the command's stdout), file:PATH[,offset=N]. "
                "Exit status: 0 complete and well formed, 1 not, 2 bad usage.")
-    p.add_argument("uri", help="where the stream comes from")
+    p.add_argument("uri", help="where the stream comes from; 'defer' (with --qmp): wait for "
+                                "QMP migrate-incoming to say")
     p.add_argument("--save", metavar="FILE", help="write the raw stream, byte for byte")
     p.add_argument("--ram-dir", metavar="DIR",
                    help="rebuild each RAM block as a (sparse) file in DIR")
@@ -93,20 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with multifd: fail when expected connections have not come S seconds "
                         "after they were needed (default 10)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary line on stdout")
+    g = p.add_argument_group("as a destination QEMU")
+    g.add_argument("--qmp", metavar="ADDR",
+                   help="serve a QMP monitor on unix:PATH (or tcp:HOST:PORT), as QEMU's -qmp; "
+                        "it stays up after the migration until 'quit'")
+    g.add_argument("--switchover-ack", choices=("auto", "on", "off"), default="auto",
+                   help="without --qmp: answer SWITCHOVER_ACK when the return path opens (auto: "
+                        "if the source's machine type is 8.1 or newer; --qmp: the capability)")
+    g.add_argument("--tls-creds", metavar="DIR",
+                   help="take the source over TLS: DIR in QEMU's tls-creds-x509 layout "
+                        "(ca-cert.pem, server-cert.pem, server-key.pem); plaintext is refused")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate from the source, signed by ca-cert.pem")
+    g.add_argument("--forward-tls-creds", metavar="DIR",
+                   help="speak TLS to the --forward destination: DIR holds ca-cert.pem "
+                        "(and client-cert.pem, client-key.pem if it wants one)")
+    g.add_argument("--forward-tls-hostname", metavar="NAME",
+                   help="the name the destination's certificate must carry (QEMU's "
+                        "tls-hostname; default: the host of the --forward URI)")
     return p
-
-
-def settings_from(args: argparse.Namespace) -> IncomingSettings:
-    """The command line's capabilities and parameters, checked as QMP would (ValueError)."""
-    settings = IncomingSettings()
-    if args.multifd_channels is not None:
-        settings.set_capability("multifd")
-        settings.set_parameters({"multifd-channels": args.multifd_channels})
-    if args.multifd_compression is not None:
-        if not settings.multifd:
-            raise ValueError("--multifd-compression needs --multifd-channels")
-        settings.set_parameters({"multifd-compression": args.multifd_compression})
-    return settings
 
 
 def _rate(text: str) -> tuple[float, float]:
@@ -157,12 +176,20 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class _Stoppable(Protocol):
+def _refused(error: str) -> Outcome:
+    """The outcome of a migration refused before its first byte (its TLS handshake)."""
+    d = Summary().as_dict(elapsed_s=0.0, bytes_total=0)
+    d["error"] = error
+    return Outcome(d, error)
+
+
+class _Stoppable(Protocol):  # a Receiver or a MultifdReceiver
     def stop(self, reason: str = ...) -> None: ...
 
 
 class _Run:
-    """What a signal must reach: the migration being received, or the next one. Thread-safe."""
+    """What a signal (or QMP quit) must reach: the migration being received, or the next one.
+    Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -186,13 +213,16 @@ class _Run:
 
 def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
           forward_ctx: qioc_green.Context | None, run: _Run | None = None,
-          settings: IncomingSettings | None = None, file_kind: str = "stream") -> list[bool]:
+          settings: DestinationSettings | None = None, rp_ctx: qioc_green.Context | None = None,
+          forward_tls: tuple[Any, str | None] | None = None, *,
+          strict_compression: bool = True, file_kind: str = "stream") -> list[bool]:
     """Take migrations one after another (in the receiving IOThread); return their verdicts.
 
-    ``file_kind``: what a ``file:`` source holds (``_file_input.input_kind``).
-    """
+    ``settings``: TLS, the return path (``rp_ctx``: the IOThread that writes it) and multifd
+    (its capability and parameters; ``strict_compression`` false: take the compression the
+    packets say). ``file_kind``: what a ``file:`` source holds (``_file_input.input_kind``)."""
     run = run or _Run()
-    settings = settings or IncomingSettings()
+    settings = settings or DestinationSettings()
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -203,24 +233,18 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 return path
             return numbered(path, n)
 
+        mfd = IncomingSettings.from_destination(settings.capabilities(), settings.parameters(),
+                                                strict_compression=strict_compression)
         progress = sys.stderr if stderr_is_terminal() else None
-        multifd = None
-        if settings.multifd:
-            multifd = MultifdReceiver(
-                settings, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                chunk=args.buffer_size, buffers=args.buffers,
-                allow_undescribed=args.allow_undescribed, digest=args.digest,
-                progress=progress, idle_timeout=args.idle_timeout, deadline=args.deadline,
-                channel_timeout=args.channel_timeout)
-            run.attach(multifd)
         if file_kind == "mapped-ram":
             out = MappedRamReceiver(incoming.endpoint, ram_dir=args.ram_dir,
                                     allow_undescribed=args.allow_undescribed,
-                                    threads=settings.channels or 1).receive()
-        elif file_kind == "multifd":
-            assert multifd is not None
-            out = multifd.receive(replay_channels(incoming.endpoint))
-        else:
+                                    threads=mfd.channels or 1).receive()
+            _finish(n, out, args, name)
+            verdicts.append(out.ok)
+            break
+        ch = None
+        if file_kind != "multifd":
             try:
                 ch = incoming.next_channel()
             except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
@@ -229,47 +253,86 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 _error(f"cannot open {incoming.endpoint}: {_why(exc)}")
                 verdicts.append(False)
                 break
-            # One migration per run: later senders are refused, as by QEMU, except that a
-            # listener looks at them first, to name a multifd source (StrayWatcher), and a
-            # multifd receiver takes its channels from it.
-            accept = _acceptor(incoming) if not args.keep_listening else None
-            if not args.keep_listening and accept is None:
-                incoming.close()
-            if multifd is not None:
-                out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
-                if not args.keep_listening:
-                    incoming.close()
+        # One migration per run: later senders are refused, as by QEMU, except that a listener
+        # looks at them first: a multifd receiver takes its channels there, a plain one names
+        # a multifd source (StrayWatcher).
+        accept = _acceptor(incoming) if not args.keep_listening else None
+        if not args.keep_listening and accept is None:
+            incoming.close()
+        dest = None
+        if rp_ctx is not None:
+            dest = settings.destination(
+                rp_ctx, relay=forward is not None and answers_back(forward),
+                allow_undescribed=args.allow_undescribed, forward_tls=forward_tls,
+                write_timeout=args.idle_timeout)
+        tls = settings.server_tls()
+        if mfd.multifd:
+            multifd = MultifdReceiver(
+                mfd, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
+                chunk=args.buffer_size, buffers=args.buffers,
+                allow_undescribed=args.allow_undescribed, digest=args.digest, progress=progress,
+                idle_timeout=args.idle_timeout, deadline=args.deadline,
+                channel_timeout=args.channel_timeout, destination=dest)
+            settings.receiver = multifd
+            run.attach(multifd)
+            if tls is not None:
+                if ch is not None:
+                    ch.close()
+                out = _refused("offset 0: TLS with multifd is not supported by this receiver")
+                settings.failed(str(out.error))
+            elif ch is None:
+                out = multifd.receive(replay_channels(incoming.endpoint))
             else:
-                rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                              forward_context=forward_ctx, chunk=args.buffer_size,
-                              buffers=args.buffers, allow_undescribed=args.allow_undescribed,
-                              digest=args.digest, progress=progress,
-                              idle_timeout=args.idle_timeout, deadline=args.deadline,
-                              min_rate=args.min_rate[0] if args.min_rate else None,
-                              rate_window=args.min_rate[1] if args.min_rate else 10.0,
-                              label=str(incoming.endpoint))
-                rx.on_event = plain_stream_checks(rx)
-                run.attach(rx)
-                watcher = StrayWatcher(accept, rx.stop) if accept is not None else None
-                try:
-                    out = rx.receive(ch)
-                finally:
-                    if watcher is not None:
-                        watcher.stop()
-                        incoming.close()
-        json_path = name(args.json)
-        if json_path is not None:
-            _write_json(json_path, out.summary)
-        _report(n, out, args)
+                out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
+            if not args.keep_listening:
+                incoming.close()
+        else:
+            assert ch is not None
+            rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
+                          forward_context=forward_ctx, chunk=args.buffer_size,
+                          buffers=args.buffers, allow_undescribed=args.allow_undescribed,
+                          digest=args.digest, progress=progress,
+                          idle_timeout=args.idle_timeout, deadline=args.deadline,
+                          min_rate=args.min_rate[0] if args.min_rate else None,
+                          rate_window=args.min_rate[1] if args.min_rate else 10.0,
+                          label=str(incoming.endpoint), destination=dest)
+            rx.on_event = plain_stream_checks(rx)
+            settings.receiver = rx
+            run.attach(rx)
+            watcher = StrayWatcher(accept, rx.stop) if accept is not None and tls is None \
+                else None
+            try:
+                if tls is not None:
+                    ch = accept_tls(ch, tls, timeout=args.idle_timeout or HANDSHAKE_TIMEOUT)
+            except (TlsError, qioc_green.ChannelError) as exc:  # ChannelError: told to stop
+                why = str(exc) if isinstance(exc, TlsError) else "stopped during the TLS handshake"
+                out = _refused(f"offset 0: {why}")
+                settings.failed(str(out.error))
+            else:
+                out = rx.receive(ch)
+            finally:
+                if watcher is not None:
+                    watcher.stop()
+                if accept is not None:
+                    incoming.close()
+        _finish(n, out, args, name)
         verdicts.append(out.ok)
         if not args.keep_listening or (args.count is not None and n >= args.count):
             break
     return verdicts
 
 
+def _finish(n: int, out: Outcome, args: argparse.Namespace,
+            name: Callable[[str | None], str | None]) -> None:
+    json_path = name(args.json)
+    if json_path is not None:
+        _write_json(json_path, out.summary)
+    _report(n, out, args)
+
+
 def _why(exc: BaseException) -> str:
-    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-    return str(getattr(cause, "strerror", None) or cause)
+    return str(getattr(exc.__cause__ if isinstance(exc.__cause__, OSError) else exc,
+                       "strerror", None) or exc)
 
 
 def _acceptor(incoming: Incoming) -> Callable[[float], qioc_green.Channel] | None:
@@ -291,11 +354,25 @@ def _interrupted(signum: int, frame: object) -> None:
     raise _Interrupted(signum)
 
 
+def _check_destination_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.uri == "defer" and not args.qmp:
+        parser.error("defer needs --qmp (migrate-incoming then says where to listen)")
+    if args.qmp and args.keep_listening:
+        parser.error("--qmp serves one incoming migration: no --keep-listening")
+    if args.tls_verify_peer and not args.tls_creds:
+        parser.error("--tls-verify-peer needs --tls-creds")
+    if (args.forward_tls_creds or args.forward_tls_hostname) and not args.forward:
+        parser.error("--forward-tls-creds and --forward-tls-hostname need --forward")
+    if args.forward_tls_hostname and not args.forward_tls_creds:
+        parser.error("--forward-tls-hostname needs --forward-tls-creds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_destination_args(parser, args)
     try:
-        source = parse_uri(args.uri)
+        source = parse_uri(args.uri) if args.uri != "defer" else None
         forward = parse_uri(args.forward) if args.forward else None
     except ValueError as exc:
         parser.error(str(exc))
@@ -306,46 +383,36 @@ def main(argv: list[str] | None = None) -> int:
     for opt in ("idle_timeout", "deadline"):
         if getattr(args, opt) is not None and getattr(args, opt) <= 0:
             parser.error(f"--{opt.replace('_', '-')} must be positive")
+    settings = DestinationSettings(
+        monitored=bool(args.qmp), deferred=source is None,
+        switchover_ack={"auto": None, "on": True, "off": False}[args.switchover_ack])
+    forward_tls = None
     try:
-        settings = settings_from(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    file_kind = "stream"
-    if source.kind == "file":
-        try:
-            file_kind = input_kind(source)
-        except OSError as exc:
-            _error(f"cannot open {source}: {_why(exc)}")
-            return 1
-    if file_kind == "multifd":  # a saved multifd migration says how many channels it had
-        saved = len(saved_channels(source.path))
-        if settings.multifd and settings.multifd_channels != saved:
-            parser.error(f"--multifd-channels {settings.multifd_channels}, but {source.path} "
-                         f"has {saved} saved multifd channels beside it")
-        settings.set_capability("multifd")
-        settings.set_parameters({"multifd-channels": saved})
-    elif file_kind == "mapped-ram":
-        for opt, given in (("--save", args.save), ("--forward", args.forward)):
-            if given:
-                parser.error(f"{opt} does not apply to a mapped-ram file (RAM at fixed offsets, "
-                             "not a stream): copy the file, or restore it with a QEMU started "
-                             "-incoming defer and migrate-incoming file:")
-    if settings.multifd and args.min_rate:
-        parser.error("--min-rate does not apply with multifd (its main channel is quiet while "
-                     "the channels carry RAM): use --deadline or --idle-timeout")
-    if file_kind not in ("multifd", "mapped-ram") and settings.multifd and \
-            source.kind not in ("tcp", "unix", "fd"):
-        parser.error(f"--multifd-channels needs a listening URI (tcp:, unix:) or a file: "
-                     f"saved with it, not {source}")
-    incoming = Incoming(source, backlog=settings.channels + 1)
-    try:
-        incoming.open()
-    except (OSError, qioc_green.ChannelError) as exc:
-        _error(f"cannot listen on {source}: {exc}")
+        if args.tls_creds:
+            settings.use_tls_dir(args.tls_creds, args.tls_verify_peer)
+        if args.forward_tls_creds:
+            forward_tls = (TlsCreds(args.forward_tls_creds, "client").context(),
+                           args.forward_tls_hostname)
+    except TlsError as exc:
+        _error(str(exc))
         return 1
-    if args.keep_listening and not incoming.can_repeat:
-        incoming.close()
-        parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
+    file_kind = _multifd_args(parser, args, source, settings)
+    if file_kind is None:
+        return 1
+    incoming: Incoming | None = None
+    if source is not None:
+        backlog = int(settings.parameters()["multifd-channels"]) + 1 \
+            if settings.capabilities().get("multifd") else 1
+        incoming = Incoming(source, backlog=backlog)
+        try:
+            incoming.open()
+        except (OSError, qioc_green.ChannelError) as exc:
+            _error(f"cannot listen on {source}: {exc}")
+            return 1
+        if args.keep_listening and not incoming.can_repeat:
+            incoming.close()
+            parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
+        settings.listening(incoming)
     # SIGINT and SIGTERM end the run; whatever was received so far is reported and kept.
     # The handler raises a SystemExit: when it runs inside the main thread's hub, gevent
     # passes that on to the main greenlet without printing a traceback (KeyboardInterrupt
@@ -356,34 +423,178 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
-    recv_thread = qioc_green.IOThread("mig-recv").start()
-    fwd_thread = (qioc_green.IOThread("mig-forward").start()
-                  if forward is not None and not settings.multifd else None)
+    threads = _Threads(forward is not None)
+    try:
+        return _run(incoming, args, forward, forward_tls, settings, threads, file_kind)
+    finally:
+        if incoming is not None:
+            incoming.close()
+        threads.stop()
+
+
+def _multifd_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  source: Endpoint | None, settings: DestinationSettings) -> str | None:
+    """Set multifd from the command line (as QMP would) and tell what a ``file:`` holds;
+    None (the line said) when it cannot be read."""
+    mfd: dict[str, Any] = {}
+    if args.multifd_channels is not None:
+        if not 1 <= args.multifd_channels <= 255:
+            parser.error(f"--multifd-channels expects 1 to 255 (QEMU's range), not "
+                         f"{args.multifd_channels}")
+        mfd["multifd-channels"] = args.multifd_channels
+    if args.multifd_compression is not None:
+        if args.multifd_channels is None:
+            parser.error("--multifd-compression needs --multifd-channels")
+        mfd["multifd-compression"] = args.multifd_compression
+    file_kind = "stream"
+    if source is not None and source.kind == "file":
+        try:
+            file_kind = input_kind(source)
+        except OSError as exc:
+            _error(f"cannot open {source}: {_why(exc)}")
+            return None
+    if file_kind == "multifd":  # a saved multifd migration says how many channels it had
+        saved = len(saved_channels(source.path))  # type: ignore[union-attr]
+        if args.multifd_channels not in (None, saved):
+            parser.error(f"--multifd-channels {args.multifd_channels}, but the file has "
+                         f"{saved} saved multifd channels beside it")
+        mfd["multifd-channels"] = saved
+    elif file_kind == "mapped-ram" and (args.save or args.forward):
+        parser.error(f"{'--save' if args.save else '--forward'} does not apply to a mapped-ram "
+                     "file (RAM at fixed offsets, not a stream): copy the file, or restore it "
+                     "with a QEMU started -incoming defer and migrate-incoming file:")
+    elif mfd and file_kind == "stream" and source and source.kind not in ("tcp", "unix", "fd"):
+        parser.error(f"--multifd-channels needs a listening URI (tcp:, unix:) or a file: "
+                     f"saved with it, not {source}")
+    if mfd and args.min_rate:
+        parser.error("--min-rate does not apply with multifd (its main channel is quiet while "
+                     "the channels carry RAM): use --deadline or --idle-timeout")
+    if mfd and args.tls_creds and file_kind != "mapped-ram":
+        parser.error("--tls-creds with multifd is not supported by this receiver")
+    if mfd:
+        try:
+            settings.set_capabilities({"multifd": True})
+            settings.set_parameters(mfd)
+        except Exception as exc:  # noqa: BLE001 - QMP's CommandError: one line
+            parser.error(str(exc))
+    return file_kind
+
+
+def _say_listening(incoming: Incoming) -> None:
+    if incoming.listening is not None:
+        ep = incoming.endpoint
+        where = incoming.listening if ep.kind != "unix" else f"unix:{ep.path}"
+        print(f"listening on {where}", flush=True)
+
+
+class _Threads:
+    """The IOThreads of a run: receiving, the return path, forwarding."""
+
+    def __init__(self, forwarding: bool) -> None:
+        self.recv = qioc_green.IOThread("mig-recv").start()
+        self.rp = qioc_green.IOThread("mig-return-path").start()
+        self.fwd = qioc_green.IOThread("mig-forward").start() if forwarding else None
+
+    def stop(self) -> None:
+        for t in (self.recv, self.rp, self.fwd):
+            if t is not None:
+                t.stop()
+
+
+def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint | None,
+         forward_tls: tuple[Any, str | None] | None, settings: DestinationSettings,
+         threads: _Threads, file_kind: str = "stream") -> int:
+    """Say where we listen, serve QMP if asked, wait for ``migrate-incoming`` (defer), receive,
+    then with a monitor wait for ``quit``. Runs in the main thread; every wait lets its hub
+    run. A signal, or ``quit`` during the migration, stops it where it is parked
+    (``Receiver.stop``): it reports one line and cleans up within STOP_WAIT."""
+    started = qioc_green.Event()
+    quitting = qioc_green.Event()
+    finished = qioc_green.Event()
+    opened: list[Incoming] = []
+
+    def on_incoming(inc: Incoming) -> None:  # in the monitor's thread
+        opened.append(inc)
+        _say_listening(inc)
+        started.set()
+
+    def on_quit() -> None:
+        quitting.set()
+        started.set()
+        finished.set()
+
+    settings.on_incoming = on_incoming
+    settings.on_quit = on_quit
     run = _Run()
-    fut = None
+    monitor: Monitor | None = None
+    fut: qioc_green.Future[list[bool]] | None = None
+    verdicts: list[bool] = []
+
+    def result() -> list[bool]:
+        """The migrations' verdicts, waiting STOP_WAIT at most (then their thread is stopped)."""
+        assert fut is not None
+        try:
+            return list(fut.result(STOP_WAIT))
+        except TimeoutError:
+            threads.recv.stop()  # wakes whatever still waits with ContextStoppedError
+        except _Interrupted:
+            raise
+        except BaseException:  # noqa: BLE001 - stopped; the greenlet has reported what it had
+            pass
+        return [False]
+
     try:
         try:
-            if incoming.listening is not None:
-                where = incoming.listening if source.kind != "unix" else f"unix:{source.path}"
-                print(f"listening on {where}", flush=True)
-            fut = recv_thread.context.spawn(
-                serve, incoming, args, forward, fwd_thread.context if fwd_thread else None, run,
-                settings, file_kind)
-            verdicts = fut.result()
+            if incoming is not None:
+                _say_listening(incoming)
+            if args.qmp:
+                try:
+                    monitor = Monitor(args.qmp, settings)
+                except (OSError, qioc_green.ChannelError) as exc:
+                    _error(f"cannot serve QMP on {args.qmp}: {exc}")
+                    return 1
+                settings.on_status = monitor.status
+                print(f"qmp on {monitor.addresses[0]}", flush=True)
+            if incoming is None:
+                started.wait()
+                if not opened:
+                    return 1  # quit before any migration
+                incoming = opened[0]
+
+            def receive(incoming: Incoming = incoming) -> list[bool]:
+                try:
+                    return serve(incoming, args, forward,
+                                 threads.fwd.context if threads.fwd else None, run, settings,
+                                 threads.rp.context, forward_tls, file_kind=file_kind,
+                                 strict_compression=bool(args.qmp)
+                                 or args.multifd_compression is not None)
+                finally:
+                    finished.set()
+
+            fut = threads.recv.context.spawn(receive)
+            finished.wait()
+            if quitting.is_set() and not fut.done():
+                run.stop("stopped by QMP quit")  # during the migration: cut short, reported
+                incoming.close()
+            verdicts = result()
+            if monitor is not None:
+                quitting.wait()
         except _Interrupted as sig:
             # Stop taking migrations; one in progress is cut short, reported, its files kept.
             run.stop(f"stopped by {sig.signame}")
-            incoming.close()
+            for inc in (incoming, *opened):
+                if inc is not None:
+                    inc.close()
             try:
-                verdicts = fut.result(STOP_WAIT) if fut is not None else []
-            except (_Interrupted, TimeoutError):
-                recv_thread.stop()  # wakes whatever still waits with ContextStoppedError
+                verdicts = result() if fut is not None else []
+            except _Interrupted:
+                threads.recv.stop()
                 verdicts = [False]
             if not verdicts:
                 _error(f"stopped by {sig.signame} before any migration arrived")
     finally:
-        incoming.close()
-        recv_thread.stop()
-        if fwd_thread is not None:
-            fwd_thread.stop()
+        for inc in opened:
+            inc.close()
+        if monitor is not None:
+            monitor.close()
     return 0 if verdicts and all(verdicts) else 1

@@ -160,7 +160,7 @@ def server_main(argv: list[str] | None = None) -> int:
         pool.stop()
         server.close()
         return 1
-    stop = gevent.event.Event()
+    stop = qioc_green.Event()  # parks with the main context's inbox ref'd: the hub waits for the signal
     handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     acceptor.set_client_handler(server.serve, contexts=pool)
     stop.wait()
