@@ -171,7 +171,8 @@ class Destination:
         self._shut_relayed = False
         self._failed = False
         #: set by a multifd receiver: the migration turns ``active`` once every channel is in
-        #: (:meth:`all_channels_in`), as QEMU's destination does, not when the main one is
+        #: (:meth:`all_channels_in`), as QEMU's destination does, not when the main one is,
+        #: and ``completed`` once every channel has ended (:meth:`ended`), not the main one
         self.multifd = False
         self._ended = False  # completed or failed was said: no "active" after it
         self._status_lock = threading.Lock()
@@ -203,6 +204,16 @@ class Destination:
             self._writer = self.context.spawn(self._write, channel)
         if not self.multifd:
             self._say("active")
+
+    def ended(self, error: str | None) -> None:
+        """The whole migration is over (``error``: its one-line error): say ``completed`` or
+        ``failed``, once. Never parks."""
+        with self._status_lock:
+            if self._ended:
+                return
+            self._ended = True
+            self.final_error = error
+            self._say("completed" if error is None else "failed")
 
     def all_channels_in(self) -> None:
         """Every connection of a multifd migration has said what it is: it is ``active``
@@ -257,9 +268,8 @@ class Destination:
         self.final_error = error
         if not ok:
             self._fail_source()
-        with self._status_lock:
-            self._ended = True
-            self._say("completed" if ok else "failed")
+        if not self.multifd:
+            self.ended(error)
         if self._relay is not None:
             try:
                 self._relay.result(FINISH_TIMEOUT)

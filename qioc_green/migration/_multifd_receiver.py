@@ -164,9 +164,8 @@ class MultifdReceiver:
     @property
     def received(self) -> int:
         """Bytes received on every connection so far (read by a QMP monitor while they come)."""
-        main = self._main
         rest = sum(c.bytes for c in list(self.connections) if c.kind != "main")
-        return rest + (main.received if main is not None else 0)
+        return rest + self._main_bytes()
 
     @property
     def multifd_bytes(self) -> int:
@@ -273,7 +272,10 @@ class MultifdReceiver:
             if self.progress is not None:
                 self.progress.write("\n")
                 self.progress.flush()
-        return self._outcome(elapsed, time.process_time() - cpu0)
+        out = self._outcome(elapsed, time.process_time() - cpu0)
+        if self.destination is not None:
+            self.destination.ended(out.error)  # completed once every connection has ended
+        return out
 
     def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
         expected = self.channels + 1

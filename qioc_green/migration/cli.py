@@ -244,9 +244,14 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         mfd = multifd_settings()
         progress = sys.stderr if stderr_is_terminal() else None
         if file_kind == "mapped-ram":
+            settings.set_status("active")
             out = MappedRamReceiver(incoming.endpoint, ram_dir=args.ram_dir,
                                     allow_undescribed=args.allow_undescribed,
                                     threads=mfd.channels or 1).receive()
+            if out.ok:
+                settings.set_status("completed")
+            else:
+                settings.failed(str(out.error))
             _finish(n, out, args, name)
             verdicts.append(out.ok)
             break
