@@ -286,7 +286,8 @@ def test_qmp_sets_multifd_for_migrate_incoming(receivers, tmp_path):
     assert (tmp_path / "ram" / "pc.ram").read_bytes() == ram
 
 
-def test_libvirt_drives_a_tls_multifd_migration_over_qmp(receivers, tmp_path, pki):
+@pytest.mark.parametrize("version", ["10", "7.2"])
+def test_libvirt_drives_a_tls_multifd_migration_over_qmp(receivers, tmp_path, pki, version):
     """libvirt's order: -incoming defer; object-add tls-creds-x509 (endpoint server,
     verify-peer on: client certificates required); migrate-set-parameters tls-creds,
     multifd-channels, multifd-compression; capabilities; migrate-incoming; then the TLS
@@ -295,7 +296,9 @@ def test_libvirt_drives_a_tls_multifd_migration_over_qmp(receivers, tmp_path, pk
 
     path = str(tmp_path / "rx.qmp")
     rx = receivers("--qmp", f"unix:{path}", "defer", "--ram-dir", str(tmp_path / "ram"))
-    src, ram = source("10", tmp_path, "return-path", "switchover-ack")
+    extra = ("return-path", "switchover-ack") if version == "10" else ("return-path",)
+    caps = ("events", "multifd", *extra)
+    src, ram = source(version, tmp_path, *extra)
     with event_loop(), src:
         qmp = QmpClient(path)
         try:
@@ -304,8 +307,7 @@ def test_libvirt_drives_a_tls_multifd_migration_over_qmp(receivers, tmp_path, pk
             qmp.ok("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 2,
                                                 "multifd-compression": "zlib"})
             qmp.ok("migrate-set-capabilities", capabilities=[
-                {"capability": c, "state": True}
-                for c in ("events", "return-path", "switchover-ack", "multifd")])
+                {"capability": c, "state": True} for c in caps])
             qmp.ok("migrate-incoming", uri="tcp:127.0.0.1:0")
             address = rx.line().removeprefix("listening on ")
             src.cmd("migrate-set-parameters", **{"multifd-compression": "zlib"})
@@ -313,7 +315,10 @@ def test_libvirt_drives_a_tls_multifd_migration_over_qmp(receivers, tmp_path, pk
             src.migrate(address)
             theirs = src.wait_migration(WAIT)["ram"]
             assert qmp.statuses("completed") == ["setup", "active", "completed"]
-            assert qmp.ok("query-migrate")["ram"]["transferred"] == theirs["transferred"]
+            ours = qmp.ok("query-migrate")["ram"]
+            if version == "10":  # (7.2's own count leaves some bytes out)
+                assert ours["transferred"] == theirs["transferred"]
+            assert ours["multifd-bytes"] > MEM << 20  # the pages came on the channels
             qmp.ok("quit")
         finally:
             qmp.close()
