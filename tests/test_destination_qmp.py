@@ -236,7 +236,12 @@ def test_misbehaving_clients_leave_the_others_and_the_migration_alone(receivers,
                 silent.sendall(b'{"execute": "query-version"}\n' * 20_000)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # dropped already
-            assert qmp.ok("query-migrate")["status"] == "active"
+            # the receiver says "active" once it has taken the source's connection (in its own
+            # IOThread, so not necessarily before the rude clients are done): wait for it
+            deadline = time.monotonic() + WAIT
+            while (status := qmp.ok("query-migrate")["status"]) == "setup":
+                assert time.monotonic() < deadline
+            assert status == "active"
             src.sendall(data[150_000:])
             got = bytearray()
             while not messages(bytes(got)) or messages(bytes(got))[-1] != Shut(0):
