@@ -11,9 +11,11 @@ end with one line naming the channel and offset, exit status 1, in bounded time 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
+import os
 import re
 import socket
 import struct
@@ -222,6 +224,96 @@ def test_keep_listening_takes_successive_multifd_migrations(receivers, tmp_path)
     for n in (1, 2):
         assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
         assert json.loads((tmp_path / f"m-{n}.json").read_text())["complete"]
+
+
+def sockets_of(pid: int) -> int:
+    """How many sockets process ``pid`` holds (its listener and the connections it accepted)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return n
+
+
+@pytest.mark.parametrize("next_order", ["main-first", "main-last"])
+def test_keep_listening_next_migration_arriving_before_the_first_sync_point(receivers,
+                                                                              tmp_path,
+                                                                              next_order):
+    """--keep-listening: the next source's connections come while the current migration's main
+    stream has not reached its first sync point (it has sent only its magic). They belong to
+    the next migration (a second QEVM, channel ids already taken), not to this one as extras:
+    both migrations complete, each RAM rebuilt."""
+    from tests.polling import wait_until
+
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--keep-listening", "--count",
+                   "2", "--ram-dir", str(tmp_path / "ram"), "--json", str(tmp_path / "m.json"))
+    main1, channels1 = split("none")
+    main2, channels2 = split("zlib")
+    host, _, port = rx.address.removeprefix("tcp:").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as first:
+        first.sendall(main1[:4])  # this main stream stops short of its first sync point
+        threads = send_connections(rx.address, channels1)
+        nxt = [main2, *channels2] if next_order == "main-first" else [*channels2, main2]
+        threads += send_connections(rx.address, nxt)
+        # every connection of both taken by the receiver (1 listener + 6) before the first
+        # main stream goes on (or the first migration ended on them): a bounded poll of
+        # another process's state
+        assert wait_until(lambda: sockets_of(rx.proc.pid) >= 7
+                          or (tmp_path / "m-1.json").exists(), timeout=WAIT)
+        with contextlib.suppress(OSError):
+            first.sendall(main1[4:])
+    assert (tmp_path / "m-1.json").exists() or wait_until(
+        lambda: (tmp_path / "m-1.json").exists(), timeout=WAIT)
+    assert json.loads((tmp_path / "m-1.json").read_text())["complete"], rx.stderr
+    assert rx.wait() == 0, rx.stderr
+    for t in threads:
+        t.join(WAIT)
+    for n in (1, 2):
+        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
+        d = json.loads((tmp_path / f"m-{n}.json").read_text())
+        assert d["complete"], d.get("error")
+        assert d["multifd"]["compression"] == ("none" if n == 1 else "zlib")
+        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
+            ["main", "multifd", "multifd"]
+
+
+def test_keep_listening_next_connection_silent_until_this_migration_ends(receivers, tmp_path):
+    """--keep-listening: a connection accepted before the current migration's first sync point
+    that has said nothing when that migration ends (the next source still in its handshake)
+    goes to the next migration, not closed with this one: the next gets its main stream on
+    it, and both complete."""
+    from tests.polling import wait_until
+    from tests.test_migration_receiver import wait_for_file
+
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--keep-listening", "--count",
+                   "2", "--ram-dir", str(tmp_path / "ram"), "--json", str(tmp_path / "m.json"))
+    main1, channels1 = split("none")
+    main2, channels2 = split("zstd")
+    host, _, port = rx.address.removeprefix("tcp:").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT) as first:
+        first.sendall(main1[:4])  # short of the first sync point: the listener is still ours
+        threads = send_connections(rx.address, channels1)
+        assert wait_until(lambda: sockets_of(rx.proc.pid) >= 4, timeout=WAIT)
+        silent = socket.create_connection((host, int(port)), timeout=WAIT)
+        # taken (with the listener, 5 sockets) before the first main stream goes on
+        assert wait_until(lambda: sockets_of(rx.proc.pid) >= 5, timeout=WAIT)
+        first.sendall(main1[4:])
+        first.shutdown(socket.SHUT_WR)  # the source hangs up once the migration is over
+        wait_for_file(tmp_path / "m-1.json")
+        with silent:
+            silent.sendall(main2)
+            silent.shutdown(socket.SHUT_WR)
+            threads += send_connections(rx.address, channels2)
+            assert rx.wait() == 0, rx.stderr
+    for t in threads:
+        t.join(WAIT)
+    for n, compression in ((1, "none"), (2, "zstd")):
+        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
+        d = json.loads((tmp_path / f"m-{n}.json").read_text())
+        assert d["complete"], d.get("error")
+        assert d["multifd"]["compression"] == compression
+        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
+            ["main", "multifd", "multifd"]
 
 
 def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path):

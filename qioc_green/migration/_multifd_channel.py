@@ -56,7 +56,9 @@ class Connection:
     """One accepted connection: what it turned out to be, who read it, what it carried."""
 
     index: int
-    kind: str = "unknown"  # "main", "multifd", or "unknown" (closed before saying)
+    # "main", "multifd", "unknown" (closed before saying), or "next" (the next migration's,
+    # handed over to it with --keep-listening)
+    kind: str = "unknown"
     iothread: str = ""
     channel_id: int | None = None
     bytes: int = 0

@@ -34,7 +34,11 @@ line naming it, instead of being refused at connect time, as QEMU does, which le
 to fail without a reason on this side. With ``--keep-listening`` the listener is left to the
 next migration once all N + 1 have arrived and the main stream has met its first sync point
 (QEMU stops listening once all have arrived; a source's channels all connect before its main
-stream starts, so extra ones are still seen).
+stream starts, so extra ones are still seen). Until then the next source may connect too: a
+second main stream, or a channel whose id this migration already has, is the next migration's,
+handed over to it (``handover``) with the bytes read to tell, not refused as an extra; so is
+one still saying nothing (in its TLS handshake) when this migration completes. If this one
+fails instead, those not yet told apart are closed with it (whose they are is then unknown).
 
 With TLS (``tls``), each connection's handshake comes first, in its own IOThread, and its first
 bytes are read after it (``_multifd_tls``); each ``--forward`` connection speaks TLS to the
@@ -53,11 +57,10 @@ from __future__ import annotations
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from qioc_green import (
-    BrokenChannelError,
     Channel,
     ChannelClosedError,
     ChannelError,
@@ -65,7 +68,6 @@ from qioc_green import (
     Event,
     IOThread,
     Queue,
-    UnexpectedEOF,
     current_context,
 )
 
@@ -74,19 +76,27 @@ from ._events import Command, Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
 from ._format import MigrationStreamError
 from ._incoming import IncomingSettings, check_configuration
-from ._multifd import MultifdChannels, sniff_channel
+from ._multifd import INIT_PACKET_SIZE, MultifdChannels, sniff_channel
 from ._multifd_channel import ChannelReader, Connection, Stopped
 from ._multifd_events import MultifdError
 from ._multifd_sync import SyncFailed, SyncPoints
-from ._multifd_tls import FIRST_BYTES_TIMEOUT, MAX_EXTRA, accept_connection
+from ._multifd_tls import (
+    ACCEPT_TICK,
+    FIRST_BYTES_TIMEOUT,
+    MAX_EXTRA,
+    Handover,
+    Taken,
+    accept_connection,
+    read_first,
+)
 from ._receiver import Outcome, ReceiveError, Receiver, describe
 from ._sinks import BUFFERS, CHUNK, RamDir
 from ._summary import Summary
 from ._tls import early_close
 from ._uri import Endpoint
 
+_INIT_ID = 24  # where an init packet has the channel id (after magic, version, UUID)
 _TICK = 0.5  # s between the coordinator's checks (idle, missing channels, progress)
-ACCEPT_TICK = 0.05  # s between the acceptor's looks at whether the migration is over
 
 
 
@@ -98,8 +108,9 @@ class MultifdReceiver:
     every connection); ``channel_timeout``: how long to wait for connections that are missing
     once others have come. ``tls``: accept every connection over TLS with this context (its
     handshake within ``FIRST_BYTES_TIMEOUT``); ``forward_tls``: (context, hostname) to
-    speak TLS on every forward connection. ``stop(reason)``, from any thread, ends the
-    migration at once.
+    speak TLS on every forward connection. ``handover`` (``--keep-listening``): where the
+    connections of the next migration go when they come while this one takes its own.
+    ``stop(reason)``, from any thread, ends the migration at once.
     """
 
     def __init__(self, settings: IncomingSettings, *, save: str | None = None,
@@ -109,7 +120,8 @@ class MultifdReceiver:
                  idle_timeout: float | None = None, deadline: float | None = None,
                  channel_timeout: float = 10.0, destination: Destination | None = None,
                  tls: ssl.SSLContext | None = None,
-                 forward_tls: tuple[ssl.SSLContext, str | None] | None = None) -> None:
+                 forward_tls: tuple[ssl.SSLContext, str | None] | None = None,
+                 handover: Handover | None = None) -> None:
         if not settings.multifd:
             raise ValueError("a multifd receiver needs the multifd capability")
         self.settings = settings
@@ -130,6 +142,11 @@ class MultifdReceiver:
             destination.multifd = True  # "active" once every connection is in
         self.tls = tls
         self.forward_tls = forward_tls
+        self.handover = handover
+        self._handed = 0  # connections handed over to the next migration
+        self._ids: set[int] = set()  # channel ids claimed by init packets read so far
+        self._told: list[Event] = []  # per connection: it said what it is, or ended
+        self._ended: set[int] = set()  # connections whose reader has ended
         self.connections: list[Connection] = []
         self.registry = MultifdChannels(self.channels)
         self.sync = SyncPoints(self.channels, connected=self._connected_ids,
@@ -234,12 +251,14 @@ class MultifdReceiver:
 
     # -- the coordinator (the calling greenlet) -----------------------------------------------
 
-    def receive(self, channels: list[Channel],
+    def receive(self, channels: Sequence[Channel | Taken],
                 accept: Callable[[float], Channel] | None = None, *,
                 extra: bool = False) -> Outcome:
-        """Read the connections in ``channels`` and those ``accept(timeout)`` gives (until all
-        N + 1 have come; with ``extra``, until the migration ends) to their ends; close them.
-        May park. Never raises for a bad stream or peer: the Outcome carries the error line."""
+        """Read the connections in ``channels`` (a :class:`Taken` one: as handed over by the
+        migration before) and those ``accept(timeout)`` gives (until all N + 1 have come; with
+        ``extra``, until the migration ends) to their ends; close them (but those handed over
+        to the next). May park. Never raises for a bad stream or peer: the Outcome carries the
+        error line."""
         t0 = time.monotonic()
         cpu0 = time.process_time()
         acceptor = None
@@ -257,6 +276,10 @@ class MultifdReceiver:
             elapsed = time.monotonic() - t0
             with self._lock:
                 self._stopping = True
+            if self.handover is not None and self._error is None:
+                # readers still telling what their connection is see _stopping within
+                # ACCEPT_TICK and hand it over (a TLS handshake first ends, boundedly)
+                self._drain_done(FIRST_BYTES_TIMEOUT + 1)
             self._fail(None)  # close what is still open (a no-op for the verdict if complete)
             if acceptor is not None:
                 # it sees _stopping within ACCEPT_TICK; the listener is free again after that
@@ -280,8 +303,9 @@ class MultifdReceiver:
     def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
         expected = self.channels + 1
         while not self._stopping:
-            n = len(self.connections)
-            if n >= expected + MAX_EXTRA:
+            n = len(self.connections) - self._handed
+            # bounded: this migration's, a few extra, and (handed over) one next migration's
+            if n >= expected + MAX_EXTRA or len(self.connections) >= 2 * expected + MAX_EXTRA:
                 return
             # With --keep-listening, leave the listener to the next migration once all have
             # come and the main stream has met its first sync point: a source connects all its
@@ -298,19 +322,21 @@ class MultifdReceiver:
             if not self._start(ch):
                 return
 
-    def _start(self, ch: Channel) -> bool:
-        """Read ``ch`` in an IOThread of its own; False (and ``ch`` closed) once stopping."""
+    def _start(self, item: Channel | Taken) -> bool:
+        """Read ``item`` in an IOThread of its own; False (and it closed) once stopping."""
+        taken = item if isinstance(item, Taken) else Taken(item)
         with self._lock:
             if self._stopping:
-                ch.close()
+                taken.channel.close()
                 return False
             conn = Connection(len(self.connections))
             self.connections.append(conn)
-            self._chans.append(ch)
+            self._told.append(Event())  # set once it said what it is, or ended
+            self._chans.append(taken.channel)
             t = IOThread(f"mig-conn{conn.index}")
             self._threads.append(t)
             t.start()  # under the lock: stopping (which takes it) then sees every thread
-        t.context.spawn(self._run, conn, ch)
+        t.context.spawn(self._run, conn, taken)
         return True
 
     def _wait(self, t0: float) -> None:
@@ -325,6 +351,7 @@ class MultifdReceiver:
                 pass
             else:
                 ended.add(k)
+                self._ended.add(k)
                 conn = self.connections[k]
                 if exc is not None:
                     self._fail(exc)
@@ -333,7 +360,7 @@ class MultifdReceiver:
                     if conn.kind == "main":
                         main_done_at = time.monotonic()
             if self._error is not None:
-                self._drain_done(ended)
+                self._drain_done(10)
                 return
             done = [self.connections[k] for k in ok]
             if any(c.kind == "main" for c in done) and \
@@ -363,15 +390,16 @@ class MultifdReceiver:
                                     f"{len(self.connections)} connections")
                 self.progress.flush()
 
-    def _drain_done(self, ended: set[int]) -> None:
-        """After a failure: wait (boundedly) for every reader to end."""
-        deadline = time.monotonic() + 10
-        while len(ended) < len(self.connections) and time.monotonic() < deadline:
+    def _drain_done(self, bound: float) -> None:
+        """After a failure, or before handing over: wait (``bound`` s at most) for every reader
+        to end."""
+        deadline = time.monotonic() + bound
+        while len(self._ended) < len(self.connections) and time.monotonic() < deadline:
             try:
                 k, _ = self._done.get(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 break
-            ended.add(k)
+            self._ended.add(k)
 
     def _fail(self, exc: BaseException | None) -> None:
         """Record the first error (``None``: just stop) and wake every reader."""
@@ -420,7 +448,8 @@ class MultifdReceiver:
         d["multifd"] = {"channels": self.channels,
                         "compression": compressions.pop() if len(compressions) == 1 else None,
                         "sync_points": self._sync_points,
-                        "connections": [c.as_dict() for c in self.connections]}
+                        "connections": [c.as_dict() for c in self.connections
+                                        if c.kind != "next"]}
         d["max_rss"] = _peak_rss()  # the bound the module notes promise
         if error is not None:
             d["complete"] = False
@@ -429,44 +458,82 @@ class MultifdReceiver:
 
     # -- every connection, in its own IOThread -------------------------------------------------
 
-    def _run(self, conn: Connection, ch: Channel) -> None:
+    def _run(self, conn: Connection, taken: Taken) -> None:
         conn.iothread = threading.current_thread().name
         exc: BaseException | None = None
+        ch = raw = taken.channel
+        handed = False
         try:
-            if self.tls is not None:
+            if self.tls is not None and not taken.tls_done:
                 # the handshake is part of saying what it is: the same bound
                 ch = accept_connection(ch, self.tls, conn.name, min(
                     self.idle_timeout or FIRST_BYTES_TIMEOUT, FIRST_BYTES_TIMEOUT))
-            self._serve(conn, ch)
+            handed = self._serve(conn, ch, raw, taken.prefix)
         except BaseException as e:  # noqa: BLE001 - handed to the coordinator
             exc = e
         finally:
-            ch.close()
+            if not handed:
+                ch.close()
+            self._told[conn.index].set()
             self._done.put((conn.index, exc))
 
-    def _serve(self, conn: Connection, ch: Channel) -> None:
-        try:
-            prefix = ch.read_all_eof(4, timeout=FIRST_BYTES_TIMEOUT)
-        except UnexpectedEOF as exc:
-            raise MultifdError(conn.name, len(exc.partial), f"closed after {len(exc.partial)} "
-                               "bytes, before its first 4 bytes said what it is") from None
-        except TimeoutError:
-            raise MultifdError(conn.name, 0, f"sent nothing in {FIRST_BYTES_TIMEOUT:g} s") from None
-        except BrokenChannelError as exc:
-            raise MultifdError(conn.name, 0, describe(exc)) from None
+    def _hand_over(self, conn: Connection, ch: Channel, raw: Channel, prefix: bytes) -> bool:
+        """``ch`` is the next migration's: give it to the next (True), unless this one failed."""
+        assert self.handover is not None
+        with self._lock:
+            if self._error is not None:
+                return False
+            conn.kind = "next"
+            self._handed += 1
+            self._chans.remove(raw)  # no longer ours to close
+        self.handover.put(Taken(ch, prefix, tls_done=ch is not raw, order=conn.index))
+        return True
+
+    def _serve(self, conn: Connection, ch: Channel, raw: Channel, given: bytes) -> bool:
+        """Tell what ``ch`` is and read it to its end; True if it was handed over instead."""
+        stopping = self._handing_over if self.handover is not None else None
+        prefix = read_first(ch, given, 4, conn.name, stopping)
         if prefix is None:
+            return self._hand_over(conn, ch, raw, given)
+        if not prefix:
             if conn.index > self.channels:  # an extra connection that said nothing: harmless
-                return
+                return False
             # a TLS source that refuses our certificate hangs up right after the handshake
             raise MultifdError(conn.name, 0, early_close(ch, 0) or "closed before sending a byte")
+        if len(prefix) < 4:
+            raise MultifdError(conn.name, len(prefix), f"closed after {len(prefix)} bytes, "
+                               "before its first 4 bytes said what it is")
         kind = sniff_channel(prefix, conn.name)
         self._last = time.monotonic()
-        if kind == "main":
-            with self._lock:
-                second = self._main_seen
+        if kind == "multifd" and stopping is not None:  # its init packet says which it is
+            init = read_first(ch, prefix, INIT_PACKET_SIZE, conn.name, stopping)
+            if init is None:
+                return self._hand_over(conn, ch, raw, prefix)
+            prefix = init
+        # With --keep-listening, a connection after the first N + 1 is judged once all before
+        # it are: a second main stream, or a channel id taken, is then the next source's.
+        # Within the first N + 1 it can only be an error (two sources at once: which
+        # channel is whose cannot be told), as in a one-shot run.
+        later = stopping is not None and conn.index > self.channels
+        if later and not self._wait_told(conn.index):
+            return self._hand_over(conn, ch, raw, prefix)
+        with self._lock:
+            if kind == "main":
+                ours = not self._main_seen
                 self._main_seen = True
-            if second:
-                raise MultifdError(conn.name, 0, "a second main stream (QEVM) in one migration")
+            else:
+                cid = prefix[_INIT_ID] if len(prefix) >= INIT_PACKET_SIZE else None
+                ours = cid is None or cid not in self._ids
+                if cid is not None:
+                    self._ids.add(cid)
+        self._told[conn.index].set()
+        if not ours and later:
+            return self._hand_over(conn, ch, raw, prefix)
+        if kind == "main":
+            if not ours:
+                raise MultifdError(conn.name, 0, "a second main stream (QEVM) in one migration" + (
+                    " (two sources at once? the next must not connect before all of this "
+                    "one's connections have)" if stopping is not None else ""))
             conn.kind = "main"
             self.channel_in()
             self._serve_main(conn, ch, prefix)
@@ -480,6 +547,21 @@ class MultifdReceiver:
                                                  "receiver's --multifd-channels)")
             conn.kind = "multifd"
             ChannelReader(self, conn, j).run(ch, prefix)
+        return False
+
+    def _handing_over(self) -> bool:
+        """The migration is over: connections still saying what they are go to the next."""
+        return self._stopping
+
+    def _wait_told(self, index: int) -> bool:
+        """Park until every connection accepted before ``index`` has said what it is (or
+        ended); False if the migration ends first."""
+        for k in range(index):
+            told = self._told[k]
+            while not told.wait(ACCEPT_TICK):
+                if self._stopping or self._error is not None:
+                    return False
+        return True
 
     # -- the main stream -------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from ._incoming import IncomingSettings, plain_stream_checks
 from ._monitor import Monitor
 from ._multifd_compress import COMPRESSIONS
 from ._multifd_receiver import MultifdReceiver
-from ._multifd_tls import StrayWatcher
+from ._multifd_tls import Handover, StrayWatcher
 from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
 from ._settings import DestinationSettings
@@ -226,6 +226,21 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
     ``file:`` source holds (``DestinationSettings.prepare``)."""
     run = run or _Run()
     settings = settings or DestinationSettings()
+    # --keep-listening: the next migration's connections, if they came while one ran
+    handover = Handover() if args.keep_listening else None
+    try:
+        return _serve(incoming, args, forward, forward_ctx, run, settings, rp_ctx, forward_tls,
+                      handover, strict_compression=strict_compression, file_kind=file_kind)
+    finally:
+        if handover is not None:
+            handover.close()
+
+
+def _serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
+           forward_ctx: qioc_green.Context | None, run: _Run, settings: DestinationSettings,
+           rp_ctx: qioc_green.Context | None, forward_tls: tuple[Any, str | None] | None,
+           handover: Handover | None, *, strict_compression: bool,
+           file_kind: str) -> list[bool]:
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -256,7 +271,8 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
             verdicts.append(out.ok)
             break
         ch = None
-        if file_kind != "multifd":
+        taken = handover.take_all() if handover is not None else []
+        if file_kind != "multifd" and not taken:
             try:
                 ch = incoming.next_channel()
             except (EOFError, qioc_green.ChannelClosedError, qioc_green.ContextStoppedError):
@@ -286,13 +302,15 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 allow_undescribed=args.allow_undescribed, digest=args.digest, progress=progress,
                 idle_timeout=args.idle_timeout, deadline=args.deadline,
                 channel_timeout=args.channel_timeout, destination=dest,
-                tls=tls if ch is not None else None, forward_tls=forward_tls)
+                tls=tls if file_kind != "multifd" else None, forward_tls=forward_tls,
+                handover=handover)
             settings.receiver = multifd
             run.attach(multifd)
-            if ch is None:
+            if file_kind == "multifd":
                 out = multifd.receive(replay_channels(incoming.endpoint))
             else:
-                out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
+                out = multifd.receive([ch] if ch is not None else list(taken), _acceptor(incoming),
+                                      extra=not args.keep_listening)
             if not args.keep_listening:
                 incoming.close()
         else:
