@@ -34,11 +34,8 @@ line naming it, instead of being refused at connect time, as QEMU does, which le
 to fail without a reason on this side. With ``--keep-listening`` the listener is left to the
 next migration once all N + 1 have arrived and the main stream has met its first sync point
 (QEMU stops listening once all have arrived; a source's channels all connect before its main
-stream starts, so extra ones are still seen). Until then the next source may connect too: a
-second main stream, or a channel whose id this migration already has, is the next migration's,
-handed over to it (``handover``) with the bytes read to tell, not refused as an extra; so is
-one still saying nothing (in its TLS handshake) when this migration completes. If this one
-fails instead, those not yet told apart are closed with it (whose they are is then unknown).
+stream starts, so extra ones are still seen). The next source's connections that come before
+that are handed over to the next migration (``handover``, ``_multifd_next``).
 
 With TLS (``tls``), each connection's handshake comes first, in its own IOThread, and its first
 bytes are read after it (``_multifd_tls``); each ``--forward`` connection speaks TLS to the
@@ -76,26 +73,18 @@ from ._events import Command, Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
 from ._format import MigrationStreamError
 from ._incoming import IncomingSettings, check_configuration
-from ._multifd import INIT_PACKET_SIZE, MultifdChannels, sniff_channel
+from ._multifd import MultifdChannels, sniff_channel
 from ._multifd_channel import ChannelReader, Connection, Stopped
 from ._multifd_events import MultifdError
+from ._multifd_next import ACCEPT_TICK, Claims, Handover, Taken, tell
 from ._multifd_sync import SyncFailed, SyncPoints
-from ._multifd_tls import (
-    ACCEPT_TICK,
-    FIRST_BYTES_TIMEOUT,
-    MAX_EXTRA,
-    Handover,
-    Taken,
-    accept_connection,
-    read_first,
-)
+from ._multifd_tls import FIRST_BYTES_TIMEOUT, MAX_EXTRA, accept_connection
 from ._receiver import Outcome, ReceiveError, Receiver, describe
 from ._sinks import BUFFERS, CHUNK, RamDir
-from ._summary import Summary
+from ._summary import Summary, peak_rss
 from ._tls import early_close
 from ._uri import Endpoint
 
-_INIT_ID = 24  # where an init packet has the channel id (after magic, version, UUID)
 _TICK = 0.5  # s between the coordinator's checks (idle, missing channels, progress)
 
 
@@ -143,9 +132,7 @@ class MultifdReceiver:
         self.tls = tls
         self.forward_tls = forward_tls
         self.handover = handover
-        self._handed = 0  # connections handed over to the next migration
-        self._ids: set[int] = set()  # channel ids claimed by init packets read so far
-        self._told: list[Event] = []  # per connection: it said what it is, or ended
+        self._claims = Claims()  # what each connection said it is
         self._ended: set[int] = set()  # connections whose reader has ended
         self.connections: list[Connection] = []
         self.registry = MultifdChannels(self.channels)
@@ -303,7 +290,7 @@ class MultifdReceiver:
     def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
         expected = self.channels + 1
         while not self._stopping:
-            n = len(self.connections) - self._handed
+            n = sum(c.kind != "next" for c in list(self.connections))
             # bounded: this migration's, a few extra, and (handed over) one next migration's
             if n >= expected + MAX_EXTRA or len(self.connections) >= 2 * expected + MAX_EXTRA:
                 return
@@ -331,7 +318,7 @@ class MultifdReceiver:
                 return False
             conn = Connection(len(self.connections))
             self.connections.append(conn)
-            self._told.append(Event())  # set once it said what it is, or ended
+            self._claims.add()
             self._chans.append(taken.channel)
             t = IOThread(f"mig-conn{conn.index}")
             self._threads.append(t)
@@ -391,8 +378,7 @@ class MultifdReceiver:
                 self.progress.flush()
 
     def _drain_done(self, bound: float) -> None:
-        """After a failure, or before handing over: wait (``bound`` s at most) for every reader
-        to end."""
+        """After a failure, or before handing over: wait (``bound`` s at most) for all to end."""
         deadline = time.monotonic() + bound
         while len(self._ended) < len(self.connections) and time.monotonic() < deadline:
             try:
@@ -450,7 +436,7 @@ class MultifdReceiver:
                         "sync_points": self._sync_points,
                         "connections": [c.as_dict() for c in self.connections
                                         if c.kind != "next"]}
-        d["max_rss"] = _peak_rss()  # the bound the module notes promise
+        d["max_rss"] = peak_rss()  # the bound the module notes promise
         if error is not None:
             d["complete"] = False
             d["error"] = error
@@ -474,7 +460,7 @@ class MultifdReceiver:
         finally:
             if not handed:
                 ch.close()
-            self._told[conn.index].set()
+            self._claims.said(conn.index)
             self._done.put((conn.index, exc))
 
     def _hand_over(self, conn: Connection, ch: Channel, raw: Channel, prefix: bytes) -> bool:
@@ -484,17 +470,17 @@ class MultifdReceiver:
             if self._error is not None:
                 return False
             conn.kind = "next"
-            self._handed += 1
             self._chans.remove(raw)  # no longer ours to close
         self.handover.put(Taken(ch, prefix, tls_done=ch is not raw, order=conn.index))
         return True
 
     def _serve(self, conn: Connection, ch: Channel, raw: Channel, given: bytes) -> bool:
         """Tell what ``ch`` is and read it to its end; True if it was handed over instead."""
-        stopping = self._handing_over if self.handover is not None else None
-        prefix = read_first(ch, given, 4, conn.name, stopping)
-        if prefix is None:
-            return self._hand_over(conn, ch, raw, given)
+        # the migration is over: connections still saying what they are go to the next
+        over = (lambda: self._stopping) if self.handover is not None else None
+        prefix, told = tell(ch, given, conn.name, over)
+        if not told:
+            return self._hand_over(conn, ch, raw, prefix)
         if not prefix:
             if conn.index > self.channels:  # an extra connection that said nothing: harmless
                 return False
@@ -505,35 +491,21 @@ class MultifdReceiver:
                                "before its first 4 bytes said what it is")
         kind = sniff_channel(prefix, conn.name)
         self._last = time.monotonic()
-        if kind == "multifd" and stopping is not None:  # its init packet says which it is
-            init = read_first(ch, prefix, INIT_PACKET_SIZE, conn.name, stopping)
-            if init is None:
-                return self._hand_over(conn, ch, raw, prefix)
-            prefix = init
-        # With --keep-listening, a connection after the first N + 1 is judged once all before
-        # it are: a second main stream, or a channel id taken, is then the next source's.
-        # Within the first N + 1 it can only be an error (two sources at once: which
-        # channel is whose cannot be told), as in a one-shot run.
-        later = stopping is not None and conn.index > self.channels
-        if later and not self._wait_told(conn.index):
+        # --keep-listening: after the first N + 1, a main stream or channel id taken is the
+        # next source's (_multifd_next); within them, two sources at once: an error
+        later = over is not None and conn.index > self.channels
+        if later and not self._claims.wait_before(conn.index, lambda: self.failed):
             return self._hand_over(conn, ch, raw, prefix)
-        with self._lock:
-            if kind == "main":
-                ours = not self._main_seen
-                self._main_seen = True
-            else:
-                cid = prefix[_INIT_ID] if len(prefix) >= INIT_PACKET_SIZE else None
-                ours = cid is None or cid not in self._ids
-                if cid is not None:
-                    self._ids.add(cid)
-        self._told[conn.index].set()
+        ours = self._claims.claim(conn.index, kind, prefix)
+        if kind == "main":
+            self._main_seen = True
         if not ours and later:
             return self._hand_over(conn, ch, raw, prefix)
         if kind == "main":
             if not ours:
                 raise MultifdError(conn.name, 0, "a second main stream (QEVM) in one migration" + (
                     " (two sources at once? the next must not connect before all of this "
-                    "one's connections have)" if stopping is not None else ""))
+                    "one's connections have)" if over is not None else ""))
             conn.kind = "main"
             self.channel_in()
             self._serve_main(conn, ch, prefix)
@@ -548,20 +520,6 @@ class MultifdReceiver:
             conn.kind = "multifd"
             ChannelReader(self, conn, j).run(ch, prefix)
         return False
-
-    def _handing_over(self) -> bool:
-        """The migration is over: connections still saying what they are go to the next."""
-        return self._stopping
-
-    def _wait_told(self, index: int) -> bool:
-        """Park until every connection accepted before ``index`` has said what it is (or
-        ended); False if the migration ends first."""
-        for k in range(index):
-            told = self._told[k]
-            while not told.wait(ACCEPT_TICK):
-                if self._stopping or self._error is not None:
-                    return False
-        return True
 
     # -- the main stream -------------------------------------------------------------------------
 
@@ -639,16 +597,3 @@ def _line(exc: BaseException) -> str:
     if isinstance(exc, (MigrationStreamError, ReceiveError, Stopped)):
         return str(exc)
     return f"offset 0: {describe(exc)}"
-
-
-def _peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike
-    getrusage's ru_maxrss, which keeps the high-water mark of the process it was forked from)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -11,104 +11,22 @@ every connection is handshaken in the IOThread that will read it, in parallel, a
 bytes are read after it: the order does not matter. A handshake that fails (a plaintext peer,
 a certificate either side refuses, a hang-up in the middle) is one line naming the connection,
 and it ends the whole migration as any bad channel does.
-
-With ``--keep-listening`` the next source may connect while a migration is still taking its
-own connections (before its main stream's first sync point, when it stops listening). Such a
-connection says whose it is: a second ``QEVM``, or a multifd channel whose id this migration
-already has, can only be the next migration's. It is handed over (:class:`Handover`), with the
-bytes read to tell (:class:`Taken`), instead of being refused as an extra.
 """
 
 from __future__ import annotations
 
 import ssl
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from qioc_green import (
-    BrokenChannelError,
-    Channel,
-    ChannelError,
-    UnexpectedEOF,
-    current_context,
-)
+from qioc_green import Channel, ChannelError, current_context
 
 from ._multifd import sniff_channel
 from ._multifd_events import MultifdError
 from ._tls import TlsError, accept_tls
 
 FIRST_BYTES_TIMEOUT = 10.0  # s for a new connection to say what it is (or to finish its handshake)
-ACCEPT_TICK = 0.05  # s between looks at whether the migration is over, while taking connections
 MAX_EXTRA = 4  # connections beyond the N + 1 that are read (and refused) before we stop taking them
 _TICK = 0.5  # s between the watcher's looks at whether it should stop
-
-
-@dataclass
-class Taken:
-    """A connection accepted and read into before it was handed over: the bytes read from it
-    (``prefix``), and whether ``channel`` is already the TLS session (its handshake done)."""
-
-    channel: Channel
-    prefix: bytes = b""
-    tls_done: bool = False
-    order: int = 0  # its place in the accept order of the migration that handed it over
-
-
-class Handover:
-    """The connections one migration found to be the next one's, for the next to take.
-    Thread-safe; nothing here parks."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: list[Taken] = []
-
-    def put(self, item: Taken) -> None:
-        with self._lock:
-            self._items.append(item)
-
-    def take_all(self) -> list[Taken]:
-        """Every connection handed over, in the order they were accepted."""
-        with self._lock:
-            items, self._items = self._items, []
-        return sorted(items, key=lambda t: t.order)
-
-    def close(self) -> None:
-        """Close what nobody took (the run is over)."""
-        for item in self.take_all():
-            item.channel.close()
-
-
-def read_first(ch: Channel, have: bytes, n: int, name: str,
-               stopping: Callable[[], bool] | None) -> bytes | None:
-    """``have`` and what follows on a new connection ``name``, up to ``n`` bytes (fewer at EOF),
-    within ``FIRST_BYTES_TIMEOUT``. May park. None once ``stopping()`` says so (looked at
-    every ``ACCEPT_TICK``; what was read is then given back to ``ch``, as a read that times
-    out gives it). Raises MultifdError for a connection that says too little in time."""
-    deadline = time.monotonic() + FIRST_BYTES_TIMEOUT
-    tick = ACCEPT_TICK if stopping is not None else FIRST_BYTES_TIMEOUT
-    while len(have) < n:
-        try:
-            more = ch.read_all_eof(n - len(have),
-                                   timeout=min(tick, max(0.0, deadline - time.monotonic())))
-        except UnexpectedEOF as exc:
-            return have + bytes(exc.partial)
-        except TimeoutError:
-            if stopping is not None and stopping():
-                return None
-            if time.monotonic() < deadline:
-                continue
-            if not have:
-                raise MultifdError(name, 0, f"sent nothing in {FIRST_BYTES_TIMEOUT:g} s") from None
-            raise MultifdError(name, len(have), f"sent {len(have)} bytes, then nothing for "
-                                                f"{FIRST_BYTES_TIMEOUT:g} s") from None
-        except BrokenChannelError as exc:
-            raise MultifdError(name, 0, str(exc)) from None
-        if more is None:
-            break
-        have += more
-    return have
 
 
 def accept_connection(ch: Channel, ctx: ssl.SSLContext, name: str,

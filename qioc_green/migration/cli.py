@@ -41,8 +41,9 @@ from ._file_input import MappedRamReceiver, replay_channels
 from ._incoming import IncomingSettings, plain_stream_checks
 from ._monitor import Monitor
 from ._multifd_compress import COMPRESSIONS
+from ._multifd_next import Handover
 from ._multifd_receiver import MultifdReceiver
-from ._multifd_tls import Handover, StrayWatcher
+from ._multifd_tls import StrayWatcher
 from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
 from ._settings import DestinationSettings
@@ -190,13 +191,15 @@ class _Stoppable(Protocol):  # a Receiver or a MultifdReceiver
 
 
 class _Run:
-    """What a signal (or QMP quit) must reach: the migration being received, or the next one.
-    Thread-safe."""
+    """What a signal (or QMP quit) must reach: the migration being received, or the next one;
+    and (``handover``) the next migration's connections that came while one ran, closed by
+    whoever ends the run. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reason: str | None = None
         self._rx: _Stoppable | None = None
+        self.handover = Handover()
 
     def attach(self, rx: _Stoppable) -> None:
         with self._lock:
@@ -226,21 +229,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
     ``file:`` source holds (``DestinationSettings.prepare``)."""
     run = run or _Run()
     settings = settings or DestinationSettings()
-    # --keep-listening: the next migration's connections, if they came while one ran
-    handover = Handover() if args.keep_listening else None
-    try:
-        return _serve(incoming, args, forward, forward_ctx, run, settings, rp_ctx, forward_tls,
-                      handover, strict_compression=strict_compression, file_kind=file_kind)
-    finally:
-        if handover is not None:
-            handover.close()
-
-
-def _serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None,
-           forward_ctx: qioc_green.Context | None, run: _Run, settings: DestinationSettings,
-           rp_ctx: qioc_green.Context | None, forward_tls: tuple[Any, str | None] | None,
-           handover: Handover | None, *, strict_compression: bool,
-           file_kind: str) -> list[bool]:
+    handover = run.handover if args.keep_listening else None
     verdicts: list[bool] = []
     n = 0
     while True:
@@ -574,6 +563,7 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
                                  strict_compression=bool(args.qmp)
                                  or args.multifd_compression is not None)
                 finally:
+                    run.handover.close()
                     finished.set()
 
             fut = threads.recv.context.spawn(receive)
