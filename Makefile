@@ -16,7 +16,7 @@ all: test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(DEV): setup.cfg pyproject.toml | $(BIN)/python
+$(DEV): setup.cfg setup.py pyproject.toml qioc_green/_speedups.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,lint]'
 	touch $@
 
@@ -25,7 +25,7 @@ $(BENCH): $(DEV)
 	touch $@
 
 # the demo runs the installed qioc-migration-receiver command (and qemu.qmp for the live part)
-$(DEMO): setup.cfg pyproject.toml | $(BIN)/python
+$(DEMO): setup.cfg setup.py pyproject.toml qioc_green/_speedups.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 
