@@ -1,5 +1,8 @@
 # qioc_green: every target creates .venv and installs what it needs.
-#   make test   run the test suite          make lint   ruff and mypy
+#   make test   run the test suite twice: with the compiled hot path (qioc_green._speedups,
+#               which must have built: QIOC_REQUIRE_SPEEDUPS=0 to allow pure Python there),
+#               then with QIOC_PURE_PYTHON=1
+#   make lint   ruff and mypy
 #   make demo   the main job (see README)    make bench  the benchmarks (long; prints tables)
 
 PYTHON ?= python3
@@ -29,8 +32,11 @@ $(DEMO): setup.cfg setup.py pyproject.toml qioc_green/_speedups.c | $(BIN)/pytho
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 
+QIOC_REQUIRE_SPEEDUPS ?= 1
+
 test: $(DEV)
-	$(BIN)/python -m pytest
+	QIOC_REQUIRE_SPEEDUPS=$(QIOC_REQUIRE_SPEEDUPS) $(BIN)/python -m pytest
+	QIOC_PURE_PYTHON=1 $(BIN)/python -m pytest
 
 lint: $(DEV)
 	$(BIN)/ruff check qioc_green tests examples bench

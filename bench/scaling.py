@@ -73,6 +73,10 @@ def servers(selected: list[str] | None) -> list[Server]:
         Server("qioc 1T pin", s + ["qioc", "--iothreads", "1", "--pin", "on"], iothreads=1, family="qioc-pin"),
         Server("qioc 2T pin", s + ["qioc", "--iothreads", "2", "--pin", "on"], iothreads=2, family="qioc-pin"),
         Server("qioc 4T pin", s + ["qioc", "--iothreads", "4", "--pin", "on"], iothreads=4, family="qioc-pin"),
+        Server("qioc 2T unpinned", s + ["qioc", "--iothreads", "2", "--pin", "off"], iothreads=2,
+               family="qioc-unpinned"),
+        Server("qioc 4T unpinned", s + ["qioc", "--iothreads", "4", "--pin", "off"], iothreads=4,
+               family="qioc-unpinned"),
         Server("qioc 2T reuseport", s + ["qioc", "--iothreads", "2", "--reuse-port"], iothreads=2,
                family="qioc-reuseport"),
         # The pure-Python hot path (QIOC_PURE_PYTHON=1): what a machine without a compiler runs.

@@ -110,6 +110,10 @@ def run_qioc(args: argparse.Namespace) -> None:
         ready(args.port)
         wait_for_term()
         lst.close(grace=0.5)
+        if os.environ.get("QIOC_BENCH_STATS"):  # experiments: the placement the pool chose
+            from qioc_green import _hub
+
+            print(repr(pool), _hub.placement_stats(), file=sys.stderr, flush=True)
 
 
 def run_gevent(args: argparse.Namespace) -> None:

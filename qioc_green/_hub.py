@@ -168,11 +168,12 @@ BATCH_GIL = os.environ.get("QIOC_BATCH_GIL", "1") != "0"
 FAIR_GIL = os.environ.get("QIOC_FAIR_GIL", "1") != "0"
 
 
-def batch_gil(loop: Any, fair: bool) -> bool:
+def batch_gil(loop: Any, fair: bool, auto_placement: bool = False) -> bool:
     """Run each iteration's ready watchers of ``loop`` under one GIL acquisition, taking turns
-    with the other batched hubs if ``fair`` (``_speedups.hook_loop``).  The loop's own thread,
-    before it runs.  False (nothing changed) without the compiled hot path or for a loop that
-    is not gevent's libev extension."""
+    with the other batched hubs if ``fair`` (``_speedups.hook_loop``); with ``auto_placement``
+    the calling thread joins the placement chosen by measurement (``IOThreadPool``).  The
+    loop's own thread, before it runs.  False (nothing changed) without the compiled hot path
+    or for a loop that is not gevent's libev extension."""
     sp = _native.speedups
     if sp is None:
         return False
@@ -184,7 +185,24 @@ def batch_gil(loop: Any, fair: bool) -> bool:
         return False
     if not path or not ptr:
         return False
-    return bool(sp.hook_loop(ptr, path, fair))
+    return bool(sp.hook_loop(ptr, path, fair, auto_placement))
+
+
+def placement_stats() -> dict[str, Any] | None:
+    """The compiled hot path's GIL and placement counters (``_speedups.gil_stats``), or None."""
+    sp = _native.speedups
+    return None if sp is None else dict(sp.gil_stats())
+
+
+def can_batch_gil() -> bool:
+    """True if hubs made now will batch their GIL (the compiled hot path, gevent's libev loop)."""
+    if _native.speedups is None or not BATCH_GIL:
+        return False
+    loop_type = type(get_hub().loop) if get_hub_if_exists() is not None else None
+    if loop_type is not None:
+        return loop_type.__module__ == "gevent.libev.corecext"
+    from gevent import config  # the loop a new hub would make, without making one
+    return bool(getattr(config.loop, "__module__", "") == "gevent.libev.corecext")
 
 
 def unbatch_gil(loop: Any) -> None:
@@ -266,6 +284,13 @@ class ThreadHub:
     def report_error(self, where: Any) -> None:
         """Report the exception being handled the way the hub reports a callback's (stderr)."""
         self.hub.handle_error(where, *sys.exc_info())
+
+    def join_auto_placement(self) -> bool:
+        """Let measurement place this hub's thread (pinned with the pool's other hubs, or
+        spread; see ``IOThreadPool``).  Its own thread.  False without the compiled hot path."""
+        if not self.gil_batched:
+            return False
+        return batch_gil(self.loop, FAIR_GIL, True)
 
     def set_yield_each_iteration(self, enabled: bool) -> None:
         """Call ``os.sched_yield()`` once per loop iteration (see ``IOThreadPool(pin=...)``).
@@ -676,6 +701,7 @@ __all__ = [
     "WRITE",
     "Waiter",
     "batch_gil",
+    "can_batch_gil",
     "current_greenlet",
     "in_hub",
     "is_main_thread",
@@ -683,6 +709,7 @@ __all__ = [
     "kill_soon",
     "plain_getaddrinfo",
     "plain_poll",
+    "placement_stats",
     "plain_socketpair",
     "sleep",
     "spawn_here",

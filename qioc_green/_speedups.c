@@ -32,12 +32,17 @@
  *    implementation), hook_loop returns False and nothing changes.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
 #include <Python.h>
 
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -518,6 +523,232 @@ wait_turn(void)
     atomic_fetch_sub(&futex_sleepers, 1);
 }
 
+/* -- placement chosen by measurement ("auto" pools) ------------------------------------------
+ *
+ * Hub threads of a pool left to choose ("auto") start where the scheduler puts them.  Every
+ * ~100 ms one of them looks at how long the auto hubs spent waiting for the GIL at the start of
+ * their batches, over the time passed.  Above HIGH (hubs mostly wait for each other: the work
+ * is Python-bound, and two CPUs only hand the GIL back and forth) they are all pinned to the
+ * CPU the deciding hub runs on, and each yields that CPU after every batch, so they take turns
+ * at batch boundaries (PERF-NOTES: 1.0x of one hub with a p99 of 0.48 ms).  Pinned, that wait
+ * is small by construction, so every PROBE_NS (doubling to 8 s while the answer stays the
+ * same) the hubs spread again for one window (150 ms): where the work now releases the GIL (TLS,
+ * file reads, large copies) they wait little, stay spread and overlap on several CPUs.
+ */
+#define WINDOW_NS 100000000L    /* 100 ms between looks */
+#define PROBE_WINDOW_NS 150000000L  /* spread threads take a while to be moved apart */
+#define PROBE_NS 1000000000L
+#define PROBE_MAX_NS 8000000000L
+static double HIGH = 0.25;      /* GIL wait per second of the auto hubs, in seconds
+                                 * (QIOC_AUTO_HIGH overrides it: experiments only) */
+
+static atomic_int place_mode;          /* 0 spread, 1 pinned */
+static atomic_int place_cpu = -1;
+static atomic_long window_start;       /* ns, monotonic */
+static atomic_long wait_ns;            /* GIL waits of auto hubs in this window */
+static atomic_int window_busy;         /* a hub is evaluating */
+static long probe_at, probe_every = PROBE_NS, probe_until;
+static atomic_ulong pins, spreads;
+static double last_contention;
+static atomic_int auto_hubs;
+
+static int trace_placement;            /* QIOC_PLACEMENT_TRACE: one line per look, on stderr */
+static __thread int thread_auto;       /* this hub is one of an auto pool's */
+static __thread int applied = 0;       /* the mode this thread has applied */
+static __thread cpu_set_t spread_set;  /* its affinity before it was pinned */
+
+static long
+now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Per-CPU busy and total jiffies from /proc/stat; returns how many CPUs were read. */
+#define MAX_CPUS 256
+static int
+read_cpu_times(unsigned long long *busy, unsigned long long *total)
+{
+    FILE *f = fopen("/proc/stat", "re");
+    if (f == NULL)
+        return 0;
+    char line[512];
+    int n = 0;
+    while (fgets(line, sizeof line, f) != NULL) {
+        unsigned cpu;
+        unsigned long long v[8] = {0};
+        if (strncmp(line, "cpu", 3) != 0 || line[3] < '0' || line[3] > '9')
+            continue;
+        if (sscanf(line + 3, "%u %llu %llu %llu %llu %llu %llu %llu %llu", &cpu, &v[0], &v[1], &v[2],
+                   &v[3], &v[4], &v[5], &v[6], &v[7]) < 5 || cpu >= MAX_CPUS)
+            continue;
+        busy[cpu] = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+        total[cpu] = busy[cpu] + v[3] + v[4];
+        if ((int)cpu + 1 > n)
+            n = (int)cpu + 1;
+    }
+    fclose(f);
+    return n;
+}
+
+static unsigned long long prev_busy[MAX_CPUS], prev_total[MAX_CPUS];
+
+/* Each thread's CPU time (jiffies) since the last call, counted on the CPU it now runs on. */
+#define MAX_TASKS 256
+static long task_ids[MAX_TASKS];
+static unsigned long long task_times[MAX_TASKS];
+static int ntasks;
+
+static void
+own_deltas(unsigned long long *own)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (d == NULL)
+        return;
+    long ids[MAX_TASKS];
+    unsigned long long times[MAX_TASKS];
+    int n = 0;
+    struct dirent *e;
+    char path[64], buf[1024];
+    while ((e = readdir(d)) != NULL && n < MAX_TASKS) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof path, "/proc/self/task/%.20s/stat", e->d_name);
+        FILE *f = fopen(path, "re");
+        if (f == NULL)
+            continue;
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = 0;
+        char *p = strrchr(buf, ')');  /* the name may hold spaces */
+        if (p == NULL)
+            continue;
+        /* after the name: state is field 3 ... utime 14, stime 15 ... processor 39 */
+        unsigned long long ut = 0, st = 0;
+        int cpu = -1, field = 2;
+        char *save = NULL;
+        for (char *tok = strtok_r(p + 1, " ", &save); tok != NULL; tok = strtok_r(NULL, " ", &save)) {
+            field++;
+            if (field == 14)
+                ut = strtoull(tok, NULL, 10);
+            else if (field == 15)
+                st = strtoull(tok, NULL, 10);
+            else if (field == 39) {
+                cpu = atoi(tok);
+                break;
+            }
+        }
+        long id = atol(e->d_name);
+        ids[n] = id;
+        times[n] = ut + st;
+        for (int i = 0; i < ntasks; i++) {
+            if (task_ids[i] == id) {
+                if (own != NULL && cpu >= 0 && cpu < MAX_CPUS && times[n] >= task_times[i])
+                    own[cpu] += times[n] - task_times[i];
+                break;
+            }
+        }
+        n++;
+    }
+    closedir(d);
+    memcpy(task_ids, ids, sizeof(long) * (size_t)n);
+    memcpy(task_times, times, sizeof(unsigned long long) * (size_t)n);
+    ntasks = n;
+}
+
+/* The allowed CPU that others (not this process) used least since the last look (the deciding
+ * hub's CPU if none).  Our own threads' time is taken off the CPU each last ran on. */
+static int
+quietest_cpu(void)
+{
+    unsigned long long busy[MAX_CPUS] = {0}, total[MAX_CPUS] = {0}, own[MAX_CPUS] = {0};
+    int n = read_cpu_times(busy, total), best = sched_getcpu();
+    own_deltas(own);
+    double best_load = 1e9;
+    for (int c = 0; c < n; c++) {
+        if (!CPU_ISSET(c, &spread_set) || total[c] <= prev_total[c])
+            continue;
+        double ours = (double)own[c];  /* approximate: a thread may have moved meanwhile */
+        double load = ((double)(busy[c] - prev_busy[c]) - ours) / (double)(total[c] - prev_total[c]);
+        if (load < best_load) {
+            best_load = load;
+            best = c;
+        }
+    }
+    return best;
+}
+
+static void
+remember_cpu_times(void)
+{
+    read_cpu_times(prev_busy, prev_total);
+    own_deltas(NULL);
+}
+
+static void
+evaluate(long now)
+{
+    long start = atomic_load(&window_start);
+    long span = now - start;
+    int mode = atomic_load(&place_mode);
+    if (span < (probe_until ? PROBE_WINDOW_NS : WINDOW_NS))
+        return;
+    int expected = 0;
+    if (!atomic_compare_exchange_strong(&window_busy, &expected, 1))
+        return;
+    if (atomic_load(&window_start) != start) {  /* another hub evaluated meanwhile */
+        atomic_store(&window_busy, 0);
+        return;
+    }
+    double c = (double)atomic_exchange(&wait_ns, 0) / (double)span;
+    last_contention = c;
+    if (trace_placement)
+        fprintf(stderr, "qioc placement: %s%s, GIL wait %.3f s/s over %ld ms\n", mode ? "pinned" : "spread",
+                probe_until ? " (probe)" : "", c, span / 1000000);
+    if (probe_until) {  /* a probe window (spread) ended */
+        probe_until = 0;
+        if (c > HIGH) {  /* still Python-bound: back to one CPU, look again later */
+            atomic_store(&place_cpu, quietest_cpu());
+            probe_every = probe_every * 2 > PROBE_MAX_NS ? PROBE_MAX_NS : probe_every * 2;
+            probe_at = now + probe_every;
+            atomic_store(&place_mode, 1);
+        } else {
+            probe_every = PROBE_NS;
+            atomic_fetch_add(&spreads, 1);
+        }
+    } else if (mode == 0 && c > HIGH && atomic_load(&auto_hubs) > 1) {
+        atomic_store(&place_cpu, quietest_cpu());
+        atomic_store(&place_mode, 1);
+        atomic_fetch_add(&pins, 1);
+        probe_at = now + probe_every;
+    } else if (mode == 1 && now >= probe_at) {
+        probe_until = now + PROBE_WINDOW_NS;
+        atomic_store(&place_mode, 0);
+    }
+    if (atomic_load(&place_mode) == 0)
+        remember_cpu_times();  /* for choosing a CPU at the next look */
+    atomic_store(&window_start, now);
+    atomic_store(&window_busy, 0);
+}
+
+static void
+apply_mode(int mode)
+{
+    if (mode == 1) {
+        int cpu = atomic_load(&place_cpu);
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        if (cpu >= 0)
+            CPU_SET(cpu, &one);
+        if (cpu < 0 || sched_setaffinity(0, sizeof one, &one) != 0)
+            return;  /* a CPU we may not use: stay as we are */
+    } else {
+        sched_setaffinity(0, sizeof spread_set, &spread_set);
+    }
+    applied = mode;
+}
+
 static void
 hooked_invoke(struct ev_loop *loop)
 {
@@ -525,20 +756,33 @@ hooked_invoke(struct ev_loop *loop)
         invoke_pending(loop);  /* gevent's callbacks check it themselves and do nothing */
         return;
     }
+    if (thread_auto) {
+        int mode = atomic_load(&place_mode);
+        if (mode != applied)
+            apply_mode(mode);
+    }
     if (owe)
         wait_turn();
+    long t0 = thread_auto ? now_ns() : 0;
     atomic_fetch_add(&hubs_waiting, 1);
     PyGILState_STATE s = PyGILState_Ensure();
     atomic_fetch_sub(&hubs_waiting, 1);
     atomic_fetch_add(&batches, 1);
     if (atomic_load(&futex_sleepers) > 0)
         syscall(SYS_futex, &batches, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+    if (thread_auto) {
+        long t1 = now_ns();
+        atomic_fetch_add(&wait_ns, t1 - t0);
+        evaluate(t1);
+    }
     invoke_pending(loop);
     if (thread_fair && atomic_load(&hubs_waiting) > 0) {
         owe = 1;
         owe_gen = atomic_load(&batches);
     }
     PyGILState_Release(s);
+    if (thread_auto && applied == 1)
+        sched_yield();  /* pinned: let the next hub on this CPU take its turn */
 }
 
 static int
@@ -560,9 +804,10 @@ find_libev(const char *path)
 }
 
 PyDoc_STRVAR(hook_loop_doc,
-"hook_loop(loop_ptr, libev_path, fair) -> bool\n\n"
+"hook_loop(loop_ptr, libev_path, fair, auto) -> bool\n\n"
 "Run every pending watcher of one iteration of the libev loop at loop_ptr under one GIL\n"
-"acquisition (see the module comment), taking turns with other hooked hubs if fair.  Call it\n"
+"acquisition (see the module comment), taking turns with other hooked hubs if fair; with auto,\n"
+"the thread joins the placement chosen by measurement (pinned or spread).  Call it\n"
 "in the loop's own thread, before the loop runs.  False if libev's entry points are not in\n"
 "libev_path (nothing changed).");
 
@@ -571,12 +816,25 @@ sp_hook_loop(PyObject *self, PyObject *args)
 {
     unsigned long long ptr;
     const char *path;
-    int fair;
-    if (!PyArg_ParseTuple(args, "Ksp", &ptr, &path, &fair))
+    int fair, autoplace;
+    if (!PyArg_ParseTuple(args, "Kspp", &ptr, &path, &fair, &autoplace))
         return NULL;
     if (ptr == 0 || !find_libev(path))
         Py_RETURN_FALSE;
     thread_fair = fair;
+    trace_placement = getenv("QIOC_PLACEMENT_TRACE") != NULL;
+    const char *high = getenv("QIOC_AUTO_HIGH");
+    if (high != NULL && *high)
+        HIGH = atof(high);
+    if (autoplace && !thread_auto) {
+        if (sched_getaffinity(0, sizeof spread_set, &spread_set) == 0) {
+            thread_auto = 1;
+            applied = 0;
+            atomic_fetch_add(&auto_hubs, 1);
+            if (atomic_load(&window_start) == 0)
+                atomic_store(&window_start, now_ns());
+        }
+    }
     set_invoke_pending_cb((struct ev_loop *)(uintptr_t)ptr, hooked_invoke);
     Py_RETURN_TRUE;
 }
@@ -593,18 +851,36 @@ sp_unhook_loop(PyObject *self, PyObject *arg)
     if (ptr != 0 && set_invoke_pending_cb != NULL)
         set_invoke_pending_cb((struct ev_loop *)(uintptr_t)ptr, invoke_pending);
     owe = 0;
+    if (thread_auto) {
+        thread_auto = 0;
+        if (applied)
+            sched_setaffinity(0, sizeof spread_set, &spread_set);
+        applied = 0;
+        if (atomic_fetch_sub(&auto_hubs, 1) == 1) {  /* the last auto hub: the next pool starts afresh */
+            atomic_store(&place_mode, 0);
+            atomic_store(&wait_ns, 0);
+            atomic_store(&window_start, 0);
+            probe_until = 0;
+            probe_every = PROBE_NS;
+        }
+    }
     Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(gil_stats_doc,
-"gil_stats() -> dict: batches, handoffs (fairness waits), handoff_timeouts, since import.");
+"gil_stats() -> dict: batches, handoffs (fairness waits), handoff_timeouts, since import; the\n"
+"auto placement: mode (\"pinned\" or \"spread\"), cpu, pins, spreads, contention (the last\n"
+"window's GIL wait per second), auto_hubs.");
 
 static PyObject *
 sp_gil_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:k,s:k,s:k}", "batches", (unsigned long)atomic_load(&batches),
-                         "handoffs", atomic_load(&handoffs), "handoff_timeouts",
-                         atomic_load(&handoff_timeouts));
+    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:d,s:i}", "batches",
+                         (unsigned long)atomic_load(&batches), "handoffs", atomic_load(&handoffs),
+                         "handoff_timeouts", atomic_load(&handoff_timeouts), "mode",
+                         atomic_load(&place_mode) ? "pinned" : "spread", "cpu", atomic_load(&place_cpu),
+                         "pins", atomic_load(&pins), "spreads", atomic_load(&spreads),
+                         "contention", last_contention, "auto_hubs", atomic_load(&auto_hubs));
 }
 
 static PyMethodDef methods[] = {

@@ -35,7 +35,8 @@ def test_which_path_is_active_follows_the_environment():
         assert not qioc_green.SPEEDUPS
         assert qioc_green.hot_path() == "pure Python: QIOC_PURE_PYTHON is set"
     if os.environ.get("QIOC_REQUIRE_SPEEDUPS") == "1":  # make test's first pass: it must be built
-        assert qioc_green.SPEEDUPS, qioc_green.hot_path()
+        assert qioc_green.SPEEDUPS, (f"{qioc_green.hot_path()}: install gcc and the Python headers "
+                                     "(Debian: python3-dev) and reinstall, or set QIOC_REQUIRE_SPEEDUPS=0")
     if qioc_green.SPEEDUPS:
         assert qioc_green.hot_path() == "compiled (qioc_green._speedups)"
 
