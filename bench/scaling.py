@@ -57,7 +57,7 @@ ECHO_EPOLL = "@echo_epoll"  # replaced by the C server built at run time
 PURE = {"QIOC_PURE_PYTHON": "1"}
 
 
-def servers(selected: list[str] | None) -> list[Server]:
+def servers(selected: list[str] | None, baseline: str | None = None) -> list[Server]:
     s = [PY, os.path.join(HERE, "servers.py")]
     out = [
         Server("qioc 1T", s + ["qioc", "--iothreads", "1"], iothreads=1, family="qioc"),
@@ -88,10 +88,13 @@ def servers(selected: list[str] | None) -> list[Server]:
         Server("uvloop Protocol", s + ["uvloop-protocol"]),
         Server("C epoll", [ECHO_EPOLL], tls=False),
     ]
+    if baseline:  # another source tree of qioc_green (before a change), on the same servers.py
+        out += [Server(f"qioc {n}T base", s + ["qioc", "--iothreads", str(n)], iothreads=n, family="qioc-base",
+                       env={"PYTHONPATH": baseline}) for n in (1, 2, 4)]
     default = ["qioc 1T", "qioc 2T", "qioc 4T", "qioc 1T pure", "qioc 2T pure", "qioc 4T pure", "qioc 2T pure pin",
                "qioc 2T iohandler", "C epoll", "uvloop Protocol", "uvloop", "asyncio", "gevent 1 hub", "threads",
                "gevent 2 procs"]
-    want = selected or default
+    want = selected or default + ([f"qioc {n}T base" for n in (1, 2, 4)] if baseline else [])
     by_label = {x.label: x for x in out}
     # "LABEL+NAME=VALUE+...": that server with these environment variables (experiments).
     for w in want:
@@ -494,10 +497,17 @@ def targets(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     # (today's hot path, no batching), in the same run.
     for wl in ("tls x1", "tls x4", "bulk x1", "bulk x4"):
         for srv in ("qioc 2T", "qioc 4T"):
-            r, before = med_of(srv, wl), med_of(srv + " pure", wl)
+            for before_label in (srv + " base", srv + " pure"):
+                r, before = med_of(srv, wl), med_of(before_label, wl)
+                if r and before:
+                    out.append(f"{wl}: {srv} / {before_label} = {r / before:.2f}x (target: no loss, >= 0.95x): "
+                               f"{verdict(r / before >= 0.95)}")
+                    break
+    for wl in ("echo C=16", "echo C=64", "echo C=256"):
+        for n in (1, 2, 4):
+            r, before = med_of(f"qioc {n}T", wl), med_of(f"qioc {n}T base", wl)
             if r and before:
-                out.append(f"{wl}: {srv} / {srv} pure = {r / before:.2f}x (target: no loss, >= 0.95x): "
-                           f"{verdict(r / before >= 0.95)}")
+                out.append(f"(info) {wl}: qioc {n}T / qioc {n}T base = {r / before:.2f}x")
     # For the record (no target): against the C floor, gevent, and the pure-Python path.
     c, g = med_of("C epoll", "echo C=64"), med_of("gevent 1 hub", "echo C=64")
     for srv in ("qioc 1T", "qioc 1T pure"):
@@ -520,11 +530,12 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
         return False
     echo = [w for w in wls if w.kind == "echo"]
     tls = [w for w in wls if w.kind != "echo"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, wl in enumerate(echo):
         c = colors[i % len(colors)]
-        for family, style in (("qioc", "-o"), ("qioc-pin", "--^"), ("qioc-iohandler", "x"), ("qioc-reuseport", "+")):
+        for family, style in (("qioc", "-o"), ("qioc-pin", "--^"), ("qioc-unpinned", ":s"), ("qioc-pure", "-.v"),
+                              ("qioc-base", ":D"), ("qioc-iohandler", "x"), ("qioc-reuseport", "+")):
             pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
                    if s.family == family and (s.label, wl.label) in summary]
             if pts:
@@ -532,6 +543,9 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
                 xs = [p[0] for p in pts]
                 axes[0].plot(xs, [p[1]["rate"][0] / 1e3 for p in pts], style, color=c, label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
                 axes[1].plot(xs, [p[1]["cpu_per"][0] for p in pts], style, color=c, label=f"qioc_green {wl.label}")
+                if family in ("qioc", "qioc-pin", "qioc-unpinned", "qioc-base"):
+                    axes[3].plot(xs, [p[1]["p99_us"][0] / 1e3 for p in pts], style, color=c,
+                                 label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
         for j, s in enumerate(x for x in srvs if x.iothreads is None):
             m = summary.get((s.label, wl.label))
             if m and wl.label == "echo C=64":
@@ -541,13 +555,15 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
     axes[0].set(title="64 B echo: requests/s", xlabel="IOThreads", ylabel="k req/s", xticks=[1, 2, 4])
     axes[1].set(title="64 B echo: server CPU per request", xlabel="IOThreads", ylabel="us", xticks=[1, 2, 4])
     for i, wl in enumerate(tls):
-        pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
-               if s.family == "qioc" and (s.label, wl.label) in summary]
-        if pts:
-            pts.sort(key=lambda p: p[0] or 0)
-            axes[2].plot([p[0] for p in pts], [p[1]["rate"][0] for p in pts], "-o", color=colors[i % len(colors)],
-                         label=f"qioc_green {wl.label}")
+        for family, style in (("qioc", "-o"), ("qioc-base", ":D"), ("qioc-pure", "-.v")):
+            pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
+                   if s.family == family and (s.label, wl.label) in summary]
+            if pts:
+                pts.sort(key=lambda p: p[0] or 0)
+                axes[2].plot([p[0] for p in pts], [p[1]["rate"][0] for p in pts], style, color=colors[i % len(colors)],
+                             label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
     axes[2].set(title="bulk receive: GB/s", xlabel="IOThreads", ylabel="GB/s", xticks=[1, 2, 4])
+    axes[3].set(title="64 B echo: p99 latency", xlabel="IOThreads", ylabel="ms", xticks=[1, 2, 4])
     for ax in axes:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -588,9 +604,9 @@ def from_json(path: str, out: str) -> int:
         doc = json.load(f)
     labels = list(dict.fromkeys(r["server"] for r in doc["results"]))
     wl_labels = list(dict.fromkeys(r["workload"] for r in doc["results"] if "error" not in r))
-    srvs = [s for s in servers(labels)]
+    srvs = [s for s in servers(labels, doc.get("baseline"))]
     wls = [w for w in workloads(False, None) if w.label in wl_labels]
-    meta = {k: doc[k] for k in ("rounds", "window_s", "loadgen", "loadgen_cpus") if k in doc}
+    meta = {k: doc[k] for k in ("rounds", "window_s", "loadgen", "loadgen_cpus", "baseline") if k in doc}
     os.makedirs(out, exist_ok=True)
     report(doc["results"], doc["machine"], srvs, wls, out, meta)
     return 0
@@ -608,6 +624,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for scaling.json and .png")
     ap.add_argument("--python-loadgen", action="store_true", help="use the Python load generator even with cc")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per round")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run qioc 1T/2T/4T from this source tree of qioc_green (PYTHONPATH), e.g. "
+                         "`git archive BASE | tar x -C DIR`: the ratios against it are printed")
     ap.add_argument("--from-json", metavar="FILE", help="only summarize a scaling.json again (table, checks, plot)")
     ap.add_argument("--loadgen-anywhere", action="store_true",
                     help="do not keep the load generator on the last CPU (away from pinned hub threads)")
@@ -622,7 +641,7 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     window = args.window or (1.0 if args.quick else 3.0)
     warmup = 0.5
-    srvs = servers(args.servers)
+    srvs = servers(args.servers, args.baseline)
     wls = workloads(args.quick, args.workloads)
     os.makedirs(args.out, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -666,9 +685,10 @@ def main() -> int:
                         print(f"  {srv.label:<19} {kind}: FAILED: {exc}", flush=True)
                         results.append({"server": srv.label, "workload": kind, "round": rnd, "error": str(exc)})
             report(results, machine, srvs, wls, args.out, {"rounds": rnd + 1, "window_s": window, "loadgen": lg.kind,
-                                                            "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)}, final=False)
+                                                            "loadgen_cpus": sorted(LOADGEN_CPUS or cpus),
+                                                            "baseline": args.baseline}, final=False)
     report(results, machine, srvs, wls, args.out, {"rounds": rounds, "window_s": window, "loadgen": lg.kind,
-                                                    "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)})
+                                                    "loadgen_cpus": sorted(LOADGEN_CPUS or cpus), "baseline": args.baseline})
     return 0
 
 

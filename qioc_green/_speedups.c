@@ -531,14 +531,18 @@ wait_turn(void)
  * is Python-bound, and two CPUs only hand the GIL back and forth) they are all pinned to the
  * CPU the deciding hub runs on, and each yields that CPU after every batch, so they take turns
  * at batch boundaries (PERF-NOTES: 1.0x of one hub with a p99 of 0.48 ms).  Pinned, that wait
- * is small by construction, so every PROBE_NS (doubling to 8 s while the answer stays the
- * same) the hubs spread again for one window (150 ms): where the work now releases the GIL (TLS,
- * file reads, large copies) they wait little, stay spread and overlap on several CPUs.
+ * is small by construction; what shows work that releases the GIL there is a hub taking the
+ * GIL while another's batch is still under way (that batch gave it up, and shares the CPU):
+ * above OVERLAP of the batches, they spread at once.  And every PROBE_NS (doubling to 32 s
+ * while the answer stays the same) they spread for one window (150 ms): where the work now
+ * releases the GIL (TLS, file reads, large copies) they wait little, stay spread and overlap on
+ * several CPUs.
  */
 #define WINDOW_NS 100000000L    /* 100 ms between looks */
 #define PROBE_WINDOW_NS 150000000L  /* spread threads take a while to be moved apart */
-#define PROBE_NS 1000000000L
-#define PROBE_MAX_NS 8000000000L
+#define PROBE_NS 4000000000L
+#define PROBE_MAX_NS 32000000000L
+#define OVERLAP 0.05            /* pinned: batches begun while another hub's was under way */
 static double HIGH = 0.25;      /* GIL wait per second of the auto hubs, in seconds
                                  * (QIOC_AUTO_HIGH overrides it: experiments only) */
 
@@ -551,6 +555,9 @@ static long probe_at, probe_every = PROBE_NS, probe_until;
 static atomic_ulong pins, spreads;
 static double last_contention;
 static atomic_int auto_hubs;
+static atomic_int in_batch;            /* auto hubs between taking the GIL and giving it back */
+static atomic_long window_batches, window_overlaps;
+static double last_overlap;
 
 static int trace_placement;            /* QIOC_PLACEMENT_TRACE: one line per look, on stderr */
 static __thread int thread_auto;       /* this hub is one of an auto pool's */
@@ -702,10 +709,13 @@ evaluate(long now)
         return;
     }
     double c = (double)atomic_exchange(&wait_ns, 0) / (double)span;
+    long nb = atomic_exchange(&window_batches, 0), no = atomic_exchange(&window_overlaps, 0);
+    double ov = nb ? (double)no / (double)nb : 0.0;
     last_contention = c;
+    last_overlap = ov;
     if (trace_placement)
-        fprintf(stderr, "qioc placement: %s%s, GIL wait %.3f s/s over %ld ms\n", mode ? "pinned" : "spread",
-                probe_until ? " (probe)" : "", c, span / 1000000);
+        fprintf(stderr, "qioc placement: %s%s, GIL wait %.3f s/s, overlapping batches %.3f, over %ld ms\n",
+                mode ? "pinned" : "spread", probe_until ? " (probe)" : "", c, ov, span / 1000000);
     if (probe_until) {  /* a probe window (spread) ended */
         probe_until = 0;
         if (c > HIGH) {  /* still Python-bound: back to one CPU, look again later */
@@ -722,6 +732,12 @@ evaluate(long now)
         atomic_store(&place_mode, 1);
         atomic_fetch_add(&pins, 1);
         probe_at = now + probe_every;
+    } else if (mode == 1 && ov > OVERLAP) {
+        /* Pinned, and hubs keep getting the GIL while another is in the middle of its batch:
+         * that batch gave the GIL up (work that releases it) yet shares the CPU.  Spread. */
+        probe_every = PROBE_NS;
+        atomic_store(&place_mode, 0);
+        atomic_fetch_add(&spreads, 1);
     } else if (mode == 1 && now >= probe_at) {
         probe_until = now + PROBE_WINDOW_NS;
         atomic_store(&place_mode, 0);
@@ -773,9 +789,14 @@ hooked_invoke(struct ev_loop *loop)
     if (thread_auto) {
         long t1 = now_ns();
         atomic_fetch_add(&wait_ns, t1 - t0);
+        atomic_fetch_add(&window_batches, 1);
+        if (atomic_fetch_add(&in_batch, 1) > 0)
+            atomic_fetch_add(&window_overlaps, 1);
         evaluate(t1);
     }
     invoke_pending(loop);
+    if (thread_auto)
+        atomic_fetch_sub(&in_batch, 1);
     if (thread_fair && atomic_load(&hubs_waiting) > 0) {
         owe = 1;
         owe_gen = atomic_load(&batches);
@@ -859,6 +880,8 @@ sp_unhook_loop(PyObject *self, PyObject *arg)
         if (atomic_fetch_sub(&auto_hubs, 1) == 1) {  /* the last auto hub: the next pool starts afresh */
             atomic_store(&place_mode, 0);
             atomic_store(&wait_ns, 0);
+            atomic_store(&window_batches, 0);
+            atomic_store(&window_overlaps, 0);
             atomic_store(&window_start, 0);
             probe_until = 0;
             probe_every = PROBE_NS;
@@ -875,12 +898,13 @@ PyDoc_STRVAR(gil_stats_doc,
 static PyObject *
 sp_gil_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:d,s:i}", "batches",
+    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:d,s:d,s:i}", "batches",
                          (unsigned long)atomic_load(&batches), "handoffs", atomic_load(&handoffs),
                          "handoff_timeouts", atomic_load(&handoff_timeouts), "mode",
                          atomic_load(&place_mode) ? "pinned" : "spread", "cpu", atomic_load(&place_cpu),
                          "pins", atomic_load(&pins), "spreads", atomic_load(&spreads),
-                         "contention", last_contention, "auto_hubs", atomic_load(&auto_hubs));
+                         "contention", last_contention, "overlap", last_overlap, "auto_hubs",
+                         atomic_load(&auto_hubs));
 }
 
 static PyMethodDef methods[] = {
