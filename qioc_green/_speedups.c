@@ -529,20 +529,26 @@ wait_turn(void)
  * ~100 ms one of them looks at how long the auto hubs spent waiting for the GIL at the start of
  * their batches, over the time passed.  Above HIGH (hubs mostly wait for each other: the work
  * is Python-bound, and two CPUs only hand the GIL back and forth) they are all pinned to the
- * CPU the deciding hub runs on, and each yields that CPU after every batch, so they take turns
+ * CPU others use least, and each yields that CPU after every batch, so they take turns
  * at batch boundaries (PERF-NOTES: 1.0x of one hub with a p99 of 0.48 ms).  Pinned, that wait
  * is small by construction; what shows work that releases the GIL there is a hub taking the
  * GIL while another's batch is still under way (that batch gave it up, and shares the CPU):
  * above OVERLAP of the batches, they spread at once.  And every PROBE_NS (doubling to 32 s
  * while the answer stays the same) they spread for one window (150 ms): where the work now
  * releases the GIL (TLS, file reads, large copies) they wait little, stay spread and overlap on
- * several CPUs.
+ * several CPUs.  Every MOVE_NS pinned, they move to another CPU if others (not this process:
+ * another program, a load generator) take MOVE more of theirs than of the quietest, and
+ * spread if others keep every CPU more than BUSY busy (nor do they pin then).  CPU use
+ * comes from /proc/stat and /proc/self/task/ (tick-grained: 10 ms).
  */
 #define WINDOW_NS 100000000L    /* 100 ms between looks */
 #define PROBE_WINDOW_NS 150000000L  /* spread threads take a while to be moved apart */
 #define PROBE_NS 4000000000L
 #define PROBE_MAX_NS 32000000000L
 #define OVERLAP 0.05            /* pinned: batches begun while another hub's was under way */
+#define MOVE_NS 500000000L      /* pinned: how often to look at what others use of the CPUs */
+#define MOVE 0.25               /* ... and how much busier than the quietest ours must be */
+#define BUSY 0.5                /* others use every CPU more than this: stay spread */
 static double HIGH = 0.25;      /* GIL wait per second of the auto hubs, in seconds
                                  * (QIOC_AUTO_HIGH overrides it: experiments only) */
 
@@ -552,7 +558,8 @@ static atomic_long window_start;       /* ns, monotonic */
 static atomic_long wait_ns;            /* GIL waits of auto hubs in this window */
 static atomic_int window_busy;         /* a hub is evaluating */
 static long probe_at, probe_every = PROBE_NS, probe_until;
-static atomic_ulong pins, spreads;
+static atomic_ulong pins, spreads, moves;
+static long loads_since;               /* when the CPU loads were last remembered */
 static double last_contention;
 static atomic_int auto_hubs;
 static atomic_int in_batch;            /* auto hubs between taking the GIL and giving it back */
@@ -562,6 +569,7 @@ static double last_overlap;
 static int trace_placement;            /* QIOC_PLACEMENT_TRACE: one line per look, on stderr */
 static __thread int thread_auto;       /* this hub is one of an auto pool's */
 static __thread int applied = 0;       /* the mode this thread has applied */
+static __thread int applied_cpu = -1;  /* ... and the CPU, when pinned */
 static __thread cpu_set_t spread_set;  /* its affinity before it was pinned */
 
 static long
@@ -664,26 +672,39 @@ own_deltas(unsigned long long *own)
     ntasks = n;
 }
 
-/* The allowed CPU that others (not this process) used least since the last look (the deciding
- * hub's CPU if none).  Our own threads' time is taken off the CPU each last ran on. */
+/* What others (not this process) used of each allowed CPU since the last look, as a fraction
+ * (-1 for a CPU we may not use).  Our own threads' time is taken off the CPU each runs on now
+ * (approximate: a thread may have moved meanwhile).  Returns the number of CPUs. */
+static int
+others_load(double *load)
+{
+    unsigned long long busy[MAX_CPUS] = {0}, total[MAX_CPUS] = {0}, own[MAX_CPUS] = {0};
+    int n = read_cpu_times(busy, total);
+    own_deltas(own);
+    for (int c = 0; c < n; c++) {
+        load[c] = -1.0;
+        if (!CPU_ISSET(c, &spread_set) || total[c] <= prev_total[c])
+            continue;
+        load[c] = ((double)(busy[c] - prev_busy[c]) - (double)own[c]) / (double)(total[c] - prev_total[c]);
+    }
+    return n;
+}
+
+/* The allowed CPU that others used least since the last look (the deciding hub's if none);
+ * -1 if others keep every allowed CPU more than BUSY busy (pinning would only lose there). */
 static int
 quietest_cpu(void)
 {
-    unsigned long long busy[MAX_CPUS] = {0}, total[MAX_CPUS] = {0}, own[MAX_CPUS] = {0};
-    int n = read_cpu_times(busy, total), best = sched_getcpu();
-    own_deltas(own);
+    double load[MAX_CPUS];
+    int n = others_load(load), best = sched_getcpu();
     double best_load = 1e9;
     for (int c = 0; c < n; c++) {
-        if (!CPU_ISSET(c, &spread_set) || total[c] <= prev_total[c])
-            continue;
-        double ours = (double)own[c];  /* approximate: a thread may have moved meanwhile */
-        double load = ((double)(busy[c] - prev_busy[c]) - ours) / (double)(total[c] - prev_total[c]);
-        if (load < best_load) {
-            best_load = load;
+        if (load[c] >= 0.0 && load[c] < best_load) {
+            best_load = load[c];
             best = c;
         }
     }
-    return best;
+    return best_load < 1e9 && best_load > BUSY ? -1 : best;
 }
 
 static void
@@ -718,8 +739,9 @@ evaluate(long now)
                 mode ? "pinned" : "spread", probe_until ? " (probe)" : "", c, ov, span / 1000000);
     if (probe_until) {  /* a probe window (spread) ended */
         probe_until = 0;
-        if (c > HIGH) {  /* still Python-bound: back to one CPU, look again later */
-            atomic_store(&place_cpu, quietest_cpu());
+        int cpu = c > HIGH ? quietest_cpu() : -1;
+        if (cpu >= 0) {  /* still Python-bound: back to one CPU, look again later */
+            atomic_store(&place_cpu, cpu);
             probe_every = probe_every * 2 > PROBE_MAX_NS ? PROBE_MAX_NS : probe_every * 2;
             probe_at = now + probe_every;
             atomic_store(&place_mode, 1);
@@ -728,22 +750,46 @@ evaluate(long now)
             atomic_fetch_add(&spreads, 1);
         }
     } else if (mode == 0 && c > HIGH && atomic_load(&auto_hubs) > 1) {
-        atomic_store(&place_cpu, quietest_cpu());
-        atomic_store(&place_mode, 1);
-        atomic_fetch_add(&pins, 1);
-        probe_at = now + probe_every;
+        int cpu = quietest_cpu();
+        if (cpu >= 0) {
+            atomic_store(&place_cpu, cpu);
+            atomic_store(&place_mode, 1);
+            atomic_fetch_add(&pins, 1);
+            probe_at = now + probe_every;
+        }
     } else if (mode == 1 && ov > OVERLAP) {
         /* Pinned, and hubs keep getting the GIL while another is in the middle of its batch:
          * that batch gave the GIL up (work that releases it) yet shares the CPU.  Spread. */
         probe_every = PROBE_NS;
         atomic_store(&place_mode, 0);
         atomic_fetch_add(&spreads, 1);
+    } else if (mode == 1 && now - loads_since >= MOVE_NS) {
+        /* Pinned where others now take much of the CPU (another process, a load generator):
+         * move to a CPU they leave alone, if there is a clearly quieter one. */
+        double load[MAX_CPUS];
+        int n = others_load(load), cpu = atomic_load(&place_cpu), best = cpu;
+        for (int k = 0; k < n; k++)
+            if (load[k] >= 0.0 && (best < 0 || best >= n || load[best] < 0.0 || load[k] < load[best]))
+                best = k;
+        if (best >= 0 && best < n && load[best] > BUSY) {
+            /* others keep every CPU busy: a pinned pool only gets a share of one */
+            probe_every = PROBE_NS;
+            atomic_store(&place_mode, 0);
+            atomic_fetch_add(&spreads, 1);
+        } else if (cpu >= 0 && cpu < n && best != cpu && load[cpu] - load[best] > MOVE) {
+            atomic_store(&place_cpu, best);
+            atomic_fetch_add(&moves, 1);
+        }
+        loads_since = now;
+        remember_cpu_times();
     } else if (mode == 1 && now >= probe_at) {
         probe_until = now + PROBE_WINDOW_NS;
         atomic_store(&place_mode, 0);
     }
-    if (atomic_load(&place_mode) == 0)
-        remember_cpu_times();  /* for choosing a CPU at the next look */
+    if (atomic_load(&place_mode) == 0 && now - loads_since >= MOVE_NS) {
+        remember_cpu_times();  /* for choosing a CPU: over up to MOVE_NS (ticks are 10 ms) */
+        loads_since = now;
+    }
     atomic_store(&window_start, now);
     atomic_store(&window_busy, 0);
 }
@@ -759,6 +805,7 @@ apply_mode(int mode)
             CPU_SET(cpu, &one);
         if (cpu < 0 || sched_setaffinity(0, sizeof one, &one) != 0)
             return;  /* a CPU we may not use: stay as we are */
+        applied_cpu = cpu;
     } else {
         sched_setaffinity(0, sizeof spread_set, &spread_set);
     }
@@ -774,7 +821,7 @@ hooked_invoke(struct ev_loop *loop)
     }
     if (thread_auto) {
         int mode = atomic_load(&place_mode);
-        if (mode != applied)
+        if (mode != applied || (mode == 1 && atomic_load(&place_cpu) != applied_cpu))
             apply_mode(mode);
     }
     if (owe)
@@ -898,11 +945,12 @@ PyDoc_STRVAR(gil_stats_doc,
 static PyObject *
 sp_gil_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:d,s:d,s:i}", "batches",
+    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:k,s:d,s:d,s:i}", "batches",
                          (unsigned long)atomic_load(&batches), "handoffs", atomic_load(&handoffs),
                          "handoff_timeouts", atomic_load(&handoff_timeouts), "mode",
                          atomic_load(&place_mode) ? "pinned" : "spread", "cpu", atomic_load(&place_cpu),
-                         "pins", atomic_load(&pins), "spreads", atomic_load(&spreads),
+                         "pins", atomic_load(&pins), "spreads", atomic_load(&spreads), "moves",
+                         atomic_load(&moves),
                          "contention", last_contention, "overlap", last_overlap, "auto_hubs",
                          atomic_load(&auto_hubs));
 }
