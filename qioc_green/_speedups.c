@@ -771,6 +771,9 @@ evaluate(long now)
         for (int k = 0; k < n; k++)
             if (load[k] >= 0.0 && (best < 0 || best >= n || load[best] < 0.0 || load[k] < load[best]))
                 best = k;
+        if (trace_placement)
+            fprintf(stderr, "qioc placement: others use CPU %d %.2f, the quietest (%d) %.2f\n", cpu,
+                    cpu >= 0 && cpu < n ? load[cpu] : -1.0, best, best >= 0 && best < n ? load[best] : -1.0);
         if (best >= 0 && best < n && load[best] > BUSY) {
             /* others keep every CPU busy: a pinned pool only gets a share of one */
             probe_every = PROBE_NS;
