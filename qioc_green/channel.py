@@ -122,6 +122,8 @@ _sp = _native.speedups
 _recv = _sp.recv if _sp is not None else None
 _send = _sp.send if _sp is not None else None
 _MSG_PEEK = 2  # Linux's MSG_PEEK, for ReadFlag.MSG_PEEK
+# Larger transfers take the kind's hook (the socket module releases the GIL for the whole copy).
+_SMALL = 65536
 # The first read of a read_all(n) asks for at most this much; later reads grow with what arrived
 # (at most doubling), so a length field from a peer never costs its full size up front.
 _FIRST_READ = 1 << 20
@@ -655,7 +657,7 @@ class Channel:
                     d.park(deadline)
                     parked = True
             fd = self._sock_fd
-            if fd >= 0 and _recv is not None:  # the compiled path: None for "would block"
+            if fd >= 0 and _recv is not None and n <= _SMALL:  # the compiled path: None for "would block"
                 sflags = _MSG_PEEK if flags else 0
                 while True:
                     try:
@@ -907,7 +909,7 @@ class Channel:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
             try:
                 fd = self._sock_fd
-                if fd >= 0 and _send is not None:  # the compiled path: -1 for "would block"
+                if fd >= 0 and _send is not None and len(data) <= _SMALL:  # compiled: -1 for "would block"
                     n = _send(fd, data)
                     if n < 0:
                         n = 0
