@@ -224,6 +224,34 @@ def test_nbd_copy_cli_errors(tmp_path) -> None:
     assert res.returncode == 1 and "qioc-nbd-copy:" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_nbd_copy_failures_name_the_side(tmp_path) -> None:
+    """Each failure of qioc-nbd-copy is one line naming the side it came from (a URI or a path):
+    a read-only or smaller NBD destination is refused before a byte is written, a missing
+    file, a server that is not there, a device that fills up."""
+    img = tmp_path / "d.img"
+    content = make_image(img, size=4 * MiB, data=[(0, MiB)])
+    sock = str(tmp_path / "s.sock")
+    with server_proc(["--listen", f"unix:{sock}", "--export", f"ro={img},ro",
+                      "--memory", "small=1M"]):
+        ro, small = unix_uri(sock, "ro"), unix_uri(sock, "small")
+        missing, gone = str(tmp_path / "none.img"), unix_uri(str(tmp_path / "none.sock"), "x")
+        cases = [(str(img), ro, f"{ro}: the export is read-only"),
+                 (str(img), small, f"{small}: 1048576 bytes, smaller than the source's 4194304"),
+                 (missing, small, f"{missing}: No such file or directory"),
+                 (gone, "null:", f"{gone}: "),
+                 (ro, "/dev/full", "/dev/full: writing "),
+                 ("nbds" + small.removeprefix("nbd"), "null:",
+                  f"nbds{small.removeprefix('nbd')}: nbd-client-0: server refused STARTTLS: "
+                  "ERR_UNSUP")]
+        for src, dst, want in cases:
+            res = run([*COPY, src, dst], check=False)
+            assert res.returncode == 1, res.stderr
+            assert res.stderr.startswith(f"qioc-nbd-copy: {want}"), res.stderr
+            assert len(res.stderr.splitlines()) == 1, res.stderr
+        assert run(["nbdinfo", "--map", small]).stdout.split()[3:] == ["hole,zero"]
+    assert img.read_bytes() == content
+
+
 def test_nbd_server_cli_errors(tmp_path) -> None:
     from tests.nbdutil import SERVER
 

@@ -14,7 +14,7 @@ import pytest
 
 import qioc_green
 from qioc_green.nbd import Client, MemoryExport
-from tests.nbdutil import InProcessServer, run, server_proc, stop_pid, unix_uri
+from tests.nbdutil import COPY, InProcessServer, run, server_proc, stop_pid, tcp_uri, unix_uri
 from tests.peers import need
 
 pytest.importorskip("qioc_green.channel_tls")
@@ -133,3 +133,36 @@ def test_our_client_with_our_server_over_tls_in_iothreads(pki, tmp_path) -> None
                 fut.result(30)
         with pytest.raises(ConnectionError, match="ERR_TLS_REQD"):
             Client(f"nbd+unix:///m?socket={srv.sock}")
+
+
+def test_nbd_copy_over_tls_checks_the_host_name(pki, tmp_path) -> None:
+    """qioc-nbd-copy nbds://HOST takes a server whose certificate (from the CA it is given) names
+    HOST, and refuses, with one line and before a byte is copied, one whose certificate is for
+    another name, as libnbd and QEMU do: the CA alone does not say which server it is."""
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=30)
+
+    (tmp_path / "other.ext").write_text("subjectAltName=DNS:other.example\n"
+                                        "extendedKeyUsage=serverAuth\n")
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-key.pem", "-out", "other.csr",
+         "-subj", "/CN=other.example")
+    ossl("x509", "-req", "-in", "other.csr", "-CA", str(pki / "ca-cert.pem"), "-CAkey",
+         str(pki / "ca-key.pem"), "-CAcreateserial", "-out", "other-cert.pem", "-days", "2",
+         "-extfile", "other.ext")
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(MiB))
+    for cert, ok in (("server", True), ("other", False)):
+        d = pki if cert == "server" else tmp_path
+        args = ["--listen", "tcp:127.0.0.1:0", "--export", f"d={img}", "--tls", "require",
+                "--tls-cert", str(d / f"{cert}-cert.pem"), "--tls-key", str(d / f"{cert}-key.pem")]
+        with server_proc(args) as srv:
+            uri = "nbds" + tcp_uri(srv.addresses[0], "d").removeprefix("nbd")
+            out = tmp_path / f"{cert}.img"
+            res = run([*COPY, uri, str(out), "--tls-ca", str(pki / "ca-cert.pem")], check=False)
+        if ok:
+            assert res.returncode == 0, res.stderr
+            assert out.read_bytes() == img.read_bytes()
+        else:
+            assert res.returncode == 1 and not out.exists(), res.stderr
+            assert res.stderr.startswith(f"qioc-nbd-copy: {uri}: "), res.stderr
+            assert "127.0.0.1" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr

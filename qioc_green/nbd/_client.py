@@ -265,7 +265,9 @@ def _negotiate(ch: Channel, export: str, tls: ssl.SSLContext | None, server_host
     if tls is not None:
         last = reply_to(p.OptStartTLS())[-1]
         if not isinstance(last, p.TLSUpgrade):
-            raise ConnectionError(f"{ch.name}: server refused STARTTLS: {last}")
+            why = f"{p.name_of(p.Rep, last.error)} {last.message}".rstrip() \
+                if isinstance(last, p.OptionError) else str(last)
+            raise ConnectionError(f"{ch.name}: server refused STARTTLS: {why}")
         proto.take_trailing_data()
         tls_ch = TLSChannel.client(ch, tls, server_hostname)
         tls_ch.handshake()

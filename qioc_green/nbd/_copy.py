@@ -36,6 +36,21 @@ PROG = "qioc-nbd-copy"
 ZERO = int(StateFlag.ZERO)
 
 
+class CopyError(Exception):
+    """A copy that failed: one line naming the side (its URI or path) and why."""
+
+
+def _reason(exc: BaseException) -> str:
+    """``exc`` without the file name or errno a side's name already says."""
+    if isinstance(exc, OSError) and not isinstance(exc, qioc_green.ChannelError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _side(name: str, what: str, exc: BaseException) -> CopyError:
+    return CopyError(f"{name}: {what}{_reason(exc)}")
+
+
 def is_uri(text: str) -> bool:
     return text.split(":", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
 
@@ -69,7 +84,7 @@ class NBDEndpoint(Endpoint):
     def __init__(self, uri: str, args: argparse.Namespace, contexts: list[qioc_green.Context]) -> None:
         self.name = uri
         self.client = Client(uri, connections=args.connections, contexts=contexts,
-                             tls_context=tls_context(args) if uri.startswith("nbds") else None)
+                             tls_context=tls_context(args, uri) if uri.startswith("nbds") else None)
         self.size = self.client.size
         self.zeroed = False
 
@@ -166,9 +181,11 @@ class NullEndpoint(Endpoint):
         pass
 
 
-def tls_context(args: argparse.Namespace) -> ssl.SSLContext:
+def tls_context(args: argparse.Namespace, uri: str) -> ssl.SSLContext:
+    """The client side of ``nbds://`` (the certificate must name the URI's host, as libnbd and
+    QEMU check) or ``nbds+unix://`` (no host to check: the CA alone vouches for the server)."""
     ctx = ssl.create_default_context(cafile=args.tls_ca)
-    ctx.check_hostname = False  # test certificates name no host; the CA still vouches for it
+    ctx.check_hostname = not uri.startswith("nbds+unix:")
     if args.tls_cert:
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
     return ctx
@@ -203,17 +220,25 @@ class Work:
 
 def worker(src: Endpoint, dst: Endpoint, work: Work, chunk: int) -> None:
     buf = memoryview(bytearray(chunk))
+    side, what = dst, ""
     try:
         while (item := work.take()) is not None:
             offset, length, zero = item
             if zero:
+                side, what = dst, f"zeroing {length} bytes at {offset}: "
                 if not dst.zeroed:
                     dst.zero(offset, length)
             else:
                 view = buf[:length]
+                side, what = src, f"reading {length} bytes at {offset}: "
                 src.read_into(view, offset)
+                side, what = dst, f"writing {length} bytes at {offset}: "
                 dst.write(view, offset)
             work.finished(length)
+    except (OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
+        err = _side(side.name, what, exc)
+        work.error = work.error or err
+        raise err from exc
     except BaseException as exc:
         work.error = work.error or exc
         raise
@@ -236,15 +261,26 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     src: Endpoint | None = None
     dst: Endpoint | None = None
     try:
-        src = NBDEndpoint(args.src, args, contexts) if is_uri(args.src) else FileEndpoint(args.src, write=False)
-        if args.dst == "null:":
-            dst = NullEndpoint()
-        elif is_uri(args.dst):
-            dst = NBDEndpoint(args.dst, args, contexts)
+        try:
+            src = NBDEndpoint(args.src, args, contexts) if is_uri(args.src) \
+                else FileEndpoint(args.src, write=False)
+        except (OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
+            raise _side(args.src, "", exc) from exc
+        try:
+            if args.dst == "null:":
+                dst = NullEndpoint()
+            elif is_uri(args.dst):
+                dst = NBDEndpoint(args.dst, args, contexts)
+            else:
+                dst = FileEndpoint(args.dst, write=True, size=src.size)
+        except (OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
+            raise _side(args.dst, "", exc) from exc
+        if isinstance(dst, NBDEndpoint):
+            if dst.client.read_only:
+                raise CopyError(f"{args.dst}: the export is read-only")
             if dst.size < src.size:
-                raise ValueError(f"{args.dst} has {dst.size} bytes, the source {src.size}")
-        else:
-            dst = FileEndpoint(args.dst, write=True, size=src.size)
+                raise CopyError(f"{args.dst}: {dst.size} bytes, smaller than the source's "
+                                f"{src.size}")
         start = time.monotonic()
         work = Work(src.extents(), args.request_size)
         futs = [contexts[i % len(contexts)].spawn(worker, src, dst, work, args.request_size)
@@ -307,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = copy(args)
-    except (OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
+    except (CopyError, OSError, ValueError, EOFError, qioc_green.ChannelError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     if args.json:
