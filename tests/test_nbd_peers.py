@@ -260,4 +260,13 @@ def test_nbd_server_cli_errors(tmp_path) -> None:
     res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export",
                f"d={tmp_path}/missing.img"], check=False)
     assert res.returncode == 1 and "missing.img" in res.stderr and "Traceback" not in res.stderr
+    # the TLS files are named with the option, whatever is wrong with them (ssl names neither)
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 4096)
+    for cert, key, why in (("missing.pem", "missing.pem", "No such file or directory"),
+                           (str(img), str(img), "not a usable PEM file")):
+        res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export", f"d={img}",
+                   "--tls-cert", cert, "--tls-key", key], check=False)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.startswith(f"qioc-nbd-server: --tls-cert/--tls-key {cert} {key}: {why}")
     assert run([*SERVER, "--help"]).stdout.startswith("usage:")

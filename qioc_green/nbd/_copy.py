@@ -181,13 +181,29 @@ class NullEndpoint(Endpoint):
         pass
 
 
+def load_tls_file(option: str, load: Any, *paths: str) -> None:
+    """``load(*paths)`` (an SSLContext's loader), a failure a ValueError naming the option and
+    its file: ``ssl`` names neither (``[Errno 2] No such file or directory``)."""
+    try:
+        load(*paths)
+    except (OSError, ssl.SSLError) as exc:
+        if isinstance(exc, ssl.SSLError):  # its text, e.g. "[SSL] PEM lib (_ssl.c:3905)"
+            why = f"not a usable PEM file ({exc.reason or exc.args[-1]})"
+        else:
+            why = exc.strerror or str(exc)
+        raise ValueError(f"{option} {' '.join(paths)}: {why}") from None
+
+
 def tls_context(args: argparse.Namespace, uri: str) -> ssl.SSLContext:
     """The client side of ``nbds://`` (the certificate must name the URI's host, as libnbd and
     QEMU check) or ``nbds+unix://`` (no host to check: the CA alone vouches for the server)."""
-    ctx = ssl.create_default_context(cafile=args.tls_ca)
+    ctx = ssl.create_default_context()
+    if args.tls_ca:
+        load_tls_file("--tls-ca", ctx.load_verify_locations, args.tls_ca)
     ctx.check_hostname = not uri.startswith("nbds+unix:")
     if args.tls_cert:
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        load_tls_file("--tls-cert/--tls-key", ctx.load_cert_chain, args.tls_cert,
+                      args.tls_key or args.tls_cert)
     return ctx
 
 

@@ -26,6 +26,7 @@ import gevent.event
 
 import qioc_green
 
+from ._copy import load_tls_file
 from ._copy import main as copy_main
 from ._exports import Export, FileExport, MemoryExport, parse_size
 from ._server import NBDServer
@@ -121,9 +122,9 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    load_tls_file("--tls-cert/--tls-key", ctx.load_cert_chain, args.tls_cert, args.tls_key)
     if args.tls_ca:
-        ctx.load_verify_locations(args.tls_ca)
+        load_tls_file("--tls-ca", ctx.load_verify_locations, args.tls_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -136,7 +137,11 @@ def server_main(argv: list[str] | None = None) -> int:
     exports: list[Export] = []
     try:
         for name, path, ro in args.export:
-            exports.append(FileExport(name, path, readonly=ro))
+            try:
+                exports.append(FileExport(name, path, readonly=ro))
+            except OSError as exc:
+                raise ValueError(f"cannot open export {name!r}: {path}: "
+                                 f"{exc.strerror or exc}") from None
         for name, size in args.memory:
             exports.append(MemoryExport(name, size))
         server = NBDServer(exports, max_requests=args.max_requests, tls_context=tls_context(args),
