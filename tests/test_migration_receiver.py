@@ -207,6 +207,21 @@ def test_exec_and_file_sources(receivers, tmp_path):
     assert (tmp_path / "b.mig").read_bytes() == data
 
 
+def test_a_summary_that_cannot_be_written_is_said(receivers, tmp_path):
+    """--json where no file can be written: the migration is taken, then one line says the
+    summary is lost and why, and the exit status is 1 (it was 1 with nothing said)."""
+    f = tmp_path / "q35.mig"
+    f.write_bytes(load("q35"))
+    for target, why in ((tmp_path / "none" / "s.json", "No such file or directory"),
+                        (tmp_path, "Is a directory")):
+        rx = receivers(f"file:{f}", "--json", str(target), listens=False)
+        assert rx.wait() == 1
+        lines = [ln for ln in rx.stderr.splitlines() if ln.strip()]
+        assert lines == [f"qioc-migration-receiver: cannot write the summary to {target}: {why}"]
+        assert rx.stdout.startswith("complete: "), rx.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q35.mig"]
+
+
 def test_inherited_fd_source(receivers, tmp_path):
     data = load("none")
     ours, theirs = socket.socketpair()
@@ -425,7 +440,7 @@ def test_a_refused_stream_never_reaches_the_destination_whole(receivers):
 
 def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
-                 ["file:x,size=3"]):
+                 ["file:x,size=3"], ["tcp:127.0.0.1:0", "--count", "2"]):
         r = subprocess.run([*PROGRAM, *argv], check=False, capture_output=True,
                            text=True, env=ENV, timeout=WAIT)
         assert r.returncode == 2, (argv, r.stderr)

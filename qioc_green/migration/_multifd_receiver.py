@@ -80,8 +80,9 @@ from ._multifd_next import ACCEPT_TICK, Claims, Handover, Taken, tell
 from ._multifd_sync import SyncFailed, SyncPoints
 from ._multifd_tls import FIRST_BYTES_TIMEOUT, MAX_EXTRA, accept_connection
 from ._receiver import Outcome, ReceiveError, Receiver, describe
+from ._report import peak_rss
 from ._sinks import BUFFERS, CHUNK, RamDir
-from ._summary import Summary, peak_rss
+from ._summary import Summary
 from ._tls import early_close
 from ._uri import Endpoint
 

@@ -111,16 +111,3 @@ class Summary:
             "commands": list(self.commands),
             "command_counts": dict(self.command_counts),
         }
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM: since its exec, unlike
-    getrusage's ru_maxrss, which keeps the high-water mark of the process it was forked from)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -26,8 +26,6 @@ one-line error on stderr names the stream offset and what was expected); 2 for b
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import sys
 import threading
@@ -46,6 +44,7 @@ from ._multifd_receiver import MultifdReceiver
 from ._multifd_tls import StrayWatcher
 from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
+from ._report import write_json
 from ._settings import DestinationSettings
 from ._sinks import BUFFERS, CHUNK
 from ._summary import Summary
@@ -167,18 +166,6 @@ def _report(n: int, out: Outcome, args: argparse.Namespace) -> None:
               flush=True)
 
 
-def _write_json(path: str, d: dict[str, Any]) -> None:
-    text = json.dumps(d, indent=1) + "\n"
-    if path == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _refused(error: str) -> Outcome:
     """The outcome of a migration refused before its first byte (its TLS handshake)."""
     d = Summary().as_dict(elapsed_s=0.0, bytes_total=0)
@@ -256,8 +243,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 settings.set_status("completed")
             else:
                 settings.failed(str(out.error))
-            _finish(n, out, args, name)
-            verdicts.append(out.ok)
+            verdicts.append(_finish(n, out, args, name))
             break
         ch = None
         taken = handover.take_all() if handover is not None else []
@@ -330,19 +316,26 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                     watcher.stop()
                 if accept is not None:
                     incoming.close()
-        _finish(n, out, args, name)
-        verdicts.append(out.ok)
+        verdicts.append(_finish(n, out, args, name))
         if not args.keep_listening or (args.count is not None and n >= args.count):
             break
     return verdicts
 
 
 def _finish(n: int, out: Outcome, args: argparse.Namespace,
-            name: Callable[[str | None], str | None]) -> None:
+            name: Callable[[str | None], str | None]) -> bool:
+    """Write the summary and report; the verdict (False too if the summary asked for is lost)."""
     json_path = name(args.json)
+    written = True
     if json_path is not None:
-        _write_json(json_path, out.summary)
+        try:
+            write_json(json_path, out.summary)
+        except OSError as exc:
+            label = f"migration {n}: " if args.keep_listening else ""
+            _error(f"{label}cannot write the summary to {json_path}: {exc.strerror or exc}")
+            written = False
     _report(n, out, args)
+    return out.ok and written
 
 
 def _why(exc: BaseException) -> str:
@@ -395,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    if args.count is not None and not args.keep_listening:
+        parser.error("--count needs --keep-listening (without it, one migration is taken)")
     for opt in ("idle_timeout", "deadline"):
         if getattr(args, opt) is not None and getattr(args, opt) <= 0:
             parser.error(f"--{opt.replace('_', '-')} must be positive")
