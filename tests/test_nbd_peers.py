@@ -252,6 +252,29 @@ def test_nbd_copy_failures_name_the_side(tmp_path) -> None:
     assert img.read_bytes() == content
 
 
+def test_nbd_server_stops_cleanly_as_soon_as_it_says_it_listens(tmp_path) -> None:
+    """SIGTERM right after the "listening on" line (a supervisor's readiness signal) is a clean
+    stop, exit status 0: the handlers are in place before the line is printed (it was the
+    default action, death by SIGTERM, when it came first)."""
+    import subprocess
+
+    from tests.nbdutil import ENV, SERVER
+
+    for _ in range(3):
+        proc = subprocess.Popen([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--memory", "m=1M"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().startswith("listening on ")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()  # type: ignore[union-attr]
+
+
 def test_nbd_server_cli_errors(tmp_path) -> None:
     from tests.nbdutil import SERVER
 

@@ -155,18 +155,21 @@ def server_main(argv: list[str] | None = None) -> int:
         return 1
     pool = qioc_green.IOThreadPool(args.iothreads, name="nbd-iothread", pin=args.pin)
     acceptor = qioc_green.NetListener("nbd", max_clients=args.max_clients)
+    stop = qioc_green.Event()  # parks with the main context's inbox ref'd: the hub waits for the signal
+    # before the first "listening on" line: a supervisor may stop us as soon as it reads it
+    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     try:
         for addr in args.listen:
             for bound in acceptor.open(addr):
                 print(f"listening on {bound}", flush=True)
     except (OSError, ValueError, qioc_green.ChannelError) as exc:
         print(f"{SERVER}: cannot listen: {exc}", file=sys.stderr)
+        for h in handlers:
+            h.cancel()
         acceptor.close()
         pool.stop()
         server.close()
         return 1
-    stop = qioc_green.Event()  # parks with the main context's inbox ref'd: the hub waits for the signal
-    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     acceptor.set_client_handler(server.serve, contexts=pool)
     stop.wait()
     for h in handlers:
