@@ -11,7 +11,9 @@ NBD, SEEK_HOLE for files) are not read: a file destination is created sparse, an
 gets WRITE_ZEROES there. ``--requests`` requests are in flight at once, made by greenlets spread
 over ``--iothreads`` IOThreads; each NBD side opens ``--connections`` connections (when the server
 allows multi-conn), their reply readers spread over the same threads. A progress line is shown
-when stderr is a terminal. Exit status: 0 copied, 1 failed, 2 bad arguments.
+when stderr is a terminal. With ``nbds://HOST`` the server's certificate must chain to
+``--tls-ca`` (default: the system's CAs) and name HOST. Exit status: 0 copied, 1 failed (one
+line naming the side), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.replace("``", ""),  # no reST in --help
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="NBD URI or file")
     ap.add_argument("dst", help="NBD URI, file, or null:")

@@ -38,7 +38,7 @@ SERVER = "qioc-nbd-server"
 
 _SERVER_HELP = """Serve files (or memory) over NBD, each connection in an IOThread.
 
-The first lines on stdout are ``listening on ADDR``, one per bound address (a port 0 shows the
+The first lines on stdout are 'listening on ADDR', one per bound address (a port 0 shows the
 port chosen). SIGINT or SIGTERM stop it: no new clients, requests already received are answered,
 then every connection is closed. Exit status 0 after such a stop, 2 for bad arguments, 1 if an
 export or address cannot be opened."""
