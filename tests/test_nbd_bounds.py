@@ -380,6 +380,8 @@ def test_limits_are_keyword_arguments_of_the_library():
     assert (s.max_clients, s.handshake_limit, s.idle_timeout) == (3, 2.5, 7)
     with pytest.raises(ValueError, match="max_clients"):
         NBDServer([MemoryExport("x", MiB)], max_clients=0)
+    with pytest.raises(ValueError, match="max_requests"):
+        NBDServer([MemoryExport("x", MiB)], max_requests=0)
     with pytest.raises(ValueError, match="export name"):
         NBDServer([MemoryExport("n" * 4097, MiB)])
 

@@ -280,6 +280,10 @@ def test_nbd_server_cli_errors(tmp_path) -> None:
 
     res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock"], check=False)
     assert res.returncode == 2 and "--export" in res.stderr
+    # no request could ever be served: every client would hang
+    res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--memory", "m=1M",
+               "--max-requests", "0"], check=False, timeout=10)
+    assert res.returncode == 2 and "--max-requests must be at least 1" in res.stderr
     res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--export",
                f"d={tmp_path}/missing.img"], check=False)
     assert res.returncode == 1 and "missing.img" in res.stderr and "Traceback" not in res.stderr

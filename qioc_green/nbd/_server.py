@@ -513,6 +513,8 @@ class NBDServer:
             self.exports[e.name] = e
         if max_clients is not None and max_clients < 1:
             raise ValueError("max_clients must be at least 1 (None: no limit)")
+        if max_requests < 1:  # 0 would take requests and serve none, each client hung
+            raise ValueError("max_requests must be at least 1")
         if handshake_limit < 0 or (idle_timeout is not None and idle_timeout <= 0):
             raise ValueError("handshake_limit must be >= 0 (0: none), idle_timeout > 0 or None")
         self.max_requests = max_requests

@@ -106,8 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("give at least one --export or --memory")
     if args.iothreads < 1:
         ap.error("--iothreads must be at least 1")
-    if args.max_clients < 1:
-        ap.error("--max-clients must be at least 1")
+    if args.max_clients < 1 or args.max_requests < 1:
+        ap.error("--max-clients and --max-requests must be at least 1")
     if args.handshake_limit < 0 or (args.idle_timeout is not None and args.idle_timeout <= 0):
         ap.error("--handshake-limit must be at least 0 and --idle-timeout above 0")
     if args.tls is None:
