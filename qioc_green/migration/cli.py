@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--count must be at least 1")
     if args.count is not None and not args.keep_listening:
         parser.error("--count needs --keep-listening (without it, one migration is taken)")
-    for opt in ("idle_timeout", "deadline"):
+    for opt in ("idle_timeout", "deadline", "channel_timeout"):
         if getattr(args, opt) is not None and getattr(args, opt) <= 0:
             parser.error(f"--{opt.replace('_', '-')} must be positive")
     settings = DestinationSettings(
