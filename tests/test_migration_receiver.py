@@ -727,6 +727,21 @@ def test_demo(mode):
         assert "destination running" in r.stdout and "sha256 in == out: True" in r.stdout
 
 
+def test_demo_without_qemu_qmp_says_so_and_replays():
+    """A pip user with QEMU but without the demo extra (no qemu.qmp): one line says what to
+    install and the bundled capture is replayed (it was a traceback)."""
+    need_qemu()
+    code = ("import sys; sys.modules['qemu.qmp'] = sys.modules['qemu.qmp.legacy'] = None; "
+            "from qioc_green.migration.demo import main; sys.argv = ['demo']; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.splitlines() == ["demo: qioc_green.migration.qemu needs qemu.qmp (pip install "
+                                     "'qioc_green[demo]', or the test or bench extra); sending "
+                                     "the bundled capture instead"], r.stderr
+    assert "complete: True" in r.stdout
+
+
 def test_embedded_receiver_example():
     """examples/embedded_receiver.py: the package's public API in a program of one's own."""
     data = load("pc")

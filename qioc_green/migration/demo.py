@@ -201,14 +201,16 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="migdemo-")
     try:
         q10 = None
-        if not args.no_qemu and not args.no_multifd:
+        use_qemu = not args.no_qemu and shutil.which("qemu-system-x86_64") is not None
+        if not args.no_qemu:
             try:
                 from .qemu import qemu10
-            except ImportError:  # no qemu.qmp: the live parts cannot run anyway
-                q10 = None
+            except ImportError as exc:  # no qemu.qmp: the live parts cannot run
+                if use_qemu:
+                    print(f"demo: {exc}; sending the bundled capture instead", file=sys.stderr)
+                use_qemu = False
             else:
-                q10 = qemu10()
-        use_qemu = not args.no_qemu and shutil.which("qemu-system-x86_64") is not None
+                q10 = qemu10() if not args.no_multifd else None
         if q10 is not None:
             summary = live_multifd(tmp, q10)
         else:
