@@ -11,6 +11,7 @@ exit status 1, and nothing waits for the other connections.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -157,3 +158,47 @@ def test_a_tls_channel_cut_inside_a_packet(receivers, pki, tmp_path):
                                         ("cut-100000", channels[1])])
     assert rx.proc.returncode == 1
     assert re.fullmatch(r"multifd channel [01]: offset 100000: .*", rx.error_line())
+
+
+def test_keep_listening_hands_a_tls_session_to_the_next_migration(receivers, pki, tmp_path):
+    """--keep-listening with TLS: a connection of the next source accepted before this
+    migration's first sync point, its handshake done but nothing said yet when this one
+    completes, goes to the next migration as the TLS session it is (not handshaken again,
+    not closed): the next reads its main stream on it, and both complete."""
+    from tests.polling import wait_until
+    from tests.test_migration_receiver import wait_for_file
+    from tests.test_multifd_receiver import sockets_of
+
+    rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--tls-creds", pki["server"],
+                   "--tls-verify-peer", "--keep-listening", "--count", "2",
+                   "--ram-dir", str(tmp_path / "ram"), "--json", str(tmp_path / "m.json"))
+    ctx = client_context(pki["client"])
+    contexts = {"good": ctx}
+    main, channels = parts()
+    host, _, port = rx.address.removeprefix("tcp:").rpartition(":")
+
+    def connect() -> ssl.SSLSocket:
+        return ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=WAIT),
+                               server_hostname=HOST)
+
+    with connect() as first:
+        first.sendall(main[:4])  # short of the first sync point: the listener is still ours
+        threads = play(rx.address, [("good", c) for c in channels], contexts)
+        assert wait_until(lambda: sockets_of(rx.proc.pid) >= 4, timeout=WAIT)
+        with connect() as nxt:  # the next source: handshake done, then silent for now
+            assert wait_until(lambda: sockets_of(rx.proc.pid) >= 5, timeout=WAIT)
+            first.sendall(main[4:])
+            first.close()
+            wait_for_file(tmp_path / "m-1.json")
+            nxt.sendall(main)
+            threads += play(rx.address, [("good", c) for c in channels], contexts)
+            nxt.close()
+            assert rx.wait() == 0, rx.stderr
+    for t in threads:
+        t.join(WAIT)
+    for n in (1, 2):
+        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
+        d = json.loads((tmp_path / f"m-{n}.json").read_text())
+        assert d["complete"], d.get("error")
+        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
+            ["main", "multifd", "multifd"]
