@@ -104,10 +104,12 @@ class SyncPoints:
                                             f"point {k}")
             missing = [i for i in range(self.channels) if i not in self._connected()]
             if missing and time.monotonic() - started > self.channel_timeout:
+                hint = ("none came: has the source the multifd capability on?"
+                        if len(missing) == self.channels else
+                        f"is the source's multifd-channels {self.channels}?")
                 raise MigrationStreamError(
                     offset, f"{what} (sync point {k}) waits for multifd channels {missing}, "
-                            f"which never connected in {self.channel_timeout:g} s (is the "
-                            f"source's multifd-channels {self.channels}?)")
+                            f"which never connected in {self.channel_timeout:g} s ({hint})")
         if self._failed:
             raise SyncFailed("main")
         released.set()
