@@ -280,6 +280,12 @@ def test_nbd_server_cli_errors(tmp_path) -> None:
 
     res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock"], check=False)
     assert res.returncode == 2 and "--export" in res.stderr
+    # bad usage, told before anything is opened: exit status 2
+    for argv, why in ((["--listen", "bogus", "--memory", "m=1M"], "--listen bogus: address"),
+                      (["--listen", f"unix:{tmp_path}/s.sock", "--memory", "m=1M", "--memory",
+                        "m=2M"], "export 'm' given twice")):
+        res = run([*SERVER, *argv], check=False, timeout=10)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
     # no request could ever be served: every client would hang
     res = run([*SERVER, "--listen", f"unix:{tmp_path}/s.sock", "--memory", "m=1M",
                "--max-requests", "0"], check=False, timeout=10)

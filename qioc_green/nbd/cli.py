@@ -25,6 +25,7 @@ import gevent
 import gevent.event
 
 import qioc_green
+from qioc_green.address import parse_address
 
 from ._copy import load_tls_file
 from ._copy import main as copy_main
@@ -104,6 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not args.export and not args.memory:
         ap.error("give at least one --export or --memory")
+    names = [e[0] for e in args.export] + [m[0] for m in args.memory]
+    if len(set(names)) < len(names):
+        ap.error(f"export {next(n for n in names if names.count(n) > 1)!r} given twice")
+    for addr in args.listen:
+        try:
+            parse_address(addr)
+        except ValueError as exc:
+            ap.error(f"--listen {addr}: {exc}")
     if args.iothreads < 1:
         ap.error("--iothreads must be at least 1")
     if args.max_clients < 1 or args.max_requests < 1:
