@@ -441,7 +441,8 @@ def test_a_refused_stream_never_reaches_the_destination_whole(receivers):
 def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
                  ["file:x,size=3"], ["tcp:127.0.0.1:0", "--count", "2"],
-                 ["tcp:127.0.0.1:0", "--multifd-channels", "2", "--channel-timeout", "0"]):
+                 ["tcp:127.0.0.1:0", "--multifd-channels", "2", "--channel-timeout", "0"],
+                 ["tcp:127.0.0.1:0", "--save", "-"]):
         r = subprocess.run([*PROGRAM, *argv], check=False, capture_output=True,
                            text=True, env=ENV, timeout=WAIT)
         assert r.returncode == 2, (argv, r.stderr)

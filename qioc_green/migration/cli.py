@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    if args.save == "-":  # --json - is stdout; this would have been a file named "-"
+        parser.error("--save - : the stream cannot go to stdout; to pipe it, --forward 'exec:CMD'")
     if args.count is not None and not args.keep_listening:
         parser.error("--count needs --keep-listening (without it, one migration is taken)")
     for opt in ("idle_timeout", "deadline", "channel_timeout"):
