@@ -25,7 +25,6 @@ import gevent
 import gevent.event
 
 import qioc_green
-from qioc_green.address import parse_address
 
 from ._copy import load_tls_file
 from ._copy import main as copy_main
@@ -110,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"export {next(n for n in names if names.count(n) > 1)!r} given twice")
     for addr in args.listen:
         try:
-            parse_address(addr)
+            qioc_green.parse_address(addr)
         except ValueError as exc:
             ap.error(f"--listen {addr}: {exc}")
     if args.iothreads < 1:
