@@ -81,8 +81,7 @@ def send_connections(address: str, parts: list[bytes], *, reset: frozenset[int] 
     """Connect once per part, in order (so the receiver accepts them in that order), then send
     each in a thread of its own and close it: FIN, RST for the indexes in ``reset``; those in
     ``hold`` stay open until the receiver closes them. Refused sends are not errors here."""
-    host, _, port = address.removeprefix("tcp:").rpartition(":")
-    socks = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in parts]
+    socks = [_rx.connect(address) for _ in parts]
 
     def run(k: int, sock: socket.socket, data: bytes) -> None:
         with sock:
@@ -236,6 +235,102 @@ def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path
     for t in threads:
         t.join(WAIT)
     assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+
+
+# -- how the pages travel: in the kernel where it can, through buffers where it cannot ----------
+
+
+def summary_pages(d: dict) -> tuple:
+    """What a summary says of the pages and bytes, whichever way they travelled."""
+    conns = sorted((c["channel_id"], c["bytes"], c["packets"], c["syncs"], c["normal_pages"],
+                    c["zero_pages"]) for c in d["multifd"]["connections"]
+                   if c["kind"] == "multifd")
+    return d["bytes_total"], tuple(conns), tuple((b["name"], b["normal_pages"], b["zero_pages"])
+                                                 for b in d["ram_blocks"])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("ram", [True, False], ids=["ram-dir", "parse-only"])
+def test_pages_dropped_by_the_kernel_or_read_give_the_same_summary(receivers, tmp_path,
+                                                                   monkeypatch, compression, ram):
+    """Parsing only over TCP, a channel's uncompressed pages are dropped by the kernel
+    (MSG_TRUNC) after their header is parsed; QIOC_MIGRATION_PAGES=copy reads them through the
+    buffer as --ram-dir, --save, --digest and --forward do: the same summary either way (and
+    with --ram-dir the same RAM, byte for byte)."""
+    main, channels = split(compression)
+    parts = [main, *channels]
+    got = {}
+    for mode in ("auto", "copy"):
+        monkeypatch.setitem(_rx.ENV, "QIOC_MIGRATION_PAGES", mode)
+        args = ["--json", str(tmp_path / f"{mode}.json")]
+        if ram:
+            args += ["--ram-dir", str(tmp_path / mode)]
+        rx = run_multifd(receivers, parts, *args)
+        assert rx.proc.returncode == 0, rx.stderr
+        if ram:
+            assert (tmp_path / mode / "ram").read_bytes() == PATTERN, mode
+        d = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, parts))
+        got[mode] = summary_pages(d)
+    assert got["auto"] == got["copy"]
+
+
+def test_parsing_only_drops_every_uncompressed_page_in_the_kernel(tmp_path, monkeypatch):
+    """In process: without --ram-dir every normal page of an uncompressed TCP channel is
+    dropped by the kernel, none read; with --ram-dir (or over a UNIX socket) none is."""
+    from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import IncomingSettings, MultifdReceiver
+    from qioc_green.migration._multifd_channel import ChannelReader
+
+    dropped: list[int] = []
+    drop = ChannelReader._drop
+
+    def counted(self, ch, sock, buf, wait, ev, name):
+        dropped.append(ev.remaining)
+        return drop(self, ch, sock, buf, wait, ev, name)
+
+    monkeypatch.setattr(ChannelReader, "_drop", counted)
+    monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
+    main, channels = split()
+    for where, ram_dir in (("tcp:127.0.0.1:0", None), ("tcp:127.0.0.1:0", str(tmp_path / "r")),
+                           (f"unix:{tmp_path / 'u.sock'}", None)):
+        dropped.clear()
+        lst = SocketChannel.listen(where, 8)
+        lst.set_follow_coroutine_ctx(True)
+        threads = send_connections(lst.local_address if where.startswith("tcp") else where,
+                                   [main, *channels])
+        try:
+            with IOThread("t-coordinator") as t:
+                rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=ram_dir)
+                out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+        finally:
+            lst.close()
+            for th in threads:
+                th.join(WAIT)
+        assert out.ok, out.error
+        normal = sum(c.blocks["ram"][0] for c in rx.connections if c.kind == "multifd")
+        assert normal > 0
+        if ram_dir is None and where.startswith("tcp"):
+            assert sum(dropped) == normal * 4096
+        else:
+            assert not dropped
+
+
+def test_pages_over_a_unix_socket(receivers, tmp_path):
+    """Over UNIX sockets (no low-water mark, no MSG_TRUNC): read through the buffer."""
+    main, channels = split()
+    for ram in (True, False):
+        path = tmp_path / f"rx-{ram}.sock"
+        args = ["--ram-dir", str(tmp_path / "ram")] if ram else []
+        rx = receivers(f"unix:{path}", "--multifd-channels", "2", "--json",
+                       str(tmp_path / "u.json"), *args)
+        threads = send_connections(rx.address, [main, *channels])
+        assert rx.wait() == 0, rx.stderr
+        for t in threads:
+            t.join(WAIT)
+        d = json.loads((tmp_path / "u.json").read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, [main, *channels]))
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN
 
 
 # -- bad input on a multifd channel --------------------------------------------------------------
