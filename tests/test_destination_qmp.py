@@ -236,7 +236,12 @@ def test_misbehaving_clients_leave_the_others_and_the_migration_alone(receivers,
                 silent.sendall(b'{"execute": "query-version"}\n' * 20_000)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # dropped already
-            assert qmp.ok("query-migrate")["status"] == "active"
+            # the receiver says "active" once it has taken the source's connection (in its own
+            # IOThread, so not necessarily before the rude clients are done): wait for it
+            deadline = time.monotonic() + WAIT
+            while (status := qmp.ok("query-migrate")["status"]) == "setup":
+                assert time.monotonic() < deadline
+            assert status == "active"
             src.sendall(data[150_000:])
             got = bytearray()
             while not messages(bytes(got)) or messages(bytes(got))[-1] != Shut(0):
@@ -294,3 +299,80 @@ def test_a_qmp_address_that_cannot_be_served_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith(f"qioc-migration-receiver: cannot serve QMP on unix:{path}: ")
     assert r.stderr.count("\n") == 1
+
+
+# -- multifd and file: over QMP, with captures of QEMU 10.0.2 (tests/data) ----------------------
+
+
+def test_multifd_over_qmp_turns_active_once_every_channel_is_in(receivers, tmp_path, loop):
+    """multifd set over QMP, then migrate-incoming; the main channel alone is not enough to be
+    active (QEMU's destination waits for every channel); query-migrate counts every
+    connection's bytes, the channels' as multifd-bytes."""
+    from qioc_green.migration import sniff_channel
+    from qioc_green.migration.qemu import pattern_ram
+    from tests.migdata import load_connections
+    from tests.polling import wait_until
+
+    conns = load_connections("none-multifd2")
+    main = next(c for c in conns if sniff_channel(c) == "main")
+    channels = [c for c in conns if sniff_channel(c) == "multifd"]
+    rx, qmp = start(receivers, tmp_path, "--ram-dir", str(tmp_path / "ram"))
+    socks: list[socket.socket] = []
+    try:
+        qmp.ok("migrate-set-capabilities", capabilities=[
+            {"capability": c, "state": True} for c in ("events", "multifd")])
+        address = listen(rx, qmp)
+        socks.append(connect(address))
+        socks[0].sendall(main)  # it waits at its first sync point for the channels
+        assert wait_until(lambda: qmp.ok("query-migrate")["ram"]["transferred"] > 0, WAIT)
+        assert qmp.ok("query-migrate")["status"] == "setup"
+        for data in channels:
+            socks.append(connect(address))
+            socks[-1].sendall(data)
+        for s in socks:
+            s.shutdown(socket.SHUT_WR)
+        assert qmp.statuses("completed") == ["setup", "active", "completed"]
+        ram = qmp.ok("query-migrate")["ram"]
+        assert ram["transferred"] == sum(map(len, conns))
+        assert ram["multifd-bytes"] == sum(map(len, channels))
+        assert ram["normal"] + ram["duplicate"] >= 1024  # the 4 MiB block's pages, and more
+        qmp.ok("quit")
+    finally:
+        qmp.close()
+        for s in socks:
+            s.close()
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "ram").read_bytes() == pattern_ram(4 << 20)
+
+
+def test_migrate_incoming_reads_a_file_as_the_command_line_does(receivers, tmp_path, loop):
+    """migrate-incoming file: looks at what the file holds, as the command line's file: does:
+    a mapped-ram file is read with positional reads (it is no stream); and the command
+    line's --save, which a mapped-ram file cannot take, is refused at migrate-incoming."""
+    import gzip
+
+    from qioc_green.migration.qemu import pattern_ram
+    from tests.migdata import DATA
+
+    path = tmp_path / "mapped.mig"
+    path.write_bytes(gzip.decompress((DATA / "none-mapped-ram.file.gz").read_bytes()))
+    rx, qmp = start(receivers, tmp_path, "--save", str(tmp_path / "out.mig"))
+    try:
+        assert qmp.error("migrate-incoming", uri=f"file:{path}").startswith(
+            "--save does not apply to a mapped-ram file")
+        qmp.ok("quit")
+    finally:
+        qmp.close()
+    assert rx.wait() == 1
+    (tmp_path / "rx.qmp").unlink(missing_ok=True)
+    rx, qmp = start(receivers, tmp_path, "--ram-dir", str(tmp_path / "ram"))
+    try:
+        qmp.ok("migrate-set-capabilities", capabilities=[
+            {"capability": c, "state": True} for c in ("events", "mapped-ram")])
+        assert qmp.ok("migrate-incoming", uri=f"file:{path}") == {}
+        assert qmp.statuses("completed") == ["setup", "active", "completed"]
+        qmp.ok("quit")
+    finally:
+        qmp.close()
+    assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "ram").read_bytes() == pattern_ram(4 << 20)

@@ -578,6 +578,50 @@ def test_multifd_is_set_as_qmp_sets_it_and_refused_where_it_cannot_go():
         d.set_capabilities({"rdma-pin-all": True})
 
 
+def test_where_a_multifd_migration_may_come_from_is_one_rule(tmp_path):
+    """DestinationSettings.prepare() is what the command line's URI and QMP's migrate-incoming
+    both go through; multifd is switched on before migrate-incoming or not at all (QEMU 10.0),
+    its channel count may still change until the source connects."""
+    from qioc_green.migration import CommandError, DestinationSettings, parse_uri
+
+    d = DestinationSettings(monitored=True, deferred=True)
+    d.set_capabilities({"multifd": True})
+    for uri in ("exec:cat x", f"file:{tmp_path / 'plain.mig'}"):
+        (tmp_path / "plain.mig").write_bytes(load("pc"))
+        with pytest.raises(CommandError, match=r"^Migration requires multi-channel URIs \(e\.g\. "
+                                               r"tcp\): multifd takes tcp:, unix:, "):
+            d.prepare(parse_uri(uri))
+    assert d.prepare(parse_uri("unix:/tmp/x.sock")) == "stream"
+    # a migration saved with multifd: its channel count is the setting, and must agree
+    save = tmp_path / "s.mig"
+    save.write_bytes(b"")
+    for j in range(3):
+        (tmp_path / f"s.mig.multifd-{j}").write_bytes(b"")
+    with pytest.raises(CommandError, match="multifd-channels is 2, but .* has 3 saved"):
+        d.prepare(parse_uri(f"file:{save}"))
+    fresh = DestinationSettings()
+    assert fresh.prepare(parse_uri(f"file:{save}")) == "multifd"
+    assert fresh.capabilities()["multifd"] and fresh.parameters()["multifd-channels"] == 3
+    assert fresh.backlog() == 4
+    # mapped-ram: no stream to save or forward
+    fresh = DestinationSettings()
+    fresh.outputs = "--forward"
+    with pytest.raises(CommandError, match="^--forward does not apply to a mapped-ram file"):
+        fresh.prepare(parse_uri(f"file:{mapped_ram_file(tmp_path)}"))
+    # once migrate-incoming has run: multifd cannot be switched on, its parameters can change
+    opened: list = []
+    late = DestinationSettings(monitored=True, deferred=True, on_incoming=opened.append)
+    late.migrate_incoming("tcp:127.0.0.1:0", True)
+    try:
+        with pytest.raises(CommandError, match="^Multifd must be set before incoming starts$"):
+            late.set_capabilities({"multifd": True})
+        late.set_parameters({"multifd-channels": 4})
+    finally:
+        for incoming in opened:
+            incoming.close()
+    d.set_capabilities({"multifd": True})  # on already: not a change
+
+
 def test_multifd_receiver_in_process_stops_its_iothreads(tmp_path):
     """MultifdReceiver inside a program: it reads in IOThreads of its own and leaves none
     behind, nor an fd (the suite's leak check), whether the migration completes or fails."""

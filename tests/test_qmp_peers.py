@@ -196,6 +196,13 @@ PROBES = [
     b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events", "state": "yes"}]}, "id": 17}\n',
     b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "events"}]}, "id": 18}\n',
     b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "switchover-ack", "state": true}]}, "id": 19}\n',
+    # pairs migrate_caps_check() refuses, in its order (none leaves a capability set)
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "multifd", "state": true}, {"capability": "postcopy-ram", "state": true}]}, "id": "pm"}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "postcopy-ram", "state": true}, {"capability": "x-ignore-shared", "state": true}]}, "id": "pi"}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "zero-copy-send", "state": true}]}, "id": "zc"}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "multifd", "state": true}, {"capability": "xbzrle", "state": true}]}, "id": "mx"}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "mapped-ram", "state": true}, {"capability": "xbzrle", "state": true}]}, "id": "rx"}\n',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability": "mapped-ram", "state": true}, {"capability": "postcopy-ram", "state": true}]}, "id": "rp"}\n',
     b'{"execute": "migrate-set-parameters", "arguments": {"nope": 1}, "id": 20}\n',
     b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": "4"}, "id": 21}\n',
     b'{"execute": "migrate-set-parameters", "arguments": {"multifd-channels": 256}, "id": 22}\n',

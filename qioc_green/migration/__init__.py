@@ -18,8 +18,8 @@ Modules, h11-style: ``_format`` (the numbers), ``_events``, ``_receivebuffer``, 
 (``_mapped_ram``); ``_return_path`` and ``_rp_codec`` (the return path), ``_qmp`` and
 ``_qmp_dispatch`` (QMP); ``_uri``, ``_sinks``, ``_receiver`` (the glue); ``_incoming`` (what
 a multifd migration is told, and the configuration's capabilities checked),
-``_multifd_sync``, ``_multifd_channel`` and ``_multifd_receiver`` (the main channel and N
-multifd channels, each in its own IOThread), ``_file_input`` (saved multifd migrations,
+``_multifd_sync``, ``_multifd_channel``, ``_multifd_tls`` and ``_multifd_receiver`` (the main
+channel and N multifd channels, each handshaken and read in its own IOThread), ``_file_input`` (saved multifd migrations,
 mapped-ram files); ``cli``.
 """
 

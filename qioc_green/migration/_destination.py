@@ -36,6 +36,7 @@ import os
 import re
 import ssl
 import stat
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +111,20 @@ def runstate_of(globalstate: bytes) -> str | None:
     return name.decode("ascii", "replace") if name else None
 
 
+def open_destination(endpoint: Endpoint, tls: tuple[ssl.SSLContext, str | None] | None,
+                     timeout: float | None) -> Channel:
+    """Open a connection to a forwarding destination (the main channel's, or a multifd
+    channel's), with TLS when ``tls`` is (ssl context, hostname; None: the URI's host). May
+    park. Raises OSError, ChannelError, TlsError."""
+    ch = open_outgoing(endpoint, timeout=timeout)
+    if tls is not None:
+        ctx, hostname = tls
+        if hostname is None and endpoint.kind == "tcp":
+            hostname = endpoint.address.removeprefix("tcp:").rsplit(":", 1)[0].strip("[]")
+        ch = connect_tls(ch, ctx, hostname, timeout=timeout)
+    return ch
+
+
 def _writable(channel: Channel) -> bool:
     inner = channel.inner if isinstance(channel, TLSChannel) else channel
     return isinstance(inner, SocketChannel)
@@ -155,6 +170,12 @@ class Destination:
         self._relay: Future[None] | None = None
         self._shut_relayed = False
         self._failed = False
+        #: set by a multifd receiver: the migration turns ``active`` once every channel is in
+        #: (:meth:`all_channels_in`), as QEMU's destination does, not when the main one is,
+        #: and ``completed`` once every channel has ended (:meth:`ended`), not the main one
+        self.multifd = False
+        self._ended = False  # completed or failed was said: no "active" after it
+        self._status_lock = threading.Lock()
 
     @property
     def postcopy(self) -> bool:
@@ -181,7 +202,25 @@ class Destination:
         if _writable(channel):
             self._source = channel
             self._writer = self.context.spawn(self._write, channel)
-        self._say("active")
+        if not self.multifd:
+            self._say("active")
+
+    def ended(self, error: str | None) -> None:
+        """The whole migration is over (``error``: its one-line error): say ``completed`` or
+        ``failed``, once. Never parks."""
+        with self._status_lock:
+            if self._ended:
+                return
+            self._ended = True
+            self.final_error = error
+            self._say("completed" if error is None else "failed")
+
+    def all_channels_in(self) -> None:
+        """Every connection of a multifd migration has said what it is: it is ``active``
+        (QEMU: ``migration_has_all_channels()``). Any thread; never parks."""
+        with self._status_lock:
+            if not self._ended:
+                self._say("active")
 
     def event(self, ev: Any) -> bool:
         """One of :data:`EVENTS`, in stream order. True when this is where the source waits for
@@ -229,7 +268,8 @@ class Destination:
         self.final_error = error
         if not ok:
             self._fail_source()
-        self._say("completed" if ok else "failed")
+        if not self.multifd:
+            self.ended(error)
         if self._relay is not None:
             try:
                 self._relay.result(FINISH_TIMEOUT)
@@ -282,12 +322,7 @@ class Destination:
     def connect_forward(self, endpoint: Endpoint, timeout: float | None) -> Channel:
         """The forwarder's connect: open the destination, speak TLS if asked, and start
         relaying its return path. Runs in the forwarder's IOThread; may park."""
-        ch = open_outgoing(endpoint, timeout=timeout)
-        if self.forward_tls is not None:
-            ctx, hostname = self.forward_tls
-            if hostname is None and endpoint.kind == "tcp":
-                hostname = endpoint.address.removeprefix("tcp:").rsplit(":", 1)[0].strip("[]")
-            ch = connect_tls(ch, ctx, hostname, timeout=timeout)
+        ch = open_destination(endpoint, self.forward_tls, timeout)
         if self.relaying:
             self._relay = self.context.spawn(self._relay_from, ch)
         return ch

@@ -132,7 +132,7 @@ class ChannelReader:
             raise Stopped("stopped")
         if s.forward is not None:
             fwd = Forwarder(s.forward, s.forward_context(conn).context, chunk=s.chunk,
-                            buffers=s.buffers, digest=s.digest)
+                            buffers=s.buffers, digest=s.digest, connect=s.forward_connect)
         relay = _Relay(fwd)
         sha = hashlib.sha256() if s.digest else None
         own = memoryview(bytearray(s.chunk)) if fwd is None else None
@@ -302,6 +302,7 @@ class ChannelReader:
             assert isinstance(ev, ChannelInit)
             s.registry.register(ev, conn.name)
             conn.channel_id = ev.channel_id
+            s.channel_in()
         elif t is ChannelEnd:
             assert isinstance(ev, ChannelEnd)
             s.sync.channel_ended(parser.name, ev.syncs, ev.offset)

@@ -36,6 +36,11 @@ next migration once all N + 1 have arrived and the main stream has met its first
 (QEMU stops listening once all have arrived; a source's channels all connect before its main
 stream starts, so extra ones are still seen).
 
+With TLS (``tls``), each connection's handshake comes first, in its own IOThread, and its first
+bytes are read after it (``_multifd_tls``); each ``--forward`` connection speaks TLS to the
+destination too (``forward_tls``), the main one's handshake done before any channel's opens.
+With a return path, the migration turns ``active`` once every connection is in, as QEMU's.
+
 Nothing waits for ever: a connection that says nothing gets ``FIRST_BYTES_TIMEOUT``; channels
 that never come, a main stream that never comes, and sync points that can never be reached
 (a channel or the main stream ended first) fail with one line (``channel_timeout``); the first
@@ -45,6 +50,7 @@ receive buffer (``chunk``), or with ``--forward`` its own pool (``buffers`` x ``
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -63,8 +69,8 @@ from qioc_green import (
     current_context,
 )
 
-from ._destination import Destination
-from ._events import Configuration, RamBlocks, RamEos, RamFlush
+from ._destination import Destination, open_destination
+from ._events import Command, Configuration, RamBlocks, RamEos, RamFlush
 from ._events import Event as StreamEvent
 from ._format import MigrationStreamError
 from ._incoming import IncomingSettings, check_configuration
@@ -72,13 +78,13 @@ from ._multifd import MultifdChannels, sniff_channel
 from ._multifd_channel import ChannelReader, Connection, Stopped
 from ._multifd_events import MultifdError
 from ._multifd_sync import SyncFailed, SyncPoints
+from ._multifd_tls import FIRST_BYTES_TIMEOUT, MAX_EXTRA, accept_connection
 from ._receiver import Outcome, ReceiveError, Receiver, describe
 from ._sinks import BUFFERS, CHUNK, RamDir
 from ._summary import Summary
+from ._tls import early_close
 from ._uri import Endpoint
 
-FIRST_BYTES_TIMEOUT = 10.0  # s for a new connection to say what it is
-MAX_EXTRA = 4  # connections beyond the N + 1 that are read (and refused) before we stop taking them
 _TICK = 0.5  # s between the coordinator's checks (idle, missing channels, progress)
 ACCEPT_TICK = 0.05  # s between the acceptor's looks at whether the migration is over
 
@@ -90,7 +96,10 @@ class MultifdReceiver:
 
     The options are :class:`~._receiver.Receiver`'s (``idle_timeout`` and ``deadline`` span
     every connection); ``channel_timeout``: how long to wait for connections that are missing
-    once others have come. ``stop(reason)``, from any thread, ends the migration at once.
+    once others have come. ``tls``: accept every connection over TLS with this context (its
+    handshake within ``FIRST_BYTES_TIMEOUT``); ``forward_tls``: (context, hostname) to
+    speak TLS on every forward connection. ``stop(reason)``, from any thread, ends the
+    migration at once.
     """
 
     def __init__(self, settings: IncomingSettings, *, save: str | None = None,
@@ -98,7 +107,9 @@ class MultifdReceiver:
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None, deadline: float | None = None,
-                 channel_timeout: float = 10.0, destination: Destination | None = None) -> None:
+                 channel_timeout: float = 10.0, destination: Destination | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 forward_tls: tuple[ssl.SSLContext, str | None] | None = None) -> None:
         if not settings.multifd:
             raise ValueError("a multifd receiver needs the multifd capability")
         self.settings = settings
@@ -115,6 +126,10 @@ class MultifdReceiver:
         self.deadline = deadline
         self.channel_timeout = channel_timeout
         self.destination = destination
+        if destination is not None:
+            destination.multifd = True  # "active" once every connection is in
+        self.tls = tls
+        self.forward_tls = forward_tls
         self.connections: list[Connection] = []
         self.registry = MultifdChannels(self.channels)
         self.sync = SyncPoints(self.channels, connected=self._connected_ids,
@@ -136,6 +151,7 @@ class MultifdReceiver:
         self._sync_mode: str | None = None  # "flush" or "eos", decided by the stream
         self._sync_points = 0
         self._stopping = False
+        self._all_in = False
         self._last = time.monotonic()
         self._empty = Summary()
 
@@ -147,8 +163,24 @@ class MultifdReceiver:
 
     @property
     def received(self) -> int:
-        """Bytes received on every connection so far."""
-        return sum(c.bytes for c in list(self.connections))
+        """Bytes received on every connection so far (read by a QMP monitor while they come)."""
+        rest = sum(c.bytes for c in list(self.connections) if c.kind != "main")
+        return rest + self._main_bytes()
+
+    @property
+    def multifd_bytes(self) -> int:
+        """Bytes received on the multifd channels so far (QEMU's ``multifd-bytes``)."""
+        return sum(c.bytes for c in list(self.connections) if c.kind == "multifd")
+
+    def channel_pages(self) -> tuple[int, int]:
+        """(normal, zero) pages the multifd channels carried so far (the main stream's own are
+        in :attr:`summary`)."""
+        normal = zero = 0
+        for c in list(self.connections):
+            for counts in list(c.blocks.values()):
+                normal += counts[0]
+                zero += counts[1]
+        return normal, zero
 
     def stop(self, reason: str = "stopped") -> None:
         """End the migration now: it fails with ``reason``. Any thread; never parks (it closes
@@ -177,6 +209,21 @@ class MultifdReceiver:
             if fwd is None:
                 self.config_ready.wait(_TICK)  # the main stream not there yet: look again
         return False
+
+    def forward_connect(self, endpoint: Endpoint, timeout: float | None) -> Channel:
+        """A multifd channel's forward connection (TLS if asked). May park."""
+        return open_destination(endpoint, self.forward_tls, timeout)
+
+    def channel_in(self) -> None:
+        """A connection said what it is (the main stream's magic, a channel's init packet):
+        once all have, the migration is ``active``. Any reader's thread; never parks."""
+        with self._lock:
+            if self._all_in or self._error is not None or not self._main_seen \
+                    or len(self._connected_ids()) < self.channels:
+                return
+            self._all_in = True
+        if self.destination is not None:
+            self.destination.all_channels_in()
 
     def forward_context(self, conn: Connection) -> IOThread:
         """A new IOThread for ``conn``'s forwarding writer (stopped with the others)."""
@@ -225,7 +272,10 @@ class MultifdReceiver:
             if self.progress is not None:
                 self.progress.write("\n")
                 self.progress.flush()
-        return self._outcome(elapsed, time.process_time() - cpu0)
+        out = self._outcome(elapsed, time.process_time() - cpu0)
+        if self.destination is not None:
+            self.destination.ended(out.error)  # completed once every connection has ended
+        return out
 
     def _accept_loop(self, accept: Callable[[float], Channel], extra: bool) -> None:
         expected = self.channels + 1
@@ -383,6 +433,10 @@ class MultifdReceiver:
         conn.iothread = threading.current_thread().name
         exc: BaseException | None = None
         try:
+            if self.tls is not None:
+                # the handshake is part of saying what it is: the same bound
+                ch = accept_connection(ch, self.tls, conn.name, min(
+                    self.idle_timeout or FIRST_BYTES_TIMEOUT, FIRST_BYTES_TIMEOUT))
             self._serve(conn, ch)
         except BaseException as e:  # noqa: BLE001 - handed to the coordinator
             exc = e
@@ -403,7 +457,8 @@ class MultifdReceiver:
         if prefix is None:
             if conn.index > self.channels:  # an extra connection that said nothing: harmless
                 return
-            raise MultifdError(conn.name, 0, "closed before sending a byte")
+            # a TLS source that refuses our certificate hangs up right after the handshake
+            raise MultifdError(conn.name, 0, early_close(ch, 0) or "closed before sending a byte")
         kind = sniff_channel(prefix, conn.name)
         self._last = time.monotonic()
         if kind == "main":
@@ -413,6 +468,7 @@ class MultifdReceiver:
             if second:
                 raise MultifdError(conn.name, 0, "a second main stream (QEVM) in one migration")
             conn.kind = "main"
+            self.channel_in()
             self._serve_main(conn, ch, prefix)
         else:
             with self._lock:
@@ -472,6 +528,14 @@ class MultifdReceiver:
                                                                  "syncs at every EOS")
             self._sync_mode = "flush"
             self._sync_main("MULTIFD_FLUSH", rx.parser.offset - 8)
+        elif t is Command and self.forward is not None:
+            assert isinstance(ev, Command)
+            if ev.name == "POSTCOPY_ADVISE" and len(ev.data) == 16:  # postcopy-ram is on
+                raise MigrationStreamError(
+                    ev.offset, "POSTCOPY_ADVISE: the source has postcopy-ram with multifd, which "
+                    "cannot be forwarded (a QEMU 10 destination refuses the combination, 'Postcopy "
+                    "is not yet compatible with multifd'; QEMU 7.2's aborts at its end): switch "
+                    "postcopy-ram or multifd off on the source")
         elif t is RamEos and self._sync_mode != "flush":
             # no MULTIFD_FLUSH before the ram section's first EOS: QEMU 7.2, or a machine type
             # with multifd-flush-after-each-section; every EOS is a sync point
@@ -493,62 +557,6 @@ def _line(exc: BaseException) -> str:
     if isinstance(exc, (MigrationStreamError, ReceiveError, Stopped)):
         return str(exc)
     return f"offset 0: {describe(exc)}"
-
-
-class StrayWatcher:
-    """While a plain (not multifd) migration runs on a listener, take further connections and
-    refuse the migration, with a line saying what to do, if one is a multifd channel.
-
-    QEMU's destination stops listening once its channels are in, so a multifd source meeting a
-    destination not told of multifd sees its second connection refused and gives up without
-    sending a byte on the first: the destination learns nothing. Taking that connection instead
-    lets the receiver say why. Other connections are closed at once; at most ``MAX_EXTRA`` are
-    looked at. ``on_multifd(reason)`` (``Receiver.stop``) is called from this watcher's greenlet.
-    """
-
-    def __init__(self, accept: Callable[[float], Channel], on_multifd: Callable[[str], None]) -> None:
-        self._accept = accept
-        self._on_multifd = on_multifd
-        self._stopping = False
-        self._seen = 0
-        self._future = current_context().spawn(self._run)
-
-    def _run(self) -> None:
-        ctx = current_context()
-        while not self._stopping and self._seen < MAX_EXTRA:
-            try:
-                ch = self._accept(_TICK)
-            except TimeoutError:
-                continue
-            except (EOFError, ChannelError):
-                return
-            self._seen += 1
-            if self._stopping:
-                ch.close()
-                return
-            ctx.spawn(self._look, ch, self._seen)
-
-    def _look(self, ch: Channel, k: int) -> None:
-        with ch:
-            try:
-                first = ch.read_all_eof(4, timeout=FIRST_BYTES_TIMEOUT)
-            except (ChannelError, TimeoutError):
-                return
-            if first is None or self._stopping:
-                return
-            try:
-                kind = sniff_channel(first)
-            except MultifdError:
-                return
-            if kind == "multifd":
-                self._on_multifd(
-                    f"connection {k} is a multifd channel (magic 0x11223344), but the receiver "
-                    "was not told to expect any: start it with --multifd-channels N (the "
-                    "source's multifd-channels)")
-
-    def stop(self) -> None:
-        """Stop taking connections (the greenlet ends within a tick). Never parks."""
-        self._stopping = True
 
 
 def _peak_rss() -> int:

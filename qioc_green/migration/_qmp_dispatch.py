@@ -25,7 +25,10 @@ What QEMU 10.0's destination answers (seen on one started ``-incoming defer``)
   protocol: X``, ``The incoming migration has already been started``, ``'-incoming' was not
   specified on the command line``. ``migrate-set-capabilities``: an unknown name gets
   ``Parameter 'capability' does not accept value 'X'``; ``Capability 'switchover-ack' requires
-  capability 'return-path'``; ``Multifd must be set before incoming starts``.
+  capability 'return-path'``; ``Postcopy is not yet compatible with multifd`` (10.0 cannot
+  do both; 7.2 lets them be set, and its destination then aborts at the end of the migration:
+  seen here), and the other combinations of ``migrate_caps_check()`` (:func:`caps_conflict`);
+  ``Multifd must be set before incoming starts`` (switching it on after ``migrate-incoming``).
   ``migrate-set-parameters``: any parameter QEMU has is accepted (most only matter to a
   source), with type and range checks (``Parameter 'multifd-channels' expects uint8_t``).
 - ``quit``: a ``SHUTDOWN`` event ``{"guest": false, "reason": "host-qmp-quit"}`` to every
@@ -413,11 +416,10 @@ class QmpDispatcher:
                 raise CommandError(f"Invalid parameter type for '{where}.state', "
                                    "expected: boolean")
             changes[name] = state
-        after = {**self.target.capabilities(), **changes}
-        if after.get("switchover-ack") and not after.get("return-path"):
-            raise CommandError("Capability 'switchover-ack' requires capability 'return-path'")
-        if after.get("postcopy-preempt") and not after.get("postcopy-ram"):
-            raise CommandError("Postcopy preempt requires postcopy-ram")
+        conflict = caps_conflict({**self.target.capabilities(), **changes},
+                                 self.target.parameters())
+        if conflict is not None:
+            raise CommandError(conflict)
         self.target.set_capabilities(changes)
         return {}
 
@@ -490,6 +492,34 @@ class QmpDispatcher:
                                       self.clock()))
         self._run.close = True
         return {}
+
+
+def caps_conflict(caps: Mapping[str, bool], params: Mapping[str, Any]) -> str | None:
+    """What QEMU 10.0's ``migrate_caps_check()`` says of capabilities ``caps`` (all of them,
+    after a change) that cannot go together, in its order; None when they can. Only what a
+    destination checks whatever it supports: what this receiver cannot do is its target's to
+    refuse."""
+    on = {name for name, state in caps.items() if state}
+    if "postcopy-ram" in on:
+        if "x-ignore-shared" in on:
+            return "Postcopy is not compatible with ignore-shared"
+        if "multifd" in on:
+            return "Postcopy is not yet compatible with multifd"
+    if "zero-copy-send" in on and ("multifd" not in on or "xbzrle" in on
+                                   or params.get("multifd-compression", "none") != "none"
+                                   or params.get("tls-creds")):
+        return "Zero copy only available for non-compressed non-TLS multifd migration"
+    if "postcopy-preempt" in on and "postcopy-ram" not in on:
+        return "Postcopy preempt requires postcopy-ram"
+    if "switchover-ack" in on and "return-path" not in on:
+        return "Capability 'switchover-ack' requires capability 'return-path'"
+    if "multifd" in on and "xbzrle" in on:
+        return "Multifd is not compatible with xbzrle"
+    if "mapped-ram" in on and "xbzrle" in on:
+        return "Mapped-ram migration is incompatible with xbzrle"
+    if "mapped-ram" in on and "postcopy-ram" in on:
+        return "Mapped-ram migration is incompatible with postcopy"
+    return None
 
 
 def _no_args(args: dict[str, Any]) -> None:

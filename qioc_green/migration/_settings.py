@@ -15,8 +15,18 @@ What can be set, and what is refused (one line naming it, QMP's ``GenericError``
   opens it, as by QEMU; ``switchover-ack`` and ``postcopy-ram`` then behave as on a QEMU
   destination: SWITCHOVER_ACK only with the former, a postcopy ADVISE refused without the
   latter); ``multifd`` with ``multifd-channels`` and ``multifd-compression`` makes the
-  receiver take N channels (``_multifd_receiver``), ``mapped-ram`` a ``file:`` of that kind.
-  The others are refused with the reason in ``REFUSED``.
+  receiver take N channels (``_multifd_receiver``), over TLS too, ``mapped-ram`` a ``file:``
+  of that kind. The others are refused with the reason in ``REFUSED``; combinations QEMU
+  refuses are refused by the dispatcher with QEMU's words (``postcopy-ram`` with ``multifd``:
+  "Postcopy is not yet compatible with multifd"), and, as QEMU 10.0, multifd cannot be
+  switched on once ``migrate-incoming`` has run ("Multifd must be set before incoming
+  starts"); ``multifd-channels`` and ``multifd-compression`` can, until the source connects.
+- Where a migration may come from (:meth:`DestinationSettings.prepare`, for the command line's
+  URI and ``migrate-incoming``'s alike): with multifd, a URI that takes many connections
+  (``tcp:``, ``unix:``, a listening ``fd:``) or a ``file:`` whose kind carries the channels (a
+  mapped-ram file, a migration saved with multifd); else QEMU's "Migration requires
+  multi-channel URIs (e.g. tcp)". A ``file:`` is looked at first: saved with multifd, its
+  channel count becomes the setting; mapped-ram, it is no stream to save or forward.
 - Parameters: all of QEMU's, type-checked by the dispatcher; kept and reported. ``tls-creds``
   must name a ``tls-creds-x509`` object for a server endpoint (QEMU checks that only when the
   source connects; here ``migrate-set-parameters`` says it at once); ``tls-authz`` is refused.
@@ -36,7 +46,9 @@ from typing import TYPE_CHECKING, Any
 from qioc_green import Context
 
 from ._destination import Destination
+from ._file_input import input_kind, saved_channels
 from ._multifd_compress import COMPRESSIONS, DecompressError, decompressor_for
+from ._multifd_receiver import MultifdReceiver
 from ._qmp_dispatch import (
     DEFAULT_PARAMETERS,
     SOURCE_ONLY_CAPABILITIES,
@@ -45,10 +57,9 @@ from ._qmp_dispatch import (
     RamStats,
 )
 from ._tls import TlsCreds, TlsError
-from ._uri import Endpoint, Incoming, parse_uri
+from ._uri import Endpoint, Incoming, is_listening_socket, parse_uri
 
 if TYPE_CHECKING:
-    from ._multifd_receiver import MultifdReceiver
     from ._receiver import Receiver
 
 SUPPORTED = frozenset({"events", "return-path", "switchover-ack", "postcopy-ram",
@@ -63,6 +74,7 @@ REFUSED = {
     "dirty-bitmaps": "block dirty bitmaps are not migrated by this receiver",
 }
 CLI_TLS_ID = "cli-tls0"
+MULTI_CHANNEL = "Migration requires multi-channel URIs (e.g. tcp)"  # QEMU's words
 _LIVE = ("setup", "active", "postcopy-active")
 
 
@@ -74,7 +86,9 @@ class DestinationSettings:
     decide from the source's machine type) and no postcopy check). ``deferred``: started
     with ``defer``, so ``migrate-incoming`` is what starts listening. ``on_incoming(incoming)``
     is called (in the monitor's thread) when it has; ``on_quit()`` on ``quit``.
-    ``on_status(status)``: tell the monitor (any thread, never blocks).
+    ``on_status(status)``: tell the monitor (any thread, never blocks). ``outputs``: the
+    command line's ``--save``/``--forward`` if given, ``min_rate`` its ``--min-rate`` (what
+    :meth:`prepare` must know of the receiver besides its settings).
     """
 
     def __init__(self, *, monitored: bool = False, deferred: bool = False,
@@ -100,6 +114,9 @@ class DestinationSettings:
         self.started_at = 0.0
         self.ended_at: float | None = None
         self.postcopy_from: int | None = None  # bytes received when postcopy began
+        self.outputs: str | None = None
+        self.min_rate = False
+        self.file_kind = "stream"  # what the incoming migration's file: holds (prepare)
 
     # -- set up by the command line --------------------------------------------------------------
 
@@ -121,6 +138,40 @@ class DestinationSettings:
         """The TLS context the source's connections are accepted with (None: plaintext)."""
         oid = self.params.get("tls-creds") or ""
         return self._contexts.get(oid) if oid else None
+
+    def backlog(self) -> int:
+        """The listen queue a migration needs: the main channel and the multifd channels."""
+        return int(self.params["multifd-channels"]) + 1 if self.caps.get("multifd") else 1
+
+    def prepare(self, endpoint: Endpoint) -> str:
+        """Check that a migration from ``endpoint`` can be taken as set (see the module notes)
+        and say what it is: ``stream``, or for a ``file:`` ``multifd`` (saved with multifd: its
+        channel count is now the setting) or ``mapped-ram``. Raises CommandError (one line),
+        OSError (a ``file:`` that cannot be read)."""
+        kind = input_kind(endpoint) if endpoint.kind == "file" else "stream"
+        multifd = bool(self.caps.get("multifd"))
+        if kind == "multifd":
+            saved = len(saved_channels(endpoint.path))
+            if multifd and self.params["multifd-channels"] != saved:
+                raise CommandError(f"multifd-channels is {self.params['multifd-channels']}, but "
+                                   f"{endpoint.path} has {saved} saved multifd channels beside it")
+            self.caps["multifd"] = multifd = True
+            self.params["multifd-channels"] = saved
+        elif kind == "mapped-ram" and self.outputs:
+            raise CommandError(f"{self.outputs} does not apply to a mapped-ram file (RAM at fixed "
+                               "offsets, not a stream): copy the file, or restore it with a "
+                               "QEMU started -incoming defer and migrate-incoming file:")
+        elif multifd and kind == "stream" and not (
+                endpoint.kind in ("tcp", "unix")
+                or (endpoint.kind == "fd" and is_listening_socket(endpoint.fd))):
+            raise CommandError(f"{MULTI_CHANNEL}: multifd takes tcp:, unix:, a listening fd:, a "
+                               f"mapped-ram file: or one saved with multifd, not {endpoint}")
+        if multifd and kind != "mapped-ram" and self.min_rate:
+            raise CommandError("--min-rate does not apply with multifd (its main channel is "
+                               "quiet while the channels carry RAM): use --deadline or "
+                               "--idle-timeout")
+        self.file_kind = kind
+        return kind
 
     def destination(self, context: Context, **kwargs: Any) -> Destination:
         """The return path of the next migration, set as these settings say (``kwargs``:
@@ -176,14 +227,19 @@ class DestinationSettings:
                 break
             except RuntimeError:
                 continue
+        normal = sum(b["normal_pages"] for b in blocks)
+        zero = sum(b["zero_pages"] for b in blocks)
+        multifd_bytes = 0
+        if isinstance(rx, MultifdReceiver):  # the channels carry most pages
+            normal, zero = (a + b for a, b in zip((normal, zero), rx.channel_pages()))
+            multifd_bytes = rx.multifd_bytes
         received = rx.received
         end = self.ended_at if self.ended_at is not None else time.monotonic()
         elapsed = max(end - self.started_at, 1e-9) if self.started_at else 0.0
         post = self.postcopy_from
         return RamStats(
             transferred=received, total=sum(b["size"] for b in blocks),
-            duplicate=sum(b["zero_pages"] for b in blocks),
-            normal=sum(b["normal_pages"] for b in blocks),
+            duplicate=zero, normal=normal, multifd_bytes=multifd_bytes,
             precopy_bytes=received if post is None else post,
             postcopy_bytes=0 if post is None else received - post,
             mbps=round(received * 8 / elapsed / 1e6, 3) if elapsed else 0.0)
@@ -200,6 +256,8 @@ class DestinationSettings:
     def set_capabilities(self, changes: Mapping[str, bool]) -> None:
         if self.status not in (None, "setup"):
             raise CommandError("There's a migration process in progress")
+        if changes.get("multifd") and not self.caps.get("multifd") and self.status is not None:
+            raise CommandError("Multifd must be set before incoming starts")  # QEMU 10.0's
         for name, state in changes.items():
             if state and name not in SUPPORTED:
                 why = REFUSED.get(name, "not supported by this receiver")
@@ -259,9 +317,11 @@ class DestinationSettings:
             if kind not in ("tcp", "unix", "fd", "exec", "file"):
                 raise CommandError(f"unknown migration protocol: {uri}") from None
             raise CommandError(str(exc)) from None
-        multifd = self.caps.get("multifd")
-        incoming = Incoming(endpoint, backlog=int(self.params["multifd-channels"]) + 1
-                            if multifd else 1)
+        try:
+            self.prepare(endpoint)
+        except OSError as exc:
+            raise CommandError(f"cannot open {endpoint}: {exc.strerror or exc}") from None
+        incoming = Incoming(endpoint, backlog=self.backlog())
         try:
             incoming.open()
         except OSError as exc:

@@ -37,6 +37,7 @@ from qioc_green import (
     Future,
     Queue,
     Shutdown,
+    TLSChannel,
 )
 
 from ._children import EXIT_WAIT, GRACE, end_command, failure, terminate
@@ -272,6 +273,12 @@ class Forwarder:
                 problem = failure(ch, what)
                 if problem is not None:
                     raise _Failed(problem)
+            elif isinstance(ch, TLSChannel):
+                # close_notify, written for sure (close() only tries): a QEMU 10 destination on
+                # a 10.0 machine type fails a multifd channel that ends without it (one that
+                # has hung up already, as a destination does after SHUT, needs none)
+                with contextlib.suppress(BrokenChannelError):
+                    ch.shutdown(Shutdown.WRITE)
             done = True
         finally:
             if isinstance(ch, CommandChannel) and not done:

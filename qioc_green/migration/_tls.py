@@ -1,5 +1,6 @@
 """TLS for migration channels: QEMU's ``tls-creds-x509`` directories, and one accept and one
-connect that any channel kind can go through (the main channel today, multifd channels next).
+connect that every channel goes through (the main channel, each multifd channel, and each of
+their ``--forward`` connections).
 
 The facts (QEMU's ``crypto/tlscredsx509.c``, ``migration/tls.c``; checked against QEMU 10.0
 and 7.2 sources and destinations)
@@ -36,6 +37,14 @@ The decisions
 - A ``TLSChannel`` reads EOF without close_notify as a truncation (BrokenChannelError). QEMU's
   sources end the main channel without it; the receiver accepts such an EOF once the stream
   has ended (``_destination``), as QEMU's destination does.
+- **Multifd channels** each do a handshake of their own with the same credentials. QEMU 10.0
+  ends them with close_notify; 7.2 does not (a 10.0 destination tolerates that only on a <= 9.2
+  machine type, ``multifd-clean-tls-termination`` off). A multifd receiver accepts every
+  connection with ``ragged_eof=True`` (a hang-up without close_notify reads as EOF): each
+  channel's parser still refuses an end inside a packet, and the sync points one that ends
+  early, so nothing truncated passes for complete. With TLS the channel kind cannot be peeked
+  (QEMU then takes the first connection for the main one); the receiver reads each
+  connection's first bytes after its handshake, so the order does not matter.
 """
 
 from __future__ import annotations
@@ -112,9 +121,10 @@ class TlsCreds:
 
 
 def accept_tls(channel: Channel, ctx: ssl.SSLContext, *, peer: str = "the source",
-               timeout: float | None = HANDSHAKE_TIMEOUT) -> TLSChannel:
+               timeout: float | None = HANDSHAKE_TIMEOUT, ragged_eof: bool = False) -> TLSChannel:
     """The server side of a migration channel: refuse a plaintext peer, handshake, return the
     session. May park (on ``channel``). Raises TlsError (one line); ``channel`` is closed then.
+    ``ragged_eof``: a hang-up without close_notify reads as EOF (multifd channels, above).
     """
     try:
         if channel.has_feature(Feature.READ_MSG_PEEK):
@@ -125,7 +135,8 @@ def accept_tls(channel: Channel, ctx: ssl.SSLContext, *, peer: str = "the source
                 what = _PLAINTEXT.get(first[0], f"byte 0x{first[0]:02x}, not a TLS ClientHello")
                 raise TlsError(f"{peer} sent {what} where a TLS handshake should begin: set "
                                "tls-creds on the source too, or run without --tls-creds")
-        tls = TLSChannel.server(channel, ctx, name=f"tls-{channel.name}")
+        tls = TLSChannel.server(channel, ctx, name=f"tls-{channel.name}",
+                                suppress_ragged_eofs=ragged_eof)
         _handshake(tls, peer, timeout)
         return tls
     except BaseException:

@@ -114,7 +114,7 @@ class Incoming:
         ep = self.endpoint
         if ep.kind in ("tcp", "unix"):
             self.listener = SocketChannel.listen(ep.address, self.backlog, name=f"incoming-{ep}")
-        elif ep.kind == "fd" and _is_listening_socket(ep.fd):
+        elif ep.kind == "fd" and is_listening_socket(ep.fd):
             self.listener = SocketChannel.listen(ep.address, name=f"incoming-{ep}")
         if self.listener is not None:
             self.listener.set_follow_coroutine_ctx(True)
@@ -147,7 +147,8 @@ class Incoming:
             self.listener.close()
 
 
-def _is_listening_socket(fd: int) -> bool:
+def is_listening_socket(fd: int) -> bool:
+    """Is ``fd`` a socket that listens (an ``fd:`` source that gives many connections)?"""
     try:
         s = socket.socket(fileno=os.dup(fd))
     except OSError:

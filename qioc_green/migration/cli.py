@@ -37,11 +37,13 @@ from typing import Any, Protocol
 import qioc_green
 
 from ._destination import answers_back
-from ._file_input import MappedRamReceiver, input_kind, replay_channels, saved_channels
+from ._file_input import MappedRamReceiver, replay_channels
 from ._incoming import IncomingSettings, plain_stream_checks
 from ._monitor import Monitor
 from ._multifd_compress import COMPRESSIONS
-from ._multifd_receiver import MultifdReceiver, StrayWatcher
+from ._multifd_receiver import MultifdReceiver
+from ._multifd_tls import StrayWatcher
+from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
 from ._settings import DestinationSettings
 from ._sinks import BUFFERS, CHUNK
@@ -219,8 +221,9 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
     """Take migrations one after another (in the receiving IOThread); return their verdicts.
 
     ``settings``: TLS, the return path (``rp_ctx``: the IOThread that writes it) and multifd
-    (its capability and parameters; ``strict_compression`` false: take the compression the
-    packets say). ``file_kind``: what a ``file:`` source holds (``_file_input.input_kind``)."""
+    (its capability and parameters, read when the source connects, as QEMU does;
+    ``strict_compression`` false: take the compression the packets say). ``file_kind``: what a
+    ``file:`` source holds (``DestinationSettings.prepare``)."""
     run = run or _Run()
     settings = settings or DestinationSettings()
     verdicts: list[bool] = []
@@ -233,13 +236,22 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 return path
             return numbered(path, n)
 
-        mfd = IncomingSettings.from_destination(settings.capabilities(), settings.parameters(),
-                                                strict_compression=strict_compression)
+        def multifd_settings() -> IncomingSettings:
+            return IncomingSettings.from_destination(settings.capabilities(),
+                                                     settings.parameters(),
+                                                     strict_compression=strict_compression)
+
+        mfd = multifd_settings()
         progress = sys.stderr if stderr_is_terminal() else None
         if file_kind == "mapped-ram":
+            settings.set_status("active")
             out = MappedRamReceiver(incoming.endpoint, ram_dir=args.ram_dir,
                                     allow_undescribed=args.allow_undescribed,
                                     threads=mfd.channels or 1).receive()
+            if out.ok:
+                settings.set_status("completed")
+            else:
+                settings.failed(str(out.error))
             _finish(n, out, args, name)
             verdicts.append(out.ok)
             break
@@ -253,6 +265,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 _error(f"cannot open {incoming.endpoint}: {_why(exc)}")
                 verdicts.append(False)
                 break
+            mfd = multifd_settings()  # as set when the source connected (QMP may change it)
         # One migration per run: later senders are refused, as by QEMU, except that a listener
         # looks at them first: a multifd receiver takes its channels there, a plain one names
         # a multifd source (StrayWatcher).
@@ -272,15 +285,11 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 chunk=args.buffer_size, buffers=args.buffers,
                 allow_undescribed=args.allow_undescribed, digest=args.digest, progress=progress,
                 idle_timeout=args.idle_timeout, deadline=args.deadline,
-                channel_timeout=args.channel_timeout, destination=dest)
+                channel_timeout=args.channel_timeout, destination=dest,
+                tls=tls if ch is not None else None, forward_tls=forward_tls)
             settings.receiver = multifd
             run.attach(multifd)
-            if tls is not None:
-                if ch is not None:
-                    ch.close()
-                out = _refused("offset 0: TLS with multifd is not supported by this receiver")
-                settings.failed(str(out.error))
-            elif ch is None:
+            if ch is None:
                 out = multifd.receive(replay_channels(incoming.endpoint))
             else:
                 out = multifd.receive([ch], _acceptor(incoming), extra=not args.keep_listening)
@@ -299,8 +308,7 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
             rx.on_event = plain_stream_checks(rx)
             settings.receiver = rx
             run.attach(rx)
-            watcher = StrayWatcher(accept, rx.stop) if accept is not None and tls is None \
-                else None
+            watcher = StrayWatcher(accept, rx.stop, tls=tls) if accept is not None else None
             try:
                 if tls is not None:
                     ch = accept_tls(ch, tls, timeout=args.idle_timeout or HANDSHAKE_TIMEOUT)
@@ -401,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     incoming: Incoming | None = None
     if source is not None:
-        backlog = int(settings.parameters()["multifd-channels"]) + 1 \
-            if settings.capabilities().get("multifd") else 1
-        incoming = Incoming(source, backlog=backlog)
+        incoming = Incoming(source, backlog=settings.backlog())
         try:
             incoming.open()
         except (OSError, qioc_green.ChannelError) as exc:
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     qioc_green.main_context()
     threads = _Threads(forward is not None)
     try:
-        return _run(incoming, args, forward, forward_tls, settings, threads, file_kind)
+        return _run(incoming, args, forward, forward_tls, settings, threads)
     finally:
         if incoming is not None:
             incoming.close()
@@ -434,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _multifd_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                   source: Endpoint | None, settings: DestinationSettings) -> str | None:
-    """Set multifd from the command line (as QMP would) and tell what a ``file:`` holds;
-    None (the line said) when it cannot be read."""
+    """Set multifd from the command line, as QMP would, then check the source as
+    ``migrate-incoming`` does (``DestinationSettings.prepare``: one rule for both) and tell
+    what a ``file:`` holds; None (the line said) when it cannot be read."""
     mfd: dict[str, Any] = {}
     if args.multifd_channels is not None:
         if not 1 <= args.multifd_channels <= 255:
@@ -446,38 +453,18 @@ def _multifd_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if args.multifd_channels is None:
             parser.error("--multifd-compression needs --multifd-channels")
         mfd["multifd-compression"] = args.multifd_compression
-    file_kind = "stream"
-    if source is not None and source.kind == "file":
-        try:
-            file_kind = input_kind(source)
-        except OSError as exc:
-            _error(f"cannot open {source}: {_why(exc)}")
-            return None
-    if file_kind == "multifd":  # a saved multifd migration says how many channels it had
-        saved = len(saved_channels(source.path))  # type: ignore[union-attr]
-        if args.multifd_channels not in (None, saved):
-            parser.error(f"--multifd-channels {args.multifd_channels}, but the file has "
-                         f"{saved} saved multifd channels beside it")
-        mfd["multifd-channels"] = saved
-    elif file_kind == "mapped-ram" and (args.save or args.forward):
-        parser.error(f"{'--save' if args.save else '--forward'} does not apply to a mapped-ram "
-                     "file (RAM at fixed offsets, not a stream): copy the file, or restore it "
-                     "with a QEMU started -incoming defer and migrate-incoming file:")
-    elif mfd and file_kind == "stream" and source and source.kind not in ("tcp", "unix", "fd"):
-        parser.error(f"--multifd-channels needs a listening URI (tcp:, unix:) or a file: "
-                     f"saved with it, not {source}")
-    if mfd and args.min_rate:
-        parser.error("--min-rate does not apply with multifd (its main channel is quiet while "
-                     "the channels carry RAM): use --deadline or --idle-timeout")
-    if mfd and args.tls_creds and file_kind != "mapped-ram":
-        parser.error("--tls-creds with multifd is not supported by this receiver")
-    if mfd:
-        try:
+    settings.outputs = "--save" if args.save else "--forward" if args.forward else None
+    settings.min_rate = bool(args.min_rate)
+    try:
+        if mfd:
             settings.set_capabilities({"multifd": True})
             settings.set_parameters(mfd)
-        except Exception as exc:  # noqa: BLE001 - QMP's CommandError: one line
-            parser.error(str(exc))
-    return file_kind
+        return settings.prepare(source) if source is not None else "stream"
+    except CommandError as exc:
+        parser.error(str(exc))
+    except OSError as exc:
+        _error(f"cannot open {source}: {_why(exc)}")
+    return None
 
 
 def _say_listening(incoming: Incoming) -> None:
@@ -503,7 +490,7 @@ class _Threads:
 
 def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint | None,
          forward_tls: tuple[Any, str | None] | None, settings: DestinationSettings,
-         threads: _Threads, file_kind: str = "stream") -> int:
+         threads: _Threads) -> int:
     """Say where we listen, serve QMP if asked, wait for ``migrate-incoming`` (defer), receive,
     then with a monitor wait for ``quit``. Runs in the main thread; every wait lets its hub
     run. A signal, or ``quit`` during the migration, stops it where it is parked
@@ -565,7 +552,7 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
                 try:
                     return serve(incoming, args, forward,
                                  threads.fwd.context if threads.fwd else None, run, settings,
-                                 threads.rp.context, forward_tls, file_kind=file_kind,
+                                 threads.rp.context, forward_tls, file_kind=settings.file_kind,
                                  strict_compression=bool(args.qmp)
                                  or args.multifd_compression is not None)
                 finally:
