@@ -1,5 +1,8 @@
 # qioc_green: every target creates .venv and installs what it needs.
-#   make test   run the test suite          make lint   ruff and mypy
+#   make test   run the test suite twice: with the compiled hot path (qioc_green._speedups,
+#               which must have built: QIOC_REQUIRE_SPEEDUPS=0 to allow pure Python there),
+#               then with QIOC_PURE_PYTHON=1
+#   make lint   ruff and mypy
 #   make demo   the main job (see README)    make bench  the benchmarks (long; prints tables)
 
 PYTHON ?= python3
@@ -16,7 +19,7 @@ all: test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(DEV): setup.cfg pyproject.toml | $(BIN)/python
+$(DEV): setup.cfg setup.py pyproject.toml qioc_green/_speedups.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,lint]'
 	touch $@
 
@@ -25,12 +28,15 @@ $(BENCH): $(DEV)
 	touch $@
 
 # the demo runs the installed qioc-migration-receiver command (and qemu.qmp for the live part)
-$(DEMO): setup.cfg pyproject.toml | $(BIN)/python
+$(DEMO): setup.cfg setup.py pyproject.toml qioc_green/_speedups.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	touch $@
 
+QIOC_REQUIRE_SPEEDUPS ?= 1
+
 test: $(DEV)
-	$(BIN)/python -m pytest
+	QIOC_REQUIRE_SPEEDUPS=$(QIOC_REQUIRE_SPEEDUPS) $(BIN)/python -m pytest
+	QIOC_PURE_PYTHON=1 $(BIN)/python -m pytest
 
 lint: $(DEV)
 	$(BIN)/ruff check qioc_green tests examples bench

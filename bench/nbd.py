@@ -44,9 +44,10 @@ def parse_size(text: str) -> int:
 class Proc:
     """A server process, stopped by its pid."""
 
-    def __init__(self, argv: list[str], ready: str | None = None, pidfile: str | None = None) -> None:
+    def __init__(self, argv: list[str], ready: str | None = None, pidfile: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env or ENV)
         self.lines: list[str] = []
         deadline = time.monotonic() + 20
         if ready is not None:  # our server: read its "listening on" lines
@@ -94,6 +95,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", metavar="PATH", help="write the results as JSON")
     ap.add_argument("--quick", action="store_true", help="UNIX only, 1 and 2 IOThreads (a smoke run)")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also serve from this source tree of qioc_green (PYTHONPATH; rows ours-Nt-base), "
+                         "e.g. `git archive BASE | tar x -C DIR`, and print the ratios against it")
     args = ap.parse_args()
     for prog in ("qemu-nbd", "nbdkit", "nbdcopy"):
         if shutil.which(prog) is None:
@@ -113,16 +117,18 @@ def main() -> int:
         uris: dict[str, str] = {}
         iothreads = (1, 2) if args.quick else (1, 2, 4)
         transports = ("unix",) if args.quick else ("unix", "tcp")
-        for n in iothreads:
-            sock = os.path.join(tmp, f"ours{n}.sock")
-            listen = ["--listen", f"unix:{sock}"] + ([] if args.quick else ["--listen", "tcp:127.0.0.1:0"])
-            p = Proc([*SERVER, *listen, "--export", f"disk={img},ro", "--iothreads", str(n)],
-                     ready=str(len(transports)))
-            procs.append(p)
-            uris[f"ours-{n}t/unix"] = f"nbd+unix:///disk?socket={sock}"
-            if not args.quick:
-                host_port = p.lines[1].removeprefix("tcp:")
-                uris[f"ours-{n}t/tcp"] = f"nbd://{host_port}/disk"
+        variants = [("", ENV)] + ([("-base", dict(ENV, PYTHONPATH=args.baseline))] if args.baseline else [])
+        for suffix, env in variants:
+            for n in iothreads:
+                sock = os.path.join(tmp, f"ours{n}{suffix}.sock")
+                listen = ["--listen", f"unix:{sock}"] + ([] if args.quick else ["--listen", "tcp:127.0.0.1:0"])
+                p = Proc([*SERVER, *listen, "--export", f"disk={img},ro", "--iothreads", str(n)],
+                         ready=str(len(transports)), env=env)
+                procs.append(p)
+                uris[f"ours-{n}t{suffix}/unix"] = f"nbd+unix:///disk?socket={sock}"
+                if not args.quick:
+                    host_port = p.lines[1].removeprefix("tcp:")
+                    uris[f"ours-{n}t{suffix}/tcp"] = f"nbd://{host_port}/disk"
         qsock = os.path.join(tmp, "qemu.sock")
         procs.append(Proc(["qemu-nbd", "-r", "-f", "raw", "-t", "-x", "disk", "--shared=8", "-k", qsock,
                            "--pid-file", qsock + ".pid", img], pidfile=qsock + ".pid"))
@@ -204,6 +210,12 @@ def main() -> int:
             print(f"  ours-2t/{t} -C4 >= 0.7x qemu-nbd: {ratios[f'ours-2t/{t}'][1]:.2f}")
         print(f"  our client >= 0.5x nbdcopy (wall clock): {ratios['client C1 T1'][0]:.2f} (C1 T1), "
               f"{ratios['client C4 T2'][0]:.2f} (C4 T2)")
+        if args.baseline:
+            for t in transports:
+                for n in iothreads:
+                    for c in ("-C1", "-C4"):
+                        now, base = rate[(f"ours-{n}t/{t}", f"nbdcopy {c}")], rate[(f"ours-{n}t-base/{t}", f"nbdcopy {c}")]
+                        print(f"  ours-{n}t/{t} nbdcopy {c} / baseline: {now / base:.2f}x ({now:.0f} / {base:.0f} MB/s)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

@@ -49,9 +49,15 @@ class Server:
     procs: int = 1
     iothreads: int | None = None  # for the plot: qioc_green points against IOThreads
     family: str = "peer"
+    env: dict[str, str] | None = None  # added to the server's environment
+    tls: bool = True  # serves the TLS workloads
 
 
-def servers(selected: list[str] | None) -> list[Server]:
+ECHO_EPOLL = "@echo_epoll"  # replaced by the C server built at run time
+PURE = {"QIOC_PURE_PYTHON": "1"}
+
+
+def servers(selected: list[str] | None, baseline: str | None = None) -> list[Server]:
     s = [PY, os.path.join(HERE, "servers.py")]
     out = [
         Server("qioc 1T", s + ["qioc", "--iothreads", "1"], iothreads=1, family="qioc"),
@@ -67,13 +73,36 @@ def servers(selected: list[str] | None) -> list[Server]:
         Server("qioc 1T pin", s + ["qioc", "--iothreads", "1", "--pin", "on"], iothreads=1, family="qioc-pin"),
         Server("qioc 2T pin", s + ["qioc", "--iothreads", "2", "--pin", "on"], iothreads=2, family="qioc-pin"),
         Server("qioc 4T pin", s + ["qioc", "--iothreads", "4", "--pin", "on"], iothreads=4, family="qioc-pin"),
+        Server("qioc 2T unpinned", s + ["qioc", "--iothreads", "2", "--pin", "off"], iothreads=2,
+               family="qioc-unpinned"),
+        Server("qioc 4T unpinned", s + ["qioc", "--iothreads", "4", "--pin", "off"], iothreads=4,
+               family="qioc-unpinned"),
         Server("qioc 2T reuseport", s + ["qioc", "--iothreads", "2", "--reuse-port"], iothreads=2,
                family="qioc-reuseport"),
+        # The pure-Python hot path (QIOC_PURE_PYTHON=1): what a machine without a compiler runs.
+        Server("qioc 1T pure", s + ["qioc", "--iothreads", "1"], iothreads=1, family="qioc-pure", env=PURE),
+        Server("qioc 2T pure", s + ["qioc", "--iothreads", "2"], iothreads=2, family="qioc-pure", env=PURE),
+        Server("qioc 4T pure", s + ["qioc", "--iothreads", "4"], iothreads=4, family="qioc-pure", env=PURE),
+        Server("qioc 2T pure pin", s + ["qioc", "--iothreads", "2", "--pin", "on"], iothreads=2,
+               family="qioc-pure-pin", env=PURE),
+        Server("uvloop Protocol", s + ["uvloop-protocol"]),
+        Server("C epoll", [ECHO_EPOLL], tls=False),
     ]
-    default = ["qioc 1T", "qioc 2T", "qioc 4T", "qioc 1T pin", "qioc 2T pin", "qioc 4T pin", "qioc 2T iohandler",
-               "gevent 1 hub", "asyncio", "uvloop", "threads", "gevent 2 procs"]
-    want = selected or default
+    if baseline:  # another source tree of qioc_green (before a change), on the same servers.py
+        out += [Server(f"qioc {n}T base", s + ["qioc", "--iothreads", str(n)], iothreads=n, family="qioc-base",
+                       env={"PYTHONPATH": baseline}) for n in (1, 2, 4)]
+    default = ["qioc 1T", "qioc 2T", "qioc 4T", "qioc 1T pure", "qioc 2T pure", "qioc 4T pure", "qioc 2T pure pin",
+               "qioc 2T iohandler", "C epoll", "uvloop Protocol", "uvloop", "asyncio", "gevent 1 hub", "threads",
+               "gevent 2 procs"]
+    want = selected or default + ([f"qioc {n}T base" for n in (1, 2, 4)] if baseline else [])
     by_label = {x.label: x for x in out}
+    # "LABEL+NAME=VALUE+...": that server with these environment variables (experiments).
+    for w in want:
+        base, *assigns = w.split("+")
+        if assigns and base in by_label:
+            b = by_label[base]
+            env = dict(b.env or {}, **dict(a.split("=", 1) for a in assigns))
+            by_label[w] = Server(w, b.argv, b.procs, b.iothreads, b.family + "+" + "+".join(assigns), env, b.tls)
     unknown = [w for w in want if w not in by_label]
     if unknown:
         raise SystemExit(f"scaling.py: unknown server(s) {unknown}; known: {list(by_label)}")
@@ -246,13 +275,14 @@ def proc_counters(pids: list[int]) -> tuple[float, int]:
 @contextlib.contextmanager
 def running(server: Server, mode: str, tls: tuple[str, str] | None) -> Iterator[tuple[int, list[int]]]:
     port = free_port()
-    argv = server.argv + ["--port", str(port), "--mode", mode]
+    argv = [ECHO_EPOLL_EXE if a == ECHO_EPOLL else a for a in server.argv] + ["--port", str(port), "--mode", mode]
+    env = dict(os.environ, **server.env) if server.env else None
     if tls:
         argv += ["--tls", *tls]
     procs = []
     try:
         for _ in range(server.procs):
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
             procs.append(p)
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -276,6 +306,16 @@ def running(server: Server, mode: str, tls: tuple[str, str] | None) -> Iterator[
 
 
 LOADGEN_CPUS: set[int] | None = None  # set by main(): where the load generator may run
+ECHO_EPOLL_EXE = ""  # set by main(): the C server's executable
+
+
+def build_echo_epoll(tmp: str) -> str | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    exe = os.path.join(tmp, "echo_epoll")
+    ok = subprocess.run([cc, "-O2", "-o", exe, os.path.join(HERE, "echo_epoll.c")], capture_output=True).returncode == 0
+    return exe if ok else None
 
 
 def _place_loadgen() -> None:
@@ -429,30 +469,53 @@ def print_table(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Serve
     return "\n".join(lines)
 
 
+P99_SLACK = 1.10  # "p99 no worse than one hub's": within 10 %, the spread of p99 between rounds here
+
+
 def targets(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    def rate(server: str, wl: str) -> float | None:
+    """Issue 12's targets, each MET or MISSED, from the medians of this run."""
+    def med_of(server: str, wl: str, metric: str = "rate") -> float | None:
         m = summary.get((server, wl))
-        return m["rate"][0] if m else None
+        return m[metric][0] if m and metric in m else None
 
     def verdict(ok: bool) -> str:
         return "MET" if ok else "MISSED"
 
     out = []
-    g = rate("gevent 1 hub", "echo C=64")
-    for srv in ("qioc 1T", "qioc 2T pin", "qioc 2T"):
-        q = rate(srv, "echo C=64")
-        if g and q:
-            out.append(f"echo C=64: {srv} / gevent 1 hub = {q / g:.2f}x (target >= 1.2x): {verdict(q / g >= 1.2)}")
-    for two, four in (("qioc 2T pin", "qioc 4T pin"), ("qioc 2T", "qioc 4T")):
-        q2, q4 = rate(two, "echo C=64"), rate(four, "echo C=64")
-        if q2 and q4:
-            out.append(f"echo C=64: {four} / {two} = {q4 / q2:.2f}x (target: no worse; >= 0.95x): "
-                       f"{verdict(q4 / q2 >= 0.95)}")
-    for wl in ("tls x4", "tls x1"):
-        for two in ("qioc 2T", "qioc 2T pin"):
-            t1, t2 = rate("qioc 1T", wl), rate(two, wl)
-            if t1 and t2:
-                out.append(f"{wl}: {two} / qioc 1T = {t2 / t1:.2f}x (target >= 1.3x): {verdict(t2 / t1 >= 1.3)}")
+    q1, u = med_of("qioc 1T", "echo C=64"), med_of("uvloop Protocol", "echo C=64")
+    if q1 and u:
+        out.append(f"echo C=64: qioc 1T / uvloop Protocol = {q1 / u:.2f}x (target >= 1.0x): {verdict(q1 / u >= 1.0)}")
+    for wl in ("echo C=64", "echo C=16"):
+        base, base99 = med_of("qioc 1T", wl), med_of("qioc 1T", wl, "p99_us")
+        for srv in ("qioc 2T", "qioc 4T"):
+            r, p99 = med_of(srv, wl), med_of(srv, wl, "p99_us")
+            if base and r and base99 and p99:
+                ok = r / base >= 0.95 and p99 <= base99 * P99_SLACK
+                out.append(f"{wl}: {srv} / qioc 1T = {r / base:.2f}x (target >= 0.95x), p99 {p99:.0f} us vs "
+                           f"{base99:.0f} us = {p99 / base99:.2f}x (target <= {P99_SLACK:.2f}x): {verdict(ok)}")
+    # No loss where the work releases the GIL: against the pure-Python path of the same pool
+    # (today's hot path, no batching), in the same run.
+    for wl in ("tls x1", "tls x4", "bulk x1", "bulk x4"):
+        for srv in ("qioc 2T", "qioc 4T"):
+            for before_label in (srv + " base", srv + " pure"):
+                r, before = med_of(srv, wl), med_of(before_label, wl)
+                if r and before:
+                    out.append(f"{wl}: {srv} / {before_label} = {r / before:.2f}x (target: no loss, >= 0.95x): "
+                               f"{verdict(r / before >= 0.95)}")
+                    break
+    for wl in ("echo C=16", "echo C=64", "echo C=256"):
+        for n in (1, 2, 4):
+            r, before = med_of(f"qioc {n}T", wl), med_of(f"qioc {n}T base", wl)
+            if r and before:
+                out.append(f"(info) {wl}: qioc {n}T / qioc {n}T base = {r / before:.2f}x")
+    # For the record (no target): against the C floor, gevent, and the pure-Python path.
+    c, g = med_of("C epoll", "echo C=64"), med_of("gevent 1 hub", "echo C=64")
+    for srv in ("qioc 1T", "qioc 1T pure"):
+        q = med_of(srv, "echo C=64")
+        if q and c:
+            out.append(f"(info) echo C=64: {srv} / C epoll = {q / c:.2f}x")
+        if q and g:
+            out.append(f"(info) echo C=64: {srv} / gevent 1 hub = {q / g:.2f}x")
     return out
 
 
@@ -467,11 +530,12 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
         return False
     echo = [w for w in wls if w.kind == "echo"]
     tls = [w for w in wls if w.kind != "echo"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, wl in enumerate(echo):
         c = colors[i % len(colors)]
-        for family, style in (("qioc", "-o"), ("qioc-pin", "--^"), ("qioc-iohandler", "x"), ("qioc-reuseport", "+")):
+        for family, style in (("qioc", "-o"), ("qioc-pin", "--^"), ("qioc-unpinned", ":s"), ("qioc-pure", "-.v"),
+                              ("qioc-base", ":D"), ("qioc-iohandler", "x"), ("qioc-reuseport", "+")):
             pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
                    if s.family == family and (s.label, wl.label) in summary]
             if pts:
@@ -479,6 +543,9 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
                 xs = [p[0] for p in pts]
                 axes[0].plot(xs, [p[1]["rate"][0] / 1e3 for p in pts], style, color=c, label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
                 axes[1].plot(xs, [p[1]["cpu_per"][0] for p in pts], style, color=c, label=f"qioc_green {wl.label}")
+                if family in ("qioc", "qioc-pin", "qioc-unpinned", "qioc-base"):
+                    axes[3].plot(xs, [p[1]["p99_us"][0] / 1e3 for p in pts], style, color=c,
+                                 label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
         for j, s in enumerate(x for x in srvs if x.iothreads is None):
             m = summary.get((s.label, wl.label))
             if m and wl.label == "echo C=64":
@@ -488,13 +555,15 @@ def plot(summary: dict[tuple[str, str], dict[str, Any]], srvs: list[Server], wls
     axes[0].set(title="64 B echo: requests/s", xlabel="IOThreads", ylabel="k req/s", xticks=[1, 2, 4])
     axes[1].set(title="64 B echo: server CPU per request", xlabel="IOThreads", ylabel="us", xticks=[1, 2, 4])
     for i, wl in enumerate(tls):
-        pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
-               if s.family == "qioc" and (s.label, wl.label) in summary]
-        if pts:
-            pts.sort(key=lambda p: p[0] or 0)
-            axes[2].plot([p[0] for p in pts], [p[1]["rate"][0] for p in pts], "-o", color=colors[i % len(colors)],
-                         label=f"qioc_green {wl.label}")
+        for family, style in (("qioc", "-o"), ("qioc-base", ":D"), ("qioc-pure", "-.v")):
+            pts = [(s.iothreads, summary[(s.label, wl.label)]) for s in srvs
+                   if s.family == family and (s.label, wl.label) in summary]
+            if pts:
+                pts.sort(key=lambda p: p[0] or 0)
+                axes[2].plot([p[0] for p in pts], [p[1]["rate"][0] for p in pts], style, color=colors[i % len(colors)],
+                             label=f"qioc_green{'' if family == 'qioc' else ' ' + family[5:]} {wl.label}")
     axes[2].set(title="bulk receive: GB/s", xlabel="IOThreads", ylabel="GB/s", xticks=[1, 2, 4])
+    axes[3].set(title="64 B echo: p99 latency", xlabel="IOThreads", ylabel="ms", xticks=[1, 2, 4])
     for ax in axes:
         ax.legend(fontsize=6)
         ax.grid(alpha=0.3)
@@ -535,9 +604,9 @@ def from_json(path: str, out: str) -> int:
         doc = json.load(f)
     labels = list(dict.fromkeys(r["server"] for r in doc["results"]))
     wl_labels = list(dict.fromkeys(r["workload"] for r in doc["results"] if "error" not in r))
-    srvs = [s for s in servers(labels)]
+    srvs = [s for s in servers(labels, doc.get("baseline"))]
     wls = [w for w in workloads(False, None) if w.label in wl_labels]
-    meta = {k: doc[k] for k in ("rounds", "window_s", "loadgen", "loadgen_cpus") if k in doc}
+    meta = {k: doc[k] for k in ("rounds", "window_s", "loadgen", "loadgen_cpus", "baseline") if k in doc}
     os.makedirs(out, exist_ok=True)
     report(doc["results"], doc["machine"], srvs, wls, out, meta)
     return 0
@@ -555,13 +624,16 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for scaling.json and .png")
     ap.add_argument("--python-loadgen", action="store_true", help="use the Python load generator even with cc")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="max seconds to wait for a quiet machine per round")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also run qioc 1T/2T/4T from this source tree of qioc_green (PYTHONPATH), e.g. "
+                         "`git archive BASE | tar x -C DIR`: the ratios against it are printed")
     ap.add_argument("--from-json", metavar="FILE", help="only summarize a scaling.json again (table, checks, plot)")
     ap.add_argument("--loadgen-anywhere", action="store_true",
                     help="do not keep the load generator on the last CPU (away from pinned hub threads)")
     args = ap.parse_args()
     if args.from_json:
         return from_json(args.from_json, args.out)
-    global LOADGEN_CPUS
+    global LOADGEN_CPUS, ECHO_EPOLL_EXE
     cpus = sorted(os.sched_getaffinity(0))
     # The load generator stands in for another machine: keep it off the CPU that pinned hub
     # threads use (IOThreadPool pins to the first one), for every server alike.
@@ -569,13 +641,17 @@ def main() -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     window = args.window or (1.0 if args.quick else 3.0)
     warmup = 0.5
-    srvs = servers(args.servers)
+    srvs = servers(args.servers, args.baseline)
     wls = workloads(args.quick, args.workloads)
     os.makedirs(args.out, exist_ok=True)
     results: list[dict[str, Any]] = []
     machine: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="qioc-scaling-") as tmp:
         lg = build_loadgen(tmp, args.python_loadgen)
+        ECHO_EPOLL_EXE = build_echo_epoll(tmp) or ""
+        if not ECHO_EPOLL_EXE:
+            srvs = [x for x in srvs if ECHO_EPOLL not in x.argv]
+            print("(no C compiler: the C epoll server is skipped)")
         if not lg.tls:
             wls = [w for w in wls if w.kind != "tls"]
             print("(load generator built without TLS: TLS workloads skipped)")
@@ -594,7 +670,7 @@ def main() -> int:
             for srv in order:
                 for kind in ("echo", "bulk", "tls"):
                     mine = [w for w in wls if w.kind == kind]
-                    if not mine:
+                    if not mine or (kind == "tls" and not srv.tls):
                         continue
                     mode = "echo" if kind == "echo" else "discard"
                     try:
@@ -609,9 +685,10 @@ def main() -> int:
                         print(f"  {srv.label:<19} {kind}: FAILED: {exc}", flush=True)
                         results.append({"server": srv.label, "workload": kind, "round": rnd, "error": str(exc)})
             report(results, machine, srvs, wls, args.out, {"rounds": rnd + 1, "window_s": window, "loadgen": lg.kind,
-                                                            "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)}, final=False)
+                                                            "loadgen_cpus": sorted(LOADGEN_CPUS or cpus),
+                                                            "baseline": args.baseline}, final=False)
     report(results, machine, srvs, wls, args.out, {"rounds": rounds, "window_s": window, "loadgen": lg.kind,
-                                                    "loadgen_cpus": sorted(LOADGEN_CPUS or cpus)})
+                                                    "loadgen_cpus": sorted(LOADGEN_CPUS or cpus), "baseline": args.baseline})
     return 0
 
 

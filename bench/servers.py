@@ -4,7 +4,8 @@
 
 KIND: qioc (``--iothreads N``, ``--no-follow``, ``--pin on|off|auto``, ``--reuse-port``),
 gevent (one hub, ``StreamServer``; ``--reuse-port`` for the multi-process peer), asyncio,
-uvloop, threads (``socketserver.ThreadingTCPServer``).  ``echo`` sends back what it reads;
+uvloop (streams), uvloop-protocol (an ``asyncio.Protocol`` on uvloop, the fastest Python peer),
+threads (``socketserver.ThreadingTCPServer``).  ``echo`` sends back what it reads;
 ``discard`` reads to EOF and closes.  Prints ``ready PORT`` once listening; SIGTERM stops it.
 Loopback only.
 """
@@ -109,6 +110,10 @@ def run_qioc(args: argparse.Namespace) -> None:
         ready(args.port)
         wait_for_term()
         lst.close(grace=0.5)
+        if os.environ.get("QIOC_BENCH_STATS"):  # experiments: the placement the pool chose
+            from qioc_green import _hub
+
+            print(repr(pool), _hub.placement_stats(), file=sys.stderr, flush=True)
 
 
 def run_gevent(args: argparse.Namespace) -> None:
@@ -187,6 +192,41 @@ def run_asyncio(args: argparse.Namespace, use_uvloop: bool) -> None:
         asyncio.run(main())
 
 
+def run_protocol(args: argparse.Namespace) -> None:
+    """asyncio's Protocol on uvloop: data_received writes back (echo) or drops (discard)."""
+    import asyncio
+
+    import uvloop
+
+    sctx = tls_context(args)
+    echo = args.mode == "echo"
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            if echo:
+                self.transport.write(data)
+
+        def eof_received(self) -> bool:
+            return False
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Echo, "127.0.0.1", args.port, ssl=sctx, backlog=1024)
+        stop = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
+        ready(args.port)
+        await stop
+        server.close()
+
+    uvloop.run(main())
+
+
 def run_threads(args: argparse.Namespace) -> None:
     import socketserver
     import threading
@@ -223,7 +263,7 @@ def run_threads(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["qioc", "gevent", "asyncio", "uvloop", "threads"])
+    p.add_argument("kind", choices=["qioc", "gevent", "asyncio", "uvloop", "uvloop-protocol", "threads"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--mode", choices=["echo", "discard"], default="echo")
     p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
@@ -236,6 +276,8 @@ def main() -> int:
         run_qioc(args)
     elif args.kind == "gevent":
         run_gevent(args)
+    elif args.kind == "uvloop-protocol":
+        run_protocol(args)
     elif args.kind in ("asyncio", "uvloop"):
         run_asyncio(args, args.kind == "uvloop")
     else:

@@ -6,6 +6,7 @@ runs in (QEMU 8.2, "io: follow coroutine AioContext in qio_channel_yield()").
 """
 
 from ._context import Context, Future, context_of, current_context, iohandler_context, main_context
+from ._native import SPEEDUPS, hot_path
 from .address import SocketAddress, parse_address
 from .channel import Channel, ChannelStatistics, Feature, IOCondition, ReadFlag, Shutdown, WriteFlag
 from .channel_buffer import BufferChannel, NullChannel
@@ -58,6 +59,7 @@ __all__ = [
     "Queue",
     "QueueClosed",
     "ReadFlag",
+    "SPEEDUPS",
     "Shutdown",
     "SocketAddress",
     "SocketChannel",
@@ -69,6 +71,7 @@ __all__ = [
     "WriteFlag",
     "context_of",
     "current_context",
+    "hot_path",
     "iohandler_context",
     "main_context",
     "parse_address",

@@ -60,6 +60,7 @@ from gevent._hub_local import get_hub_if_exists  # public in that module's __all
 from gevent.hub import Hub, get_hub
 from greenlet import GreenletExit, getcurrent
 
+from . import _native
 from .errors import ContextStoppedError
 
 # -- the OS's own primitives, whatever gevent's monkey patched ------------------------------------
@@ -162,6 +163,54 @@ class OSThread:
 READ = 1  # libev EV_READ
 WRITE = 2  # libev EV_WRITE
 
+# Experiments only (bench/scaling.py): QIOC_BATCH_GIL=0, QIOC_FAIR_GIL=0 turn the batching off.
+BATCH_GIL = os.environ.get("QIOC_BATCH_GIL", "1") != "0"
+FAIR_GIL = os.environ.get("QIOC_FAIR_GIL", "1") != "0"
+
+
+def batch_gil(loop: Any, fair: bool, auto_placement: bool = False) -> bool:
+    """Run each iteration's ready watchers of ``loop`` under one GIL acquisition, taking turns
+    with the other batched hubs if ``fair`` (``_speedups.hook_loop``); with ``auto_placement``
+    the calling thread joins the placement chosen by measurement (``IOThreadPool``).  The
+    loop's own thread, before it runs.  False (nothing changed) without the compiled hot path
+    or for a loop that is not gevent's libev extension."""
+    sp = _native.speedups
+    if sp is None:
+        return False
+    module = sys.modules.get(type(loop).__module__)
+    path = getattr(module, "__file__", None)
+    try:
+        ptr = int(loop.ptr)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if not path or not ptr:
+        return False
+    return bool(sp.hook_loop(ptr, path, fair, auto_placement))
+
+
+def placement_stats() -> dict[str, Any] | None:
+    """The compiled hot path's GIL and placement counters (``_speedups.gil_stats``), or None."""
+    sp = _native.speedups
+    return None if sp is None else dict(sp.gil_stats())
+
+
+def can_batch_gil() -> bool:
+    """True if hubs made now will batch their GIL (the compiled hot path, gevent's libev loop)."""
+    if _native.speedups is None or not BATCH_GIL:
+        return False
+    loop_type = type(get_hub().loop) if get_hub_if_exists() is not None else None
+    if loop_type is not None:
+        return loop_type.__module__ == "gevent.libev.corecext"
+    from gevent import config  # the loop a new hub would make, without making one
+    return bool(getattr(config.loop, "__module__", "") == "gevent.libev.corecext")
+
+
+def unbatch_gil(loop: Any) -> None:
+    sp = _native.speedups
+    if sp is not None:
+        sp.unhook_loop(int(loop.ptr))
+
+
 # Set by tests (``qioc_green.testing.trace_readiness``) to see which thread saw an fd get ready.
 trace: Callable[[int, int], None] | None = None
 
@@ -188,6 +237,8 @@ class ThreadHub:
         self.watches: set[Any] = set()  # add_watch() watches started on this hub
         self.tasks: set[Any] = set()  # greenlets started by spawn(), killed when the context stops
         self._yield_watcher: Any = None
+        # One GIL acquisition per loop iteration (compiled hot path only; see batch_gil()).
+        self.gil_batched = keep_alive and BATCH_GIL and batch_gil(self.loop, FAIR_GIL)
         self._async = self.loop.async_(ref=keep_alive)
         self._async.start(self._drain)
         root = getcurrent()
@@ -234,6 +285,13 @@ class ThreadHub:
         """Report the exception being handled the way the hub reports a callback's (stderr)."""
         self.hub.handle_error(where, *sys.exc_info())
 
+    def join_auto_placement(self) -> bool:
+        """Let measurement place this hub's thread (pinned with the pool's other hubs, or
+        spread; see ``IOThreadPool``).  Its own thread.  False without the compiled hot path."""
+        if not self.gil_batched:
+            return False
+        return batch_gil(self.loop, FAIR_GIL, True)
+
     def set_yield_each_iteration(self, enabled: bool) -> None:
         """Call ``os.sched_yield()`` once per loop iteration (see ``IOThreadPool(pin=...)``).
 
@@ -263,6 +321,9 @@ class ThreadHub:
         """Destroy the hub and, unless it is the default one, its loop.  Own thread, last."""
         assert self.in_own_thread()
         self.set_yield_each_iteration(False)
+        if self.gil_batched:
+            unbatch_gil(self.loop)
+            self.gil_batched = False
         self._async.close()
         self.hub.destroy(destroy_loop=not self.loop.default)
 
@@ -448,8 +509,10 @@ class KeptWatcher:
     def wait(self, waiter: Waiter) -> Any:
         """Park ``waiter`` (of this hub) until the fd is ready or it is woken."""
         # Waiter.park() without a timer, unrolled: this is every wait of a busy server.
-        waiter._check_can_park()
-        parked = waiter.home.parked
+        home = waiter.home
+        if waiter.greenlet is home.hub or home.stopping:
+            waiter._check_can_park()  # raises RuntimeError or ContextStoppedError
+        parked = home.parked
         parked.add(waiter)
         # Readiness switches straight into the greenlet (a C callable: no Python frame in the
         # hub) without claiming the token; the greenlet claims it on the way out.  If another
@@ -460,7 +523,7 @@ class KeptWatcher:
         watcher = self._watcher
         watcher.start(waiter.greenlet.switch, _READY)
         try:
-            value = waiter.home.hub.switch()
+            value = home.hub.switch()
         except BaseException:
             waiter.leave()
             raise
@@ -468,7 +531,10 @@ class KeptWatcher:
             watcher.stop()
             parked.discard(waiter)
         if value is _READY:
-            waiter.leave()
+            try:  # waiter.leave(), inlined
+                waiter._token.pop()
+            except IndexError:
+                waiter._abandoned = True
             return None
         if isinstance(value, BaseException):
             raise value
@@ -615,6 +681,8 @@ def kill_all(greenlets: list[Any], timeout: float) -> None:
 
 
 __all__ = [
+    "BATCH_GIL",
+    "FAIR_GIL",
     "GreenletExit",
     "IohandlerWatch",
     "KeptWatcher",
@@ -632,11 +700,14 @@ __all__ = [
     "ThreadLocal",
     "WRITE",
     "Waiter",
+    "batch_gil",
+    "can_batch_gil",
     "current_greenlet",
     "in_hub",
     "is_main_thread",
     "kill_all",
     "kill_soon",
+    "placement_stats",
     "plain_getaddrinfo",
     "plain_poll",
     "plain_socketpair",
@@ -646,6 +717,7 @@ __all__ = [
     "thread_ident",
     "thread_name",
     "trace",
+    "unbatch_gil",
     "wait_fd",
     "wait_fd_iohandler",
 ]

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import Any
 
-from . import _hub
+from . import _hub, _native
 from ._buffers import Buffer, advance, fill, head, nbytes, views
 from ._context import Context, current_context, iohandler_context, this_thread
 from .channel_watch import Watch
@@ -116,6 +116,14 @@ _F_PEEK = int(Feature.READ_MSG_PEEK)
 _F_ZERO_COPY = int(Feature.WRITE_ZERO_COPY)
 _F_SEEKABLE = int(Feature.SEEKABLE)
 _F_SHUTDOWN = int(Feature.SHUTDOWN)
+# The compiled hot path's syscalls (None without it): they return a code for "would block"
+# instead of raising, and keep the GIL (see _native and _speedups.c).
+_sp = _native.speedups
+_recv = _sp.recv if _sp is not None else None
+_send = _sp.send if _sp is not None else None
+_MSG_PEEK = 2  # Linux's MSG_PEEK, for ReadFlag.MSG_PEEK
+# Larger transfers take the kind's hook (the socket module releases the GIL for the whole copy).
+_SMALL = 65536
 # The first read of a read_all(n) asks for at most this much; later reads grow with what arrived
 # (at most doubling), so a length field from a peer never costs its full size up front.
 _FIRST_READ = 1 << 20
@@ -173,13 +181,14 @@ class Direction:
         if kept is not None and deadline is None and ch._follow and _hub.trace is None:
             # The hot path (a server's handler): follow on, no deadline, and a watcher kept on
             # this very hub from the last wait in this direction.  Same steps as below, fewer.
-            ctx = getattr(this_thread, "context", None)
-            if kept.home is ctx:
-                waiter = _hub.Waiter(kept.home)
+            home = kept.home
+            if home is getattr(this_thread, "context", None):
+                waiter = _hub.Waiter(home)
                 slot = self.slot
                 slot.append(waiter)  # visible to wakers: every exit must leave or park
                 try:
-                    self._check(waiter)
+                    if slot[0] is not waiter or ch._closed:
+                        self._check(waiter)  # raises ChannelBusyError or ChannelClosedError
                     waiter.orphan = self._orphaned_cb
                     kept.wait(waiter)
                     return
@@ -280,6 +289,9 @@ class Channel:
 
     kind = "channel"
     _counter = itertools.count(1)
+    # A kind whose fd is a stream socket that recv(2)/send(2) serve sets this to the fd when the
+    # compiled hot path is present: read()/read_all() and write_all() then call it directly.
+    _sock_fd = -1
 
     def __init__(self, *, name: str | None = None, features: int = 0) -> None:
         self._name = name or f"{self.kind}-{next(Channel._counter)}"
@@ -644,6 +656,21 @@ class Channel:
                 if self._rd_parked and self._blocking:
                     d.park(deadline)
                     parked = True
+            fd = self._sock_fd
+            if fd >= 0 and _recv is not None and n <= _SMALL:  # the compiled path: None for "would block"
+                sflags = _MSG_PEEK if flags else 0
+                while True:
+                    try:
+                        data = _recv(fd, n, sflags)
+                    except OSError as exc:
+                        raise self._broken(exc, "read") from exc
+                    if data is not None:
+                        self._rd_parked = parked and len(data) < full
+                        return data
+                    if not self._blocking:
+                        raise self._would_block("read")
+                    parked = True
+                    d.park(deadline)
             while True:
                 try:
                     data = self._io_read(n, flags)
@@ -881,7 +908,13 @@ class Channel:
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
             try:
-                n = self._io_write(data)
+                fd = self._sock_fd
+                if fd >= 0 and _send is not None and len(data) <= _SMALL:  # compiled: -1 for "would block"
+                    n = _send(fd, data)
+                    if n < 0:
+                        n = 0
+                else:
+                    n = self._io_write(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:

@@ -25,14 +25,16 @@ class IOThread:
 
     ``start()`` returns self; using it as a context manager starts it (if needed) and stops it.
     ``pin_cpu``: pin the thread to that CPU; ``yield_each_iteration``: call ``os.sched_yield()``
-    once per loop iteration (both used by ``IOThreadPool(pin=True)``; see the design notes).
+    once per loop iteration (both used by ``IOThreadPool(pin=True)``); ``auto_placement``: let
+    measurement place it (``IOThreadPool``'s default; see the design notes).
     """
 
     def __init__(self, name: str | None = None, *, pin_cpu: int | None = None,
-                 yield_each_iteration: bool = False) -> None:
+                 yield_each_iteration: bool = False, auto_placement: bool = False) -> None:
         self.name = name or f"iothread-{next(_names)}"
         self._pin_cpu = pin_cpu
         self._yield = yield_each_iteration
+        self._auto = auto_placement
         self._thread: _hub.OSThread | None = None
         self._ready = _hub.OSEvent()
         self._context: Context | None = None
@@ -67,6 +69,8 @@ class IOThread:
             ctx.pinned = self._pin_cpu is not None
             if self._yield:
                 ctx.set_yield_each_iteration(True)
+            if self._auto:
+                ctx.join_auto_placement()
         except BaseException as exc:  # report to start() rather than dying silently
             self._error = exc
             self._ready.set()
@@ -114,22 +118,37 @@ class IOThread:
 class IOThreadPool:
     """``n`` IOThreads, started on creation; ``.contexts``, ``next_context()`` (round-robin).
 
-    ``pin``: pin every hub thread of the pool to one CPU and yield once per loop iteration, so
-    hub threads take turns instead of convoying on the GIL (see the design notes).  Off by
-    default: it also confines whatever those threads start (worker threads, child processes)
-    and stops GIL-releasing work (TLS, file I/O) from overlapping on two CPUs.
+    Where the hub threads run (``placement``, also in the repr):
+
+    * ``pin=None`` (the default): **auto**.  With the compiled hot path, each hub runs a loop
+      iteration's ready watchers under one GIL acquisition, and the pool chooses by
+      measurement: while its hubs mostly wait for each other's GIL (Python-bound work: two
+      CPUs would only hand the GIL back and forth), they are pinned to the least busy CPU and
+      take turns there, yielding it after each batch; every second or so (backing off to 8 s)
+      they spread for 150 ms to look again, and stay spread where the work releases the GIL
+      (TLS, file I/O, large copies) so it overlaps on several CPUs.  Without the compiled hot
+      path, unpinned.
+    * ``pin=True``: always pinned to one CPU (``cpu``, default the first allowed one), with one
+      ``sched_yield()`` per loop iteration.
+    * ``pin=False``: never pinned.
+
+    A pinned hub thread's affinity is inherited by the threads and child processes it starts
+    while pinned.  See the design notes and ``docs/servers.md`` for the measurements.
     """
 
     def __init__(self, n: int, *, name: str = "iothread", pin: bool | None = None, cpu: int | None = None) -> None:
         if n < 1:
             raise ValueError("an IOThreadPool needs at least one thread")
+        auto = pin is None and _hub.can_batch_gil()
         if pin is None:
             pin = False
         if pin and cpu is None:
             cpu = min(os.sched_getaffinity(0))
         self.pinned = bool(pin)
+        self.placement = "pinned" if pin else ("auto" if auto else "unpinned")
         self.threads = [
-            IOThread(f"{name}-{i}", pin_cpu=cpu if pin else None, yield_each_iteration=bool(pin))
+            IOThread(f"{name}-{i}", pin_cpu=cpu if pin else None, yield_each_iteration=bool(pin),
+                     auto_placement=auto)
             for i in range(n)
         ]
         self._rr = itertools.cycle(range(n))
@@ -140,6 +159,16 @@ class IOThreadPool:
         except BaseException:
             self.stop()
             raise
+
+    def __repr__(self) -> str:
+        where = self.placement
+        if where == "auto":
+            st = _hub.placement_stats() or {}
+            now = f"pinned to CPU {st.get('cpu')}" if st.get("mode") == "pinned" else "spread"
+            where = f"auto (now {now})"
+        elif where == "pinned":
+            where = f"pinned to CPU {self.threads[0]._pin_cpu}"
+        return f"<IOThreadPool {len(self.threads)} threads, placement {where}>"
 
     @property
     def contexts(self) -> list[Context]:

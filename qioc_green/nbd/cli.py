@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="serve SIZE bytes of sparse memory; repeatable")
     ap.add_argument("--iothreads", type=int, default=1, metavar="N", help="IOThreads serving clients (1)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
-                    help="pin all IOThreads to one CPU (default: not pinned, as IOThreadPool; "
-                         "measured here with nbdcopy from a file export, equal or slightly faster)")
+                    help="pin all IOThreads to one CPU, or never (default: IOThreadPool's placement, "
+                         "chosen by measurement: file exports' reads release the GIL, so they stay spread)")
     ap.add_argument("--max-requests", type=int, default=16, metavar="N",
                     help="requests served at once per connection (16)")
     ap.add_argument("--max-clients", type=int, default=128, metavar="N",
