@@ -275,13 +275,34 @@ def test_pages_dropped_by_the_kernel_or_read_give_the_same_summary(receivers, tm
     assert got["auto"] == got["copy"]
 
 
-def test_parsing_only_drops_every_uncompressed_page_in_the_kernel(tmp_path, monkeypatch):
-    """In process: without --ram-dir every normal page of an uncompressed TCP channel is
-    dropped by the kernel, none read; with --ram-dir (or over a UNIX socket) none is."""
+# Which runs may leave pages to the kernel: only parsing, over plain TCP, uncompressed, and not
+# told to read them (QIOC_MIGRATION_PAGES=copy). Everything that needs the bytes reads them.
+DROP_CASES = {
+    "tcp": dict(drops=True),
+    "ram-dir": dict(ram_dir=True),
+    "save": dict(save=True),
+    "digest": dict(digest=True),
+    "copy-env": dict(env="copy"),
+    "zstd": dict(compression="zstd"),
+    "zlib": dict(compression="zlib"),
+    "unix": dict(unix=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROP_CASES))
+def test_which_runs_leave_pages_to_the_kernel(tmp_path, monkeypatch, case):
+    """In process: without --ram-dir, --save, --digest (and --forward, whose own tests read
+    every byte at the destination) every normal page of an uncompressed TCP channel is dropped
+    by the kernel, none read, and the page counts (normal and zero) are the ones the stream
+    has; in every other case none is dropped and what needs the bytes has them all: the RAM
+    byte for byte, the saved channels, their SHA-256."""
+    import hashlib
+
     from qioc_green import IOThread, SocketChannel
     from qioc_green.migration import IncomingSettings, MultifdReceiver
     from qioc_green.migration._multifd_channel import ChannelReader
 
+    c = DROP_CASES[case]
     dropped: list[int] = []
     drop = ChannelReader._drop
 
@@ -290,30 +311,46 @@ def test_parsing_only_drops_every_uncompressed_page_in_the_kernel(tmp_path, monk
         return drop(self, ch, sock, buf, wait, ev, name)
 
     monkeypatch.setattr(ChannelReader, "_drop", counted)
-    monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
-    main, channels = split()
-    for where, ram_dir in (("tcp:127.0.0.1:0", None), ("tcp:127.0.0.1:0", str(tmp_path / "r")),
-                           (f"unix:{tmp_path / 'u.sock'}", None)):
-        dropped.clear()
-        lst = SocketChannel.listen(where, 8)
-        lst.set_follow_coroutine_ctx(True)
-        threads = send_connections(lst.local_address if where.startswith("tcp") else where,
-                                   [main, *channels])
-        try:
-            with IOThread("t-coordinator") as t:
-                rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=ram_dir)
-                out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
-        finally:
-            lst.close()
-            for th in threads:
-                th.join(WAIT)
-        assert out.ok, out.error
-        normal = sum(c.blocks["ram"][0] for c in rx.connections if c.kind == "multifd")
-        assert normal > 0
-        if ram_dir is None and where.startswith("tcp"):
-            assert sum(dropped) == normal * 4096
-        else:
-            assert not dropped
+    if "env" in c:
+        monkeypatch.setenv("QIOC_MIGRATION_PAGES", c["env"])
+    else:
+        monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
+    main, channels = split(c.get("compression", "none"))
+    where = f"unix:{tmp_path / 'u.sock'}" if c.get("unix") else "tcp:127.0.0.1:0"
+    ram_dir = str(tmp_path / "r") if c.get("ram_dir") else None
+    save = str(tmp_path / "s.mig") if c.get("save") else None
+    lst = SocketChannel.listen(where, 8)
+    lst.set_follow_coroutine_ctx(True)
+    threads = send_connections(lst.local_address if where.startswith("tcp") else where,
+                               [main, *channels])
+    try:
+        with IOThread("t-coordinator") as t:
+            rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=ram_dir,
+                                 save=save, digest=bool(c.get("digest")))
+            out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+    finally:
+        lst.close()
+        for th in threads:
+            th.join(WAIT)
+    assert out.ok, out.error
+    mfd = [x for x in rx.connections if x.kind == "multifd"]
+    normal = sum(x.blocks["ram"][0] for x in mfd)
+    zero = sum(x.blocks["ram"][1] for x in mfd)
+    # every page of the 4 MiB block arrived on a channel, every 7th a zero page (see split)
+    assert (normal, zero) == (1024 - zero, sum(1 for i in range(1024) if i % 7 == 3))
+    assert sorted(x.bytes for x in mfd) == sorted(map(len, channels))
+    if c.get("drops"):
+        assert sum(dropped) == normal * 4096
+    else:
+        assert not dropped
+    if ram_dir is not None:
+        assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+    if save is not None:
+        saved = sorted(p.read_bytes() for p in tmp_path.glob("s.mig.multifd-*"))
+        assert saved == sorted(channels)
+    if c.get("digest"):
+        assert sorted(x.sha256_in for x in mfd) == sorted(
+            hashlib.sha256(ch).hexdigest() for ch in channels)
 
 
 def test_pages_over_a_unix_socket(receivers, tmp_path):
