@@ -197,8 +197,13 @@ class Bench:
         summary = os.path.join(self.tmp, "rx10.json")
         # "-copy": every page read through the receiver's buffers (as with --ram-dir), even
         # where the kernel could drop them unread
-        env = dict(os.environ, QIOC_MIGRATION_PAGES="copy") if kind.endswith("-copy") else None
-        base = kind.removesuffix("-copy")
+        # "KIND+VAR=VALUE;VAR=VALUE...": an experiment, KIND with those in the receiver's env
+        plain, _, spec = kind.partition("+")
+        base = plain.removesuffix("-copy")
+        extra_env = dict(x.split("=", 1) for x in spec.split(";")) if spec else {}
+        if plain.endswith("-copy"):
+            extra_env.setdefault("QIOC_MIGRATION_PAGES", "copy")
+        env = dict(os.environ, **extra_env) if extra_env else None
         try:
             if base in DIRECT10 or base == "mfd-forward":
                 prealloc = self.args.prealloc and base in ("mfd-direct", "mfd-forward")
@@ -248,7 +253,7 @@ class Bench:
                 out, _ = proc.communicate(timeout=120)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{kind}: exited {proc.returncode}")
-                if kind == "10-plain":
+                if base == "10-plain":
                     sink_cpu = float(out.split()[-1])
                 else:
                     with open(summary) as f:
@@ -500,7 +505,8 @@ def main() -> int:
     p.add_argument("--ram-dir-base", default="/dev/shm",
                    help="where --ram-dir runs put their (deleted) RAM files (default /dev/shm)")
     p.add_argument("--kinds10", default=",".join(KINDS10),
-                   help="QEMU 10 runs, comma-separated (default: all)")
+                   help="QEMU 10 runs, comma-separated (default: all); KIND+VAR=VALUE;... runs "
+                        "KIND's receiver with those environment variables (experiments)")
     args = p.parse_args()
     if args.only_tls:
         args.tls = True
@@ -517,6 +523,10 @@ def main() -> int:
           f"{sys.version.split()[0]}")
     tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    for k in args.kinds10.split(","):
+        if k and k.partition("+")[0] not in KINDS10:
+            p.error(f"--kinds10: unknown kind {k!r} (one of {', '.join(KINDS10)})")
+        results.setdefault(k, [])
     q10 = qemu10() if args.qemu10 != "no" else None
     if args.qemu10 == "only" and q10 is None:
         print("--qemu10 only: QEMU 10 not found (QIOC_QEMU10)", file=sys.stderr)
@@ -600,7 +610,7 @@ def main() -> int:
                    for x in v]
             cpus = [c / (x["bytes"] / 2**30) for c, x in zip(own, v) if c is not None]
             cpu = f"{statistics.median(cpus):.2f}" if cpus else "-"
-            print(f"{LABELS[k]:<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
+            print(f"{LABELS.get(k, k):<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
     print()
     for name, value in ratios.items():
         print(f"{name:<24} {value:.2f}x")
