@@ -49,9 +49,9 @@ view of it (no copy) until the caller reuses that buffer; one cut by chunk ends 
 
 *Pages the caller moves itself* (``take_pages=True``): an uncompressed packet's pages need no
 parsing, only a place, so the parser can stop at the checked header (:class:`PagesAhead`) and
-leave the pages on the channel for the caller to move in the kernel (``splice`` into a RAM
-file, a read that discards), never copied through Python. :meth:`MultifdParser.want` says how
-many bytes to read so that a reader never reads past a header into the pages.
+leave them on the channel for the caller (received straight into a mapped RAM file, or
+dropped by a read that discards); :meth:`MultifdParser.want` says how many bytes to read so
+that a reader never reads past a header into the pages.
 
 *Errors* are :class:`MultifdError` (a ``ValueError``) naming the channel (``multifd channel 2``
 once its init packet has said so, the caller's name before) and the offset in that channel:
@@ -68,7 +68,6 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from functools import reduce
-from operator import or_
 from typing import Literal, NamedTuple
 
 from ._format import QEMU_VM_FILE_MAGIC
@@ -273,24 +272,17 @@ class MultifdParser:
         return self._done
 
     def want(self) -> int:
-        """How many bytes to feed next (at least 1): what the item being parsed still lacks,
-        and between packets a whole RAM packet header. A reader that reads at most this much
-        never feeds the pages of a packet that ``take_pages`` leaves to it (only a device-state
-        packet, which no QEMU sends without VFIO, is shorter than a RAM packet header: what is
-        read past it is parsed as it would be anyway)."""
-        have = self._in.available()
+        """How many bytes to feed next (at least 1): what the item being parsed lacks, between
+        packets a RAM packet header, so a reader never feeds the pages ``take_pages`` leaves it
+        (a device-state packet, never sent without VFIO, is shorter: what follows is parsed)."""
         state = self._state
-        if state == self._st_init:
-            size = INIT_PACKET_SIZE
-        elif state == self._st_header:
-            size = self.packet_size
-        elif state == self._st_ram:
+        if state == self._st_ram:
             size = self.packet_size - _HDR_SIZE if self._ram is None else self._ram.payload
-        elif self._dev is None:
-            size = _DEV_SIZE - _HDR_SIZE
-        else:
-            size = self._dev[2]
-        return max(size - have, 1)
+        elif state == self._st_dev:
+            size = _DEV_SIZE - _HDR_SIZE if self._dev is None else self._dev[2]
+        else:  # the init packet, or between packets
+            size = INIT_PACKET_SIZE if state == self._st_init else self.packet_size
+        return max(size - self._in.available(), 1)
 
     def set_blocks(self, blocks: Mapping[str, int]) -> None:
         """The RAM blocks (name -> size) the main stream announced with MEM_SIZE."""
@@ -549,7 +541,7 @@ class MultifdParser:
             if last - first == (len(offs) - 1) * ps and offs == tuple(range(first, last + 1, ps)):
                 hi, odd = last, first & (ps - 1)  # one run, as QEMU sends them: cheap
             else:
-                hi, odd = max(offs), reduce(or_, offs) & (ps - 1)
+                hi, odd = max(offs), reduce(int.__or__, offs) & (ps - 1)
             if hi > size - ps:
                 raise self._err(f"{kind} page offset 0x{hi:x} is past block {name!r} "
                                 f"(size 0x{size:x})")
