@@ -24,7 +24,8 @@ migrates from a QEMU 10 source in the same rounds:
   only (its pages dropped by the kernel unread; ``-copy``: read, as ``QIOC_MIGRATION_PAGES=copy``
   makes it), into the receiver with ``--ram-dir`` on ``--ram-dir-base`` (a tmpfs, /dev/shm: the
   pages stored as a destination stores them, in memory) and on ``--tmp``'s file system
-  (``-disk``: the page cache), into a QEMU 10 destination (``-incoming defer``, multifd set;
+  (``-disk``: the page cache) and with ``--ram-prealloc`` (``-prealloc``: pc.ram's file
+  allocated and mapped before the migration), into a QEMU 10 destination (``-incoming defer``, multifd set;
   with ``-mem-prealloc`` as the 7.2 part's; without, its default: anonymous memory with
   transparent huge pages; and with its RAM a shared file on ``--ram-dir-base``, where the
   receiver's files go: the like-for-like of ``--ram-dir``) and through the receiver's
@@ -225,10 +226,12 @@ class Bench:
                 argv = [*RECEIVER, "tcp:127.0.0.1:0", "--quiet", "--json", summary]
                 if n:
                     argv += ["--multifd-channels", str(n)]
-                if base in ("mfd-ramdir", "mfd-ramdir-disk"):
-                    where = self.args.ram_dir_base if base == "mfd-ramdir" else self.args.tmp
+                if base in ("mfd-ramdir", "mfd-ramdir-disk", "mfd-ramdir-prealloc"):
+                    where = self.args.tmp if base == "mfd-ramdir-disk" else self.args.ram_dir_base
                     ram_dir = tempfile.mkdtemp(prefix="migbench-ram-", dir=where)
                     argv += ["--ram-dir", ram_dir]
+                if base == "mfd-ramdir-prealloc":  # allocated before "listening on"
+                    argv += ["--ram-prealloc", f"pc.ram={self.args.mem_mib}M"]
                 if base == "mfd-forward":
                     argv += ["--forward", target]
                 proc = subprocess.Popen([*argv, *self.args.receiver_args.split()],
@@ -469,6 +472,7 @@ LABELS = {
     "mfd-receiver-copy": "  ... pages read, not dropped unread",
     "mfd-ramdir": "QEMU 10 multifd -> receiver --ram-dir",
     "mfd-ramdir-disk": "  ... --ram-dir on --tmp's file system",
+    "mfd-ramdir-prealloc": "  ... and --ram-prealloc pc.ram=SIZE",
     "mfd-direct": "QEMU 10 multifd -> destination QEMU 10",
     "mfd-direct-np": "  ... destination without -mem-prealloc",
     "mfd-direct-file": "  ... its RAM a file on --ram-dir-base",
@@ -476,7 +480,7 @@ LABELS = {
 }
 DIRECT10 = ("mfd-direct", "mfd-direct-np", "mfd-direct-file")
 KINDS10 = ("10-receiver", "10-plain", "mfd-receiver", "mfd-receiver-copy", "mfd-ramdir",
-           "mfd-ramdir-disk", "mfd-direct", "mfd-direct-np", "mfd-direct-file", "mfd-forward")
+           "mfd-ramdir-disk", "mfd-ramdir-prealloc", "mfd-direct", "mfd-direct-np", "mfd-direct-file", "mfd-forward")
 
 
 def main() -> int:
@@ -581,6 +585,7 @@ def main() -> int:
                   ("mfd-receiver", "mfd-direct-np"), ("mfd-receiver", "mfd-receiver-copy"),
                   ("mfd-ramdir", "mfd-direct"), ("mfd-ramdir", "mfd-direct-np"),
                   ("mfd-ramdir", "mfd-direct-file"), ("mfd-ramdir-disk", "mfd-ramdir"),
+                  ("mfd-ramdir-prealloc", "mfd-direct"), ("mfd-ramdir-prealloc", "mfd-ramdir"),
                   ("mfd-forward", "mfd-direct"), ("mfd-receiver", "10-receiver")):
         if a in med and b_ in med:
             ratios[f"{a}/{b_}"] = med[a] / med[b_]
@@ -595,6 +600,9 @@ def main() -> int:
     if "mfd-ramdir/mfd-direct" in ratios:
         targets["multifd receiver (storing pages) >= 1.0x the QEMU 10 destination"] = \
             ratios["mfd-ramdir/mfd-direct"] >= 1.0
+    if "mfd-ramdir-prealloc/mfd-direct" in ratios:
+        targets["multifd receiver --ram-dir --ram-prealloc >= 1.0x the QEMU 10 destination "
+                "(both preallocated)"] = ratios["mfd-ramdir-prealloc/mfd-direct"] >= 1.0
     if "mfd-ramdir/mfd-direct-file" in ratios:
         targets["multifd receiver --ram-dir >= 1.0x a QEMU 10 destination whose RAM is a "
                 "file there"] = ratios["mfd-ramdir/mfd-direct-file"] >= 1.0

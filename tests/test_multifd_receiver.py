@@ -353,6 +353,52 @@ def test_which_runs_leave_pages_to_the_kernel(tmp_path, monkeypatch, case):
             hashlib.sha256(ch).hexdigest() for ch in channels)
 
 
+@pytest.mark.parametrize("pre", ["ram", "other"], ids=["block-mapped", "other-block-mapped"])
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_pages_received_into_preallocated_ram(tmp_path, monkeypatch, pre, where):
+    """In process, with --ram-prealloc's RamDir: each channel receives a preallocated block's
+    pages straight into its mapped file (no buffer, no pwritev), those of a block that was
+    not preallocated through a packet buffer; the RAM byte for byte either way, every page
+    counted, and the file preallocated for a block the stream lacks gone at the end."""
+    from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import IncomingSettings, MultifdReceiver
+    from qioc_green.migration._sinks import RamDir
+
+    mapped: list[bool] = []
+    mapping = RamDir.mapping
+
+    def seen(self, name):
+        m = mapping(self, name)
+        mapped.append(m is not None)
+        return m
+
+    monkeypatch.setattr(RamDir, "mapping", seen)
+    monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
+    main, channels = split()
+    address = f"unix:{tmp_path / 'u.sock'}" if where == "unix" else "tcp:127.0.0.1:0"
+    ram = RamDir(str(tmp_path / "r"), prealloc={pre: 4 << 20 if pre == "ram" else 4096})
+    lst = SocketChannel.listen(address, 8)
+    lst.set_follow_coroutine_ctx(True)
+    threads = send_connections(lst.local_address if where == "tcp" else address,
+                               [main, *channels])
+    try:
+        with IOThread("t-coordinator") as t:
+            rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=str(tmp_path / "r"),
+                                 ram=ram)
+            out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+    finally:
+        lst.close()
+        ram.close()
+        for th in threads:
+            th.join(WAIT)
+    assert out.ok, out.error
+    assert mapped and set(mapped) == {pre == "ram"}
+    assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+    assert (tmp_path / "r" / "other").exists() is False
+    mfd = [x for x in rx.connections if x.kind == "multifd"]
+    assert sum(x.blocks["ram"][0] + x.blocks["ram"][1] for x in mfd) == 1024
+
+
 def test_pages_over_a_unix_socket(receivers, tmp_path):
     """Over UNIX sockets (no low-water mark, no MSG_TRUNC): read through the buffer."""
     main, channels = split()
@@ -411,12 +457,14 @@ def test_a_page_offset_past_its_block(receivers, tmp_path):
                     f"0x400000 is past block 'ram' (size 0x400000)")
 
 
+@pytest.mark.parametrize("ram", ["parse", "prealloc"])
 @pytest.mark.parametrize("how", ["fin", "rst"])
-def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how):
+def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how, ram):
     main, (a, b) = split()
     pk = next(e for e in packets(a) if isinstance(e, RamPacket) and e.normal)
     cut = pk.offset + packet_size(4096) + 1000
-    line = refused(receivers, tmp_path, [main, a[:cut], b],
+    args = ["--ram-dir", str(tmp_path / "r"), "--ram-prealloc", "ram=4M"] if ram != "parse" else []
+    line = refused(receivers, tmp_path, [main, a[:cut], b], *args,
                    reset=frozenset({1}) if how == "rst" else frozenset())
     name = f"multifd channel {channel_id(a)}"
     inside = (f"channel ends inside the payload of the packet at offset {pk.offset} (1000 of "

@@ -8,6 +8,8 @@ writes (one ``pwritev`` per run of consecutive pages: a packet is usually one ru
 main stream at every SYNC packet (``SyncPoints``), saves the channel's bytes and forwards them.
 When the pages go nowhere (parsing only, over TCP) it reads each packet's header alone and
 has the kernel drop the pages unread (``MSG_TRUNC``): the checks are the same, the copy gone.
+With preallocated RAM files (``--ram-prealloc``) it reads headers the same way and receives
+the pages straight into the mapped file at their offsets.
 What it shares with the other readers it gets from the :class:`~._multifd_receiver.MultifdReceiver`
 (``session``): the page size and RAM blocks the main stream announced, the registry, the sync
 points, the RAM files, and whether another reader failed (then it stops at its next wait).
@@ -15,6 +17,7 @@ points, the RAM files, and whether another reader failed (then it stops at its n
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -22,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qioc_green import BrokenChannelError, Channel, FileChannel, IOCondition, SocketChannel
-from qioc_green.errors import from_os_error
 
 from ._events import RamPages, ZeroPages
 from ._format import NEED_DATA
@@ -107,6 +109,7 @@ class ChannelReader:
         self.session = session
         self.conn = conn
         self.j = j
+        self._packet: memoryview | None = None  # a packet's pages (--ram-prealloc, see _receive)
 
     def run(self, ch: Channel, prefix: bytes) -> None:
         """Read ``ch`` (its first bytes, ``prefix``, already taken) to its end. May park.
@@ -122,6 +125,11 @@ class ChannelReader:
                 and isinstance(ch, SocketChannel) and _tcp(ch)
                 and os.environ.get(PAGES_ENV) != "copy"):
             self._run_dropping(ch, prefix)
+            return
+        if (s.ram is not None and s.ram.preallocated and not s.save and not s.digest
+                and s.forward is None and isinstance(ch, SocketChannel)
+                and os.environ.get(PAGES_ENV) != "copy"):
+            self._run_dropping(ch, prefix, into_ram=True)
             return
         parser = MultifdParser(name=conn.name, page_size=s.page_size,
                                compression=s.settings.multifd_compression)
@@ -194,11 +202,13 @@ class ChannelReader:
             if save is not None:
                 save.close()
 
-    def _run_dropping(self, ch: SocketChannel, prefix: bytes) -> None:
+    def _run_dropping(self, ch: SocketChannel, prefix: bytes, into_ram: bool = False) -> None:
         """Read a TCP channel whose pages go nowhere (no --ram-dir, --save, --digest or
         --forward) packet by packet: each header through the parser, never a byte past it (its
         ``want()``), then the packet's pages dropped by the kernel (``MSG_TRUNC``: TCP discards
-        them without copying them to us). Every check is the same as when they are read."""
+        them without copying them to us). Every check is the same as when they are read.
+        ``into_ram`` (--ram-prealloc, a socket of any family): the pages are received instead,
+        straight into the preallocated block's mapped file at their offsets (``_receive``)."""
         s, conn = self.session, self.conn
         parser = MultifdParser(name=conn.name, page_size=s.page_size,
                                compression=s.settings.multifd_compression, take_pages=True)
@@ -216,11 +226,14 @@ class ChannelReader:
                 while (ev := parser.next_event()) is not NEED_DATA:
                     if type(ev) is PagesAhead:
                         assert isinstance(ev, PagesAhead)
-                        self._drop(ch, sock, buf, wait, ev, parser.name)
+                        if into_ram:  # counts the pages
+                            self._receive(ch, sock, wait, ev, parser.name)
+                        else:
+                            self._drop(ch, sock, buf, wait, ev, parser.name)
+                            self._count(ev.block, ev.normal, ev.zero)
                         received += ev.remaining
                         conn.bytes = received
                         conn.packets += 1
-                        self._count(ev.block, ev.normal, ev.zero)
                     else:
                         self._event(parser, ev, None)
                 try:
@@ -260,11 +273,70 @@ class ChannelReader:
             except InterruptedError:
                 continue
             except OSError as exc:
-                err = from_os_error(exc, ch.name, "read")
                 raise MultifdError(name, ev.at + len(ev.head) + done,
-                                   f"{describe(err)}; {_cut_pages(ev, done)}") from exc
+                                   f"{_read_failed(exc, ch.name)}; {_cut_pages(ev, done)}") from exc
             if k == 0:
                 raise MultifdError(name, ev.at + len(ev.head) + done, _cut_pages(ev, done))
+            self.session.touch()
+            done += k
+
+    def _receive(self, ch: SocketChannel, sock: socket.socket, wait: float | None,
+                 ev: PagesAhead, name: str) -> None:
+        """Receive the packet's pages straight into the preallocated block's mapping, run by
+        run (the part already read, ``ev.head``, copied first); a block that was not
+        preallocated gets them through a packet-sized buffer and positional writes. Counts
+        the pages; then the zero pages."""
+        ram = self.session.ram
+        assert ram is not None
+        ps = ev.page_size
+        m = ram.mapping(ev.block)
+        if m is None:
+            size = ev.size  # at most MULTIFD_PACKET_SIZE (the parser checks)
+            if self._packet is None:
+                self._packet = memoryview(bytearray(MULTIFD_PACKET_SIZE))
+            buf = self._packet
+            buf[: len(ev.head)] = ev.head
+            self._recv_into(ch, sock, buf[len(ev.head) : size], wait, ev, len(ev.head), name)
+            self._pages(RamPacket(ev.block, ev.normal, ev.zero, buf[:size], ps, ev.packet_num,
+                                  "none", ev.offset))
+            return
+        head = ev.head
+        pos = 0  # bytes of the packet's pages placed
+        for start, count, _ in runs(ev.normal, ps):
+            with m[start : start + count * ps] as dst:
+                k = max(0, min(len(head) - pos, len(dst)))
+                if k:
+                    dst[:k] = head[pos : pos + k]
+                self._recv_into(ch, sock, dst[k:], wait, ev, pos + k, name)
+                pos += len(dst)
+        self._count(ev.block, ev.normal, ev.zero)
+        for start, count, _ in runs(ev.zero, ps):
+            ram.zeros(ZeroPages(ev.block, start, count, 0, ps))
+
+    def _recv_into(self, ch: SocketChannel, sock: socket.socket, dst: memoryview,
+                   wait: float | None, ev: PagesAhead, placed: int, name: str) -> None:
+        """Fill ``dst`` from the socket (parking until the bytes are there): the pages of
+        ``ev`` from ``placed`` bytes in (``ev.head`` included)."""
+        done = 0
+        while done < len(dst):
+            try:
+                k = sock.recv_into(dst[done:])
+            except BlockingIOError:
+                try:
+                    ch.yield_(IOCondition.IN, timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise MultifdError(
+                    name, ev.at + placed + done,
+                    f"{_read_failed(exc, ch.name)}; "
+                    f"{_cut_pages(ev, placed + done - len(ev.head))}") from exc
+            if k == 0:
+                raise MultifdError(name, ev.at + placed + done,
+                                   _cut_pages(ev, placed + done - len(ev.head)))
             self.session.touch()
             done += k
 
@@ -394,6 +466,12 @@ def _low_water(parser: MultifdParser, chunk: int) -> int:
     and an ``epoll_wait`` (one packet's worth cost a parsing receiver about a quarter more CPU:
     docs/design-notes.md)."""
     return min(chunk // 2, 4 * (parser.packet_size + MULTIFD_PACKET_SIZE))
+
+
+def _read_failed(exc: OSError, name: str) -> str:
+    """A receive on the channel's socket that failed, as the channel's own read says it."""
+    reset = exc.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+    return f"{name}: read failed: {'connection reset by peer' if reset else exc.strerror or exc}"
 
 
 def _cut_pages(ev: PagesAhead, done: int) -> str:
