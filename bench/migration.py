@@ -525,7 +525,6 @@ def main() -> int:
     print(f"migration benchmark: {args.mem_mib} MiB random guest RAM, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f}, python "
           f"{sys.version.split()[0]}")
-    tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
     for k in args.kinds10.split(","):
         if k and k.partition("+")[0] not in KINDS10:
@@ -538,6 +537,7 @@ def main() -> int:
     old = args.qemu10 != "only"
     kinds10 = [k for k in args.kinds10.split(",") if k] if q10 is not None else []
     size = 0
+    tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)  # removed at the end
     try:
         b = Bench(args, tmp)
         b.q10 = q10 or {}
