@@ -157,3 +157,29 @@ def test_a_tls_channel_cut_inside_a_packet(receivers, pki, tmp_path):
                                         ("cut-100000", channels[1])])
     assert rx.proc.returncode == 1
     assert re.fullmatch(r"multifd channel [01]: offset 100000: .*", rx.error_line())
+
+
+def test_parsing_only_over_tls_reads_every_page(receivers, pki, tmp_path):
+    """Without --ram-dir, a plain TCP channel's pages are dropped by the kernel unread; over
+    TLS they are records to decrypt, so they are read: the same summary as storing them."""
+    import json
+
+    main, channels = parts()
+    got = {}
+    for ram in (True, False):
+        summary = tmp_path / f"s-{ram}.json"
+        args = ["--ram-dir", str(tmp_path / "ram")] if ram else []
+        rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--tls-creds",
+                       pki["server"], "--tls-verify-peer", "--json", str(summary), *args)
+        threads = play(rx.address, [("good", c) for c in [main, *channels]],
+                       {"good": client_context(pki["client"])})
+        assert rx.wait() == 0, rx.stderr
+        for t in threads:
+            t.join(WAIT)
+        d = json.loads(summary.read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, [main, *channels]))
+        got[ram] = (sorted((c["bytes"], c["packets"], c["normal_pages"], c["zero_pages"])
+                           for c in d["multifd"]["connections"] if c["kind"] == "multifd"),
+                    [(b["name"], b["normal_pages"], b["zero_pages"]) for b in d["ram_blocks"]])
+    assert got[True] == got[False]
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN

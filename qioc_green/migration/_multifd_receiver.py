@@ -103,7 +103,8 @@ class MultifdReceiver:
     """
 
     def __init__(self, settings: IncomingSettings, *, save: str | None = None,
-                 ram_dir: str | None = None, forward: Endpoint | None = None,
+                 ram_dir: str | None = None, ram: RamDir | None = None,
+                 forward: Endpoint | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None, deadline: float | None = None,
@@ -139,6 +140,7 @@ class MultifdReceiver:
         self.page_size = 4096
         self.blocks: dict[str, int] = {}
         self.ram: RamDir | None = None
+        self._given_ram = ram  # --ram-prealloc's, the caller's to close
         self._lock = threading.Lock()
         self._chans: list[Channel] = []
         self._threads: list[IOThread] = []
@@ -244,7 +246,9 @@ class MultifdReceiver:
         cpu0 = time.process_time()
         acceptor = None
         try:
-            if self.ram_dir is not None:
+            if self._given_ram is not None:
+                self.ram = self._given_ram
+            elif self.ram_dir is not None:
                 self.ram = RamDir(self.ram_dir)
             for ch in channels:
                 self._start(ch)
@@ -267,7 +271,7 @@ class MultifdReceiver:
                     pass
             for t in self._threads:
                 t.stop()
-            if self.ram is not None:
+            if self.ram is not None and self.ram is not self._given_ram:
                 self.ram.close()
             if self.progress is not None:
                 self.progress.write("\n")

@@ -46,7 +46,7 @@ from ._multifd_tls import StrayWatcher
 from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
 from ._settings import DestinationSettings
-from ._sinks import BUFFERS, CHUNK
+from ._sinks import BUFFERS, CHUNK, preallocated
 from ._summary import Summary
 from ._tls import HANDSHAKE_TIMEOUT, TlsCreds, TlsError, accept_tls
 from ._uri import Endpoint, Incoming, parse_uri
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="FILE", help="write the raw stream, byte for byte")
     p.add_argument("--ram-dir", metavar="DIR",
                    help="rebuild each RAM block as a (sparse) file in DIR")
+    p.add_argument("--ram-prealloc", metavar="BLOCK=SIZE", action="append", default=[], help=(
+        "--ram-dir's BLOCK file allocated and mapped first (pc.ram=1G), as -mem-prealloc"))
     p.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-': stdout)")
     p.add_argument("--forward", metavar="URI",
                    help="pass the stream on to a destination while parsing it "
@@ -146,8 +148,10 @@ def _rate(text: str) -> tuple[float, float]:
     return rate, secs
 
 
-def _error(msg: str) -> None:
+def _error(msg: str) -> int:
+    """Say ``msg`` on stderr; 1, the exit status of a run that failed."""
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+    return 1
 
 
 def _report(n: int, out: Outcome, args: argparse.Namespace) -> None:
@@ -281,8 +285,8 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         tls = settings.server_tls()
         if mfd.multifd:
             multifd = MultifdReceiver(
-                mfd, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                chunk=args.buffer_size, buffers=args.buffers,
+                mfd, save=name(args.save), ram_dir=name(args.ram_dir), ram=args.prealloc,
+                forward=forward, chunk=args.buffer_size, buffers=args.buffers,
                 allow_undescribed=args.allow_undescribed, digest=args.digest, progress=progress,
                 idle_timeout=args.idle_timeout, deadline=args.deadline,
                 channel_timeout=args.channel_timeout, destination=dest,
@@ -297,8 +301,8 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 incoming.close()
         else:
             assert ch is not None
-            rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                          forward_context=forward_ctx, chunk=args.buffer_size,
+            rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), ram=args.prealloc,
+                          forward=forward, forward_context=forward_ctx, chunk=args.buffer_size,
                           buffers=args.buffers, allow_undescribed=args.allow_undescribed,
                           digest=args.digest, progress=progress,
                           idle_timeout=args.idle_timeout, deadline=args.deadline,
@@ -402,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             forward_tls = (TlsCreds(args.forward_tls_creds, "client").context(),
                            args.forward_tls_hostname)
     except TlsError as exc:
-        _error(str(exc))
-        return 1
+        return _error(str(exc))
     file_kind = _multifd_args(parser, args, source, settings)
     if file_kind is None:
         return 1
@@ -413,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             incoming.open()
         except (OSError, qioc_green.ChannelError) as exc:
-            _error(f"cannot listen on {source}: {exc}")
-            return 1
+            return _error(f"cannot listen on {source}: {exc}")
         if args.keep_listening and not incoming.can_repeat:
             incoming.close()
             parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
@@ -430,12 +432,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     threads = _Threads(forward is not None)
+    args.prealloc = None
     try:
+        if args.ram_prealloc:  # before "listening on", as -mem-prealloc: outside the migration
+            try:
+                args.prealloc = preallocated(args.ram_prealloc, args.ram_dir, one=not (
+                    args.keep_listening or source is None or source.kind not in ("tcp", "unix")))
+            except ValueError as exc:
+                parser.error(f"--ram-prealloc: {exc}")
+            except OSError as exc:
+                return _error(f"--ram-prealloc: {exc.strerror or exc}")
         return _run(incoming, args, forward, forward_tls, settings, threads)
     finally:
         if incoming is not None:
             incoming.close()
         threads.stop()
+        if args.prealloc is not None:
+            args.prealloc.close()
 
 
 def _multifd_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -538,8 +551,7 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
                 try:
                     monitor = Monitor(args.qmp, settings)
                 except (OSError, qioc_green.ChannelError) as exc:
-                    _error(f"cannot serve QMP on {args.qmp}: {exc}")
-                    return 1
+                    return _error(f"cannot serve QMP on {args.qmp}: {exc}")
                 settings.on_status = monitor.status
                 print(f"qmp on {monitor.addresses[0]}", flush=True)
             if incoming is None:
