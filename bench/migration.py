@@ -21,10 +21,15 @@ migrates from a QEMU 10 source in the same rounds:
 
 * in one stream, into the receiver and into the plain ``recv_into`` sink (today's baseline);
 * with multifd, ``--channels`` (4) channels, into the receiver (``--multifd-channels``) parsing
-  only, into the receiver with ``--ram-dir`` on ``--ram-dir-base`` (a tmpfs, /dev/shm: the
-  pages stored as a destination stores them, in memory), into a QEMU 10 destination
-  (``-incoming defer``, multifd set; with ``-mem-prealloc`` as the 7.2 part's, and without,
-  its default) and through the receiver's ``--forward`` into one.
+  only (its pages dropped by the kernel unread; ``-copy``: read, as ``QIOC_MIGRATION_PAGES=copy``
+  makes it), into the receiver with ``--ram-dir`` on ``--ram-dir-base`` (a tmpfs, /dev/shm: the
+  pages stored as a destination stores them, in memory) and on ``--tmp``'s file system
+  (``-disk``: the page cache) and with ``--ram-prealloc`` (``-prealloc``: pc.ram's file
+  allocated and mapped before the migration), into a QEMU 10 destination (``-incoming defer``, multifd set;
+  with ``-mem-prealloc`` as the 7.2 part's; without, its default: anonymous memory with
+  transparent huge pages; and with its RAM a shared file on ``--ram-dir-base``, where the
+  receiver's files go: the like-for-like of ``--ram-dir``) and through the receiver's
+  ``--forward`` into one (``-mem-prealloc``). They run in a shuffled order each round.
 
 CPU per GiB is the receiver's own (all its threads), a destination's from psutil.
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -184,36 +190,52 @@ class Bench:
         return q
 
     def live10(self, kind: str) -> dict[str, Any]:
-        """One QEMU 10 migration: ``10-receiver``, ``10-plain``, ``mfd-receiver``,
-        ``mfd-ramdir``, ``mfd-direct`` or ``mfd-forward``."""
+        """One QEMU 10 migration, one of KINDS10 (see LABELS)."""
         n = self.args.channels if kind.startswith("mfd") else 0
         dst = None
         proc = None
         ram_dir = None
         summary = os.path.join(self.tmp, "rx10.json")
+        # "-copy": every page read through the receiver's buffers (as with --ram-dir), even
+        # where the kernel could drop them unread
+        # "KIND+VAR=VALUE;VAR=VALUE...": an experiment, KIND with those in the receiver's env
+        plain, _, spec = kind.partition("+")
+        base = plain.removesuffix("-copy")
+        extra_env = dict(x.split("=", 1) for x in spec.split(";")) if spec else {}
+        if plain.endswith("-copy"):
+            extra_env.setdefault("QIOC_MIGRATION_PAGES", "copy")
+        env = dict(os.environ, **extra_env) if extra_env else None
         try:
-            if kind in ("mfd-direct", "mfd-direct-np", "mfd-forward"):
-                prealloc = self.args.prealloc and kind != "mfd-direct-np"
+            if base in DIRECT10 or base == "mfd-forward":
+                prealloc = self.args.prealloc and base in ("mfd-direct", "mfd-forward")
                 extra = ("-mem-prealloc",) if prealloc else ()
+                ram_file = None
+                if base == "mfd-direct-file":  # guest RAM a file where --ram-dir's files go
+                    ram_dir = tempfile.mkdtemp(prefix="migbench-ram-", dir=self.args.ram_dir_base)
+                    ram_file = os.path.join(ram_dir, "pc.ram")
                 dst = Qemu(machine="pc", mem=self.mem, incoming=True, paused=True, timeout=120,
-                           capabilities=["multifd"], extra=extra, name="dest-10.0", **self.q10)
+                           capabilities=["multifd"], extra=extra, name="dest-10.0",
+                           ram_file=ram_file, ram_share=True, **self.q10)
                 dst.cmd("migrate-set-parameters", **{"multifd-channels": n})
                 target = dst.listen()
-            if kind == "10-plain":
+            if base == "10-plain":
                 proc = subprocess.Popen([sys.executable, "-c", PLAIN_SINK],
                                         stdout=subprocess.PIPE, text=True)
                 target = first_line(proc)
-            elif kind not in ("mfd-direct", "mfd-direct-np"):
+            elif base not in DIRECT10:
                 argv = [*RECEIVER, "tcp:127.0.0.1:0", "--quiet", "--json", summary]
                 if n:
                     argv += ["--multifd-channels", str(n)]
-                if kind == "mfd-ramdir":
-                    ram_dir = tempfile.mkdtemp(prefix="migbench-ram-", dir=self.args.ram_dir_base)
+                if base in ("mfd-ramdir", "mfd-ramdir-disk", "mfd-ramdir-prealloc"):
+                    where = self.args.tmp if base == "mfd-ramdir-disk" else self.args.ram_dir_base
+                    ram_dir = tempfile.mkdtemp(prefix="migbench-ram-", dir=where)
                     argv += ["--ram-dir", ram_dir]
-                if kind == "mfd-forward":
+                if base == "mfd-ramdir-prealloc":  # allocated before "listening on"
+                    argv += ["--ram-prealloc", f"pc.ram={self.args.mem_mib}M"]
+                if base == "mfd-forward":
                     argv += ["--forward", target]
                 proc = subprocess.Popen([*argv, *self.args.receiver_args.split()],
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True, env=env)
                 target = first_line(proc)
             dst_c0 = _cpu(dst.pid) if dst is not None else 0.0
             with self.source10(n) as src:
@@ -234,7 +256,7 @@ class Bench:
                 out, _ = proc.communicate(timeout=120)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{kind}: exited {proc.returncode}")
-                if kind == "10-plain":
+                if base == "10-plain":
                     sink_cpu = float(out.split()[-1])
                 else:
                     with open(summary) as f:
@@ -243,7 +265,7 @@ class Bench:
                         raise RuntimeError(f"{kind}: {d.get('error')}")
                     sink_cpu = d["cpu_s"]
                     nbytes = d["bytes_total"]
-                    if kind != "mfd-forward":  # the receiver may finish after the source
+                    if base != "mfd-forward":  # the receiver may finish after the source
                         seconds = max(seconds, d["elapsed_s"])
         finally:
             for p_ in (proc,):
@@ -447,13 +469,18 @@ LABELS = {
     "10-receiver": "QEMU 10 -> receiver (one stream)",
     "10-plain": "QEMU 10 -> Python recv_into sink",
     "mfd-receiver": "QEMU 10 multifd -> receiver",
+    "mfd-receiver-copy": "  ... pages read, not dropped unread",
     "mfd-ramdir": "QEMU 10 multifd -> receiver --ram-dir",
+    "mfd-ramdir-disk": "  ... --ram-dir on --tmp's file system",
+    "mfd-ramdir-prealloc": "  ... and --ram-prealloc pc.ram=SIZE",
     "mfd-direct": "QEMU 10 multifd -> destination QEMU 10",
     "mfd-direct-np": "  ... destination without -mem-prealloc",
+    "mfd-direct-file": "  ... its RAM a file on --ram-dir-base",
     "mfd-forward": "QEMU 10 multifd -> receiver --forward -> d",
 }
-KINDS10 = ("10-receiver", "10-plain", "mfd-receiver", "mfd-ramdir", "mfd-direct", "mfd-direct-np",
-           "mfd-forward")
+DIRECT10 = ("mfd-direct", "mfd-direct-np", "mfd-direct-file")
+KINDS10 = ("10-receiver", "10-plain", "mfd-receiver", "mfd-receiver-copy", "mfd-ramdir",
+           "mfd-ramdir-disk", "mfd-ramdir-prealloc", "mfd-direct", "mfd-direct-np", "mfd-direct-file", "mfd-forward")
 
 
 def main() -> int:
@@ -482,7 +509,8 @@ def main() -> int:
     p.add_argument("--ram-dir-base", default="/dev/shm",
                    help="where --ram-dir runs put their (deleted) RAM files (default /dev/shm)")
     p.add_argument("--kinds10", default=",".join(KINDS10),
-                   help="QEMU 10 runs, comma-separated (default: all)")
+                   help="QEMU 10 runs, comma-separated (default: all); KIND+VAR=VALUE;... runs "
+                        "KIND's receiver with those environment variables (experiments)")
     args = p.parse_args()
     if args.only_tls:
         args.tls = True
@@ -497,8 +525,11 @@ def main() -> int:
     print(f"migration benchmark: {args.mem_mib} MiB random guest RAM, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f}, python "
           f"{sys.version.split()[0]}")
-    tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    for k in args.kinds10.split(","):
+        if k and k.partition("+")[0] not in KINDS10:
+            p.error(f"--kinds10: unknown kind {k!r} (one of {', '.join(KINDS10)})")
+        results.setdefault(k, [])
     q10 = qemu10() if args.qemu10 != "no" else None
     if args.qemu10 == "only" and q10 is None:
         print("--qemu10 only: QEMU 10 not found (QIOC_QEMU10)", file=sys.stderr)
@@ -506,6 +537,7 @@ def main() -> int:
     old = args.qemu10 != "only"
     kinds10 = [k for k in args.kinds10.split(",") if k] if q10 is not None else []
     size = 0
+    tmp = tempfile.mkdtemp(prefix="migbench-", dir=args.tmp)  # removed at the end
     try:
         b = Bench(args, tmp)
         b.q10 = q10 or {}
@@ -531,8 +563,12 @@ def main() -> int:
                              else ("read-file", "parse-file")):
                     results[kind].append(b.parse_file() if kind == "parse-file"
                                          else b.read_file())
-            rot = r % len(kinds10) if kinds10 else 0
-            for kind in kinds10[rot:] + kinds10[:rot]:
+            # a shuffled order (seeded), so no kind always runs after the same one: a run
+            # allocates what the one before freed, and here the first touch of memory costs
+            # several-fold more or less run to run
+            order = list(kinds10)
+            random.Random(r).shuffle(order)
+            for kind in order:
                 results[kind].append(b.live10(kind))
             print(f"round {r + 1}: " + ", ".join(
                 f"{k} {v[-1]['gbs']:.2f}" for k, v in results.items() if v), flush=True)
@@ -546,9 +582,11 @@ def main() -> int:
                   ("receiver-tls", "receiver"), ("direct-tls", "direct"),
                   ("receiver-tls", "direct-tls"),
                   ("10-receiver", "10-plain"), ("mfd-receiver", "mfd-direct"),
-                  ("mfd-ramdir", "mfd-direct"), ("mfd-forward", "mfd-direct"),
-                  ("mfd-receiver", "mfd-direct-np"), ("mfd-ramdir", "mfd-direct-np"),
-                  ("mfd-receiver", "10-receiver")):
+                  ("mfd-receiver", "mfd-direct-np"), ("mfd-receiver", "mfd-receiver-copy"),
+                  ("mfd-ramdir", "mfd-direct"), ("mfd-ramdir", "mfd-direct-np"),
+                  ("mfd-ramdir", "mfd-direct-file"), ("mfd-ramdir-disk", "mfd-ramdir"),
+                  ("mfd-ramdir-prealloc", "mfd-direct"), ("mfd-ramdir-prealloc", "mfd-ramdir"),
+                  ("mfd-forward", "mfd-direct"), ("mfd-receiver", "10-receiver")):
         if a in med and b_ in med:
             ratios[f"{a}/{b_}"] = med[a] / med[b_]
     targets = {}
@@ -556,9 +594,18 @@ def main() -> int:
         targets["receiver >= 0.9x plain sink"] = ratios["receiver/plain"] >= 0.9
     if "forward/direct" in ratios:
         targets["forward >= 0.8x direct"] = ratios["forward/direct"] >= 0.8
+    if "mfd-receiver/mfd-direct" in ratios:
+        targets["multifd receiver (parsing) >= 1.0x the QEMU 10 destination"] = \
+            ratios["mfd-receiver/mfd-direct"] >= 1.0
     if "mfd-ramdir/mfd-direct" in ratios:
         targets["multifd receiver (storing pages) >= 1.0x the QEMU 10 destination"] = \
             ratios["mfd-ramdir/mfd-direct"] >= 1.0
+    if "mfd-ramdir-prealloc/mfd-direct" in ratios:
+        targets["multifd receiver --ram-dir --ram-prealloc >= 1.0x the QEMU 10 destination "
+                "(both preallocated)"] = ratios["mfd-ramdir-prealloc/mfd-direct"] >= 1.0
+    if "mfd-ramdir/mfd-direct-file" in ratios:
+        targets["multifd receiver --ram-dir >= 1.0x a QEMU 10 destination whose RAM is a "
+                "file there"] = ratios["mfd-ramdir/mfd-direct-file"] >= 1.0
     load_after = os.getloadavg()
 
     print()
@@ -566,23 +613,27 @@ def main() -> int:
     for k, v in results.items():
         if v:
             runs = " ".join(f"{x['gbs']:.2f}" for x in v)
-            cpus = [x["sink_cpu_s"] / (x["bytes"] / 2**30) for x in v
-                    if x.get("sink_cpu_s") is not None]
+            # the receiver's or sink's own; for a destination QEMU run directly, the QEMU's
+            own = [x["sink_cpu_s"] if x.get("sink_cpu_s") is not None else x.get("dest_cpu_s")
+                   for x in v]
+            cpus = [c / (x["bytes"] / 2**30) for c, x in zip(own, v) if c is not None]
             cpu = f"{statistics.median(cpus):.2f}" if cpus else "-"
-            print(f"{LABELS[k]:<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
+            print(f"{LABELS.get(k, k):<38} {med[k]:>11.2f}  {cpu:>9}   {runs}")
     print()
     for name, value in ratios.items():
         print(f"{name:<24} {value:.2f}x")
     for name, ok in targets.items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
-    for k in ("direct", "forward", "mfd-direct", "mfd-direct-np", "mfd-forward"):
+    for k in ("direct", "forward", "mfd-direct", "mfd-direct-np", "mfd-direct-file",
+              "mfd-forward"):
         if results[k]:
             per = [(x["source_cpu_s"] + x["dest_cpu_s"] + (x["sink_cpu_s"] or 0))
                    / (x["bytes"] / 2**30) for x in results[k]]
             dest = [x["dest_cpu_s"] / (x["bytes"] / 2**30) for x in results[k]]
             print(f"CPU s/GiB, all processes, {k}: {statistics.median(per):.2f} "
                   f"(destination QEMU's own: {statistics.median(dest):.2f})")
-    print("(CPU s/GiB: the receiver's or sink's own; socat's is not measured)")
+    print("(CPU s/GiB: the receiver's or sink's own, a directly fed destination QEMU's own; "
+          "socat's is not measured)")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -417,6 +417,77 @@ def test_ram_dir_holes_rewrites_and_names(tmp_path):
         huge.close()
 
 
+def test_ram_dir_preallocated(tmp_path):
+    """RamDir(prealloc=...): the file whole before any stream, pages copied in (strided main
+    stream records too), a zero page clears data and leaves zeros alone, another size refused,
+    a block the stream never declared removed at close and left out of blocks.json."""
+    from qioc_green.migration import RamBlock, RamBlocks, RamDir, ZeroPages
+
+    path = tmp_path / "ram"
+    rd = RamDir(str(path), prealloc={"pc.ram": 1 << 20, "unused": 64 << 10})
+    try:
+        assert rd.preallocated and rd.mapping("pc.ram") is None  # not declared yet
+        assert (path / "pc.ram").stat().st_size == 1 << 20
+        assert (path / "pc.ram").stat().st_blocks * 512 >= 1 << 20  # allocated, not sparse
+        with pytest.raises(OSError, match=r"RAM block 'pc.ram' is 2097152 bytes, not the "
+                                          r"1048576 preallocated for it \(--ram-prealloc\)"):
+            rd.blocks(RamBlocks((RamBlock("pc.ram", 2 << 20),), 2 << 20))
+        rd.blocks(RamBlocks((RamBlock("pc.ram", 1 << 20), RamBlock("vga.vram", 8192)),
+                            (1 << 20) + 8192))
+        assert rd.mapping("pc.ram") is not None and rd.mapping("vga.vram") is None
+        records = b"".join(struct.pack(">Q", 0) + bytes([i]) * 4096 for i in (1, 2))
+        rd.pages(RamPages("pc.ram", 8192, 2, memoryview(records)[8:], 4104, 4096))
+        rd.pages(RamPages("pc.ram", 64 << 10, 1, memoryview(b"\xaa" * 4096), 4096, 4096))
+        rd.zeros(ZeroPages("pc.ram", 64 << 10, 1, 0, 4096))  # over data: cleared
+        rd.zeros(ZeroPages("pc.ram", 0, 2, 0, 4096))  # over zeros: nothing to do
+        rd.pages(RamPages("vga.vram", 4096, 1, memoryview(b"\xbb" * 4096), 4096, 4096))
+    finally:
+        rd.close()
+    want = bytearray(1 << 20)
+    want[8192:16384] = b"\x01" * 4096 + b"\x02" * 4096
+    assert (path / "pc.ram").read_bytes() == want
+    assert (path / "vga.vram").read_bytes() == bytes(4096) + b"\xbb" * 4096
+    assert not (path / "unused").exists()
+    assert set(json.loads((path / "blocks.json").read_text())) == {"pc.ram", "vga.vram"}
+
+
+def test_preallocated_sizes_and_refusals(tmp_path):
+    from qioc_green.migration._sinks import preallocated
+
+    rd = preallocated(["pc.ram=1M", "a=b=4096", "z=0"], str(tmp_path / "r"), one=True)
+    try:
+        assert [(tmp_path / "r" / n).stat().st_size for n in ("pc.ram", "a_b", "z")] == \
+            [1 << 20, 4096, 0]
+    finally:
+        rd.close()
+    for bad in ("pc.ram", "pc.ram=", "=1G", "pc.ram=1X", "pc.ram=-1", "pc.ram=1.5G"):
+        with pytest.raises(ValueError, match="expected BLOCK=SIZE"):
+            preallocated([bad], str(tmp_path / "r2"), one=True)
+    with pytest.raises(ValueError, match="needs --ram-dir"):
+        preallocated(["pc.ram=1M"], None, one=True)
+    with pytest.raises(ValueError, match="one migration"):
+        preallocated(["pc.ram=1M"], str(tmp_path / "r3"), one=False)
+    with pytest.raises(OSError, match="RAM block 'x' of 1152921504606846976 bytes: "):
+        preallocated(["x=1048576T"], str(tmp_path / "r4"), one=True)
+    assert not (tmp_path / "r4" / "x").exists()
+
+
+@pytest.mark.parametrize("argv,code,line", [
+    (["--ram-prealloc", "pc.ram=1M"], 2, "--ram-prealloc: needs --ram-dir"),
+    (["--ram-prealloc", "pc.ram", "--ram-dir", "{tmp}/r"], 2, "expected BLOCK=SIZE"),
+    (["--ram-prealloc", "pc.ram=1M", "--ram-dir", "{tmp}/r", "--keep-listening"], 2,
+     "one migration on a tcp: or unix: URI"),
+    (["--ram-prealloc", "x=1048576T", "--ram-dir", "{tmp}/r"], 1,
+     "--ram-prealloc: RAM block 'x' of 1152921504606846976 bytes: "),
+])
+def test_ram_prealloc_usage(tmp_path, argv, code, line):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    p = subprocess.run([*PROGRAM, "tcp:127.0.0.1:0", *argv], capture_output=True, text=True,
+                       timeout=WAIT, env=ENV)
+    assert p.returncode == code, p.stderr
+    assert line in p.stderr and "listening on" not in p.stdout, p.stderr
+
+
 def test_a_refused_stream_never_reaches_the_destination_whole(receivers):
     """Forwarding lags one chunk behind parsing: a stream refused only at its end (here: no VM
     description, not allowed) is cut short at the destination, which then fails too."""

@@ -30,6 +30,7 @@ from qioc_green.migration import (
     MultifdChannels,
     MultifdError,
     MultifdParser,
+    PagesAhead,
     RamBlocks,
     RamFlush,
     RamPacket,
@@ -230,6 +231,113 @@ def test_parser_lets_go_of_fed_buffers_at_need_data():
     assert isinstance(p.next_event(), ChannelEnd)
 
 
+# -- pages left to the caller (take_pages): what the receiver's kernel path is built on ---------
+
+
+def take_pages_reader(data: bytes, sizes) -> tuple[list, bytearray, list[int]]:
+    """Read ``data`` as a receiver does with ``take_pages``: each read's size from ``sizes(p)``,
+    and the pages of every PagesAhead taken from the input after what was fed (as a splice
+    would take them). Returns the events (PagesAhead as the RamPacket they stand for), the RAM
+    rebuilt, and the ``len(head)`` of each PagesAhead."""
+    p = MultifdParser(blocks=BLOCKS, take_pages=True)
+    ram = bytearray(4 << 20)
+    events, heads = [], []
+    pos = 0  # input consumed: fed, or taken as pages
+
+    def drain() -> None:
+        nonlocal pos
+        while (ev := p.next_event()) is not NEED_DATA:
+            assert ev is not NEED_BLOCKS
+            if isinstance(ev, PagesAhead):
+                assert ev.size == len(ev.normal) * 4096 == len(ev.head) + ev.remaining
+                pages = bytes(ev.head) + data[pos : pos + ev.remaining]
+                assert len(pages) == ev.size
+                pos += ev.remaining
+                # the skipped pages count as parsed; what was fed past the pages waits
+                assert p.offset == pos if ev.remaining else p.offset <= pos
+                heads.append(len(ev.head))
+                for k, off in enumerate(ev.normal):
+                    ram[off : off + 4096] = pages[k * 4096 : (k + 1) * 4096]
+                for off in ev.zero:
+                    ram[off : off + 4096] = bytes(4096)
+                ev = ("ram", ev.block, ev.normal, ev.zero, pages, ev.packet_num, "none",
+                      ev.offset)
+            events.append(ev)
+
+    while pos < len(data):
+        n = sizes(p)
+        assert n >= 1
+        p.feed(data[pos : pos + n])
+        pos += len(data[pos : pos + n])
+        drain()
+    p.close()
+    drain()
+    return events, ram, heads
+
+
+@pytest.mark.parametrize("how", ["want", "random", "whole"])
+def test_take_pages_leaves_the_pages_to_the_caller(how):
+    """Read as want() says, the parser never gets a byte of the pages it leaves (head empty);
+    fed more, it hands over what it got (head) and the rest is skipped: the same events and the
+    same RAM, byte-exact, however the input was read."""
+    rams = []
+    for data in multifd_channels("none"):
+        rnd = random.Random(len(data))
+        sizes = {"want": lambda p: p.want(),
+                 "random": lambda p, rnd=rnd: rnd.choice([1, 12, 1344, 5000, 600000]),
+                 "whole": lambda p, d=data: len(d)}[how]
+        events, ram, heads = take_pages_reader(data, sizes)
+        assert events == flat(parse([data]))
+        if how == "want":
+            assert heads and set(heads) == {0}
+        elif how == "whole":
+            assert all(h > 0 for h in heads)
+        rams.append(ram)
+    merged = bytearray(4 << 20)
+    for ram in rams:  # the two channels carry disjoint pages; zero pages are zeros anyway
+        for i in range(0, len(ram), 4096):
+            if any(ram[i : i + 4096]):
+                merged[i : i + 4096] = ram[i : i + 4096]
+    assert merged == PATTERN
+
+
+def test_want_is_what_the_item_lacks():
+    data = multifd_channels("none")[0]
+    p = MultifdParser(blocks=BLOCKS, take_pages=True)
+    assert p.want() == 64  # the init packet
+    p.feed(data[:10])
+    assert p.want() == 54
+    p.feed(data[10:64])
+    assert isinstance(p.next_event(), ChannelInit) and p.next_event() is NEED_DATA
+    assert p.want() == packet_size(4096)  # a whole RAM packet header
+    p.feed(data[64:100])
+    assert p.next_event() is NEED_DATA and p.want() == packet_size(4096) - 36
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_take_pages_parses_compressed_packets_itself(compression):
+    """Compressed pages must go through the decompressor: RamPacket as without take_pages, and
+    want() then asks for the payload too."""
+    for data in multifd_channels(compression):
+        events, _, heads = take_pages_reader(data, lambda p: p.want())
+        assert not heads
+        assert flat(events) == flat(parse([data]))
+
+
+def test_take_pages_with_sync_on_a_page_packet():
+    """QEMU before 9.0 puts pages in its SYNC packets: the SyncPacket follows the PagesAhead."""
+    data = bytearray(multifd_channels("none")[0])
+    pk = next(e for e in ram_packet_offsets(bytes(data)) if e.normal)
+    data[pk.offset + 11] |= 0x01  # MULTIFD_FLAG_SYNC, low byte of the big-endian flags
+    p = MultifdParser(blocks=BLOCKS, take_pages=True)
+    p.feed(bytes(data[: pk.offset + packet_size(4096)]))
+    evs = []
+    while (ev := p.next_event()) is not NEED_DATA:
+        evs.append(ev)
+    assert isinstance(evs[-2], PagesAhead) and evs[-2].offset == pk.offset
+    assert isinstance(evs[-1], SyncPacket) and evs[-1].offset == pk.offset and p.syncs >= 1
+
+
 def test_blocks_may_come_later_need_blocks():
     data = multifd_channels("none")[0]
     p = MultifdParser()
@@ -356,6 +464,32 @@ def test_zero_page_offset_past_the_block_names_channel_and_offset():
     assert str(err) == (f"multifd channel 0: offset {pk.offset}: zero page offset 0x7fff000 is "
                         "past block 'ram' (size 0x400000)")
     assert err.channel == "multifd channel 0" and err.offset == pk.offset
+
+
+@pytest.mark.parametrize("how", ["one", "all"])
+def test_a_page_offset_off_the_page_size(how):
+    """One offset off a page boundary, or a whole run shifted (still consecutive: the cheap
+    check of a run must catch it too), for the normal and the zero pages alike."""
+    data = multifd_channels("none")[0]
+    pk = next(e for e in ram_packet_offsets(data) if e.zero and e.normal)
+    for kind, offs, at in (("normal", pk.normal, pk.offset + 320),
+                           ("zero", pk.zero, pk.offset + 320 + 8 * len(pk.normal))):
+        bad = bytearray(data)
+        for k, off in enumerate(offs if how == "all" else offs[:1]):
+            struct.pack_into(">Q", bad, at + 8 * k, off + 512)
+        err = parse_error([bytes(bad)])
+        assert str(err) == (f"multifd channel 0: offset {pk.offset}: {kind} page offset "
+                            f"0x{offs[0] + 512:x} in block 'ram' is not a multiple of the "
+                            "4096-byte page size")
+    # a run of consecutive pages whose last lies past the block
+    bad = bytearray(data)
+    base = (4 << 20) - 4096
+    for k in range(len(pk.normal)):
+        struct.pack_into(">Q", bad, pk.offset + 320 + 8 * k, base + 4096 * k)
+    err = parse_error([bytes(bad)])
+    assert str(err) == (f"multifd channel 0: offset {pk.offset}: normal page offset "
+                        f"0x{base + 4096 * (len(pk.normal) - 1):x} is past block 'ram' (size "
+                        "0x400000)")
 
 
 def test_smaller_block_than_the_source_has():

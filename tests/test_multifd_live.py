@@ -94,6 +94,42 @@ def test_live_multifd_into_the_receiver_rebuilds_ram(receivers, tmp_path, qemu, 
     assert main["bytes"] < 1 << 20 < sum(c["bytes"] for c in conns if c["kind"] == "multifd")
 
 
+@pytest.mark.parametrize("channels", [0, 4], ids=["one-stream", "multifd-4"])
+def test_live_migration_into_preallocated_ram_files(receivers, tmp_path, qemu, channels):
+    """--ram-prealloc pc.ram=SIZE: the file is allocated and mapped before "listening on",
+    the channels receive the pages straight into it (the main stream copies its own into
+    it), and it ends byte for byte the source's RAM; the other blocks are files as always."""
+    src, ram = source(tmp_path, qemu, seed=("prealloc", channels),
+                      capabilities=("multifd",) if channels else ())
+    with src:
+        args = ["--multifd-channels", str(channels)] if channels else []
+        if channels:
+            multifd(src, channels, "none")
+        rx = receivers("tcp:127.0.0.1:0", *args, "--ram-dir", str(tmp_path / "ram"),
+                       "--ram-prealloc", f"pc.ram={len(ram) >> 20}M")
+        assert (tmp_path / "ram" / "pc.ram").stat().st_size == len(ram)  # before the stream
+        src.migrate(rx.address)
+        src.wait_migration(WAIT)
+        assert rx.wait() == 0, rx.stderr
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == ram
+    index = json.loads((tmp_path / "ram" / "blocks.json").read_text())
+    assert index["pc.ram"] == {"file": "pc.ram", "size": len(ram)} and len(index) > 1
+
+
+def test_live_preallocated_size_the_stream_does_not_declare_is_refused(receivers, tmp_path,
+                                                                       qemu):
+    src, ram = source(tmp_path, qemu, seed="prealloc-size")
+    with src:
+        multifd(src, 2, "none")
+        rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--ram-dir",
+                       str(tmp_path / "ram"), "--ram-prealloc", f"pc.ram={2 * len(ram)}")
+        src.migrate(rx.address)
+        assert rx.wait() == 1
+    assert re.fullmatch(rf"offset \d+: RAM block 'pc.ram' is {len(ram)} bytes, not the "
+                        rf"{2 * len(ram)} preallocated for it \(--ram-prealloc\)",
+                        one_line(rx)), rx.stderr
+
+
 def test_live_multifd_forward_into_a_destination_and_replay(receivers, tmp_path, qemu):
     """source -> receiver --forward (4 channels) -> destination (-incoming defer, multifd set):
     the destination's RAM equals the source's; then the --save files replayed from file: into a

@@ -83,8 +83,7 @@ def send_connections(address: str, parts: list[bytes], *, reset: frozenset[int] 
     """Connect once per part, in order (so the receiver accepts them in that order), then send
     each in a thread of its own and close it: FIN, RST for the indexes in ``reset``; those in
     ``hold`` stay open until the receiver closes them. Refused sends are not errors here."""
-    host, _, port = address.removeprefix("tcp:").rpartition(":")
-    socks = [socket.create_connection((host, int(port)), timeout=WAIT) for _ in parts]
+    socks = [_rx.connect(address) for _ in parts]
 
     def run(k: int, sock: socket.socket, data: bytes) -> None:
         with sock:
@@ -330,6 +329,185 @@ def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path
     assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
 
 
+# -- how the pages travel: in the kernel where it can, through buffers where it cannot ----------
+
+
+def summary_pages(d: dict) -> tuple:
+    """What a summary says of the pages and bytes, whichever way they travelled."""
+    conns = sorted((c["channel_id"], c["bytes"], c["packets"], c["syncs"], c["normal_pages"],
+                    c["zero_pages"]) for c in d["multifd"]["connections"]
+                   if c["kind"] == "multifd")
+    return d["bytes_total"], tuple(conns), tuple((b["name"], b["normal_pages"], b["zero_pages"])
+                                                 for b in d["ram_blocks"])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("ram", [True, False], ids=["ram-dir", "parse-only"])
+def test_pages_dropped_by_the_kernel_or_read_give_the_same_summary(receivers, tmp_path,
+                                                                   monkeypatch, compression, ram):
+    """Parsing only over TCP, a channel's uncompressed pages are dropped by the kernel
+    (MSG_TRUNC) after their header is parsed; QIOC_MIGRATION_PAGES=copy reads them through the
+    buffer as --ram-dir, --save, --digest and --forward do: the same summary either way (and
+    with --ram-dir the same RAM, byte for byte)."""
+    main, channels = split(compression)
+    parts = [main, *channels]
+    got = {}
+    for mode in ("auto", "copy"):
+        monkeypatch.setitem(_rx.ENV, "QIOC_MIGRATION_PAGES", mode)
+        args = ["--json", str(tmp_path / f"{mode}.json")]
+        if ram:
+            args += ["--ram-dir", str(tmp_path / mode)]
+        rx = run_multifd(receivers, parts, *args)
+        assert rx.proc.returncode == 0, rx.stderr
+        if ram:
+            assert (tmp_path / mode / "ram").read_bytes() == PATTERN, mode
+        d = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, parts))
+        got[mode] = summary_pages(d)
+    assert got["auto"] == got["copy"]
+
+
+# Which runs may leave pages to the kernel: only parsing, over plain TCP, uncompressed, and not
+# told to read them (QIOC_MIGRATION_PAGES=copy). Everything that needs the bytes reads them.
+DROP_CASES = {
+    "tcp": dict(drops=True),
+    "ram-dir": dict(ram_dir=True),
+    "save": dict(save=True),
+    "digest": dict(digest=True),
+    "copy-env": dict(env="copy"),
+    "zstd": dict(compression="zstd"),
+    "zlib": dict(compression="zlib"),
+    "unix": dict(unix=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DROP_CASES))
+def test_which_runs_leave_pages_to_the_kernel(tmp_path, monkeypatch, case):
+    """In process: without --ram-dir, --save, --digest (and --forward, whose own tests read
+    every byte at the destination) every normal page of an uncompressed TCP channel is dropped
+    by the kernel, none read, and the page counts (normal and zero) are the ones the stream
+    has; in every other case none is dropped and what needs the bytes has them all: the RAM
+    byte for byte, the saved channels, their SHA-256."""
+    import hashlib
+
+    from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import IncomingSettings, MultifdReceiver
+    from qioc_green.migration._multifd_channel import ChannelReader
+
+    c = DROP_CASES[case]
+    dropped: list[int] = []
+    drop = ChannelReader._drop
+
+    def counted(self, ch, sock, buf, wait, ev, name):
+        dropped.append(ev.remaining)
+        return drop(self, ch, sock, buf, wait, ev, name)
+
+    monkeypatch.setattr(ChannelReader, "_drop", counted)
+    if "env" in c:
+        monkeypatch.setenv("QIOC_MIGRATION_PAGES", c["env"])
+    else:
+        monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
+    main, channels = split(c.get("compression", "none"))
+    where = f"unix:{tmp_path / 'u.sock'}" if c.get("unix") else "tcp:127.0.0.1:0"
+    ram_dir = str(tmp_path / "r") if c.get("ram_dir") else None
+    save = str(tmp_path / "s.mig") if c.get("save") else None
+    lst = SocketChannel.listen(where, 8)
+    lst.set_follow_coroutine_ctx(True)
+    threads = send_connections(lst.local_address if where.startswith("tcp") else where,
+                               [main, *channels])
+    try:
+        with IOThread("t-coordinator") as t:
+            rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=ram_dir,
+                                 save=save, digest=bool(c.get("digest")))
+            out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+    finally:
+        lst.close()
+        for th in threads:
+            th.join(WAIT)
+    assert out.ok, out.error
+    mfd = [x for x in rx.connections if x.kind == "multifd"]
+    normal = sum(x.blocks["ram"][0] for x in mfd)
+    zero = sum(x.blocks["ram"][1] for x in mfd)
+    # every page of the 4 MiB block arrived on a channel, every 7th a zero page (see split)
+    assert (normal, zero) == (1024 - zero, sum(1 for i in range(1024) if i % 7 == 3))
+    assert sorted(x.bytes for x in mfd) == sorted(map(len, channels))
+    if c.get("drops"):
+        assert sum(dropped) == normal * 4096
+    else:
+        assert not dropped
+    if ram_dir is not None:
+        assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+    if save is not None:
+        saved = sorted(p.read_bytes() for p in tmp_path.glob("s.mig.multifd-*"))
+        assert saved == sorted(channels)
+    if c.get("digest"):
+        assert sorted(x.sha256_in for x in mfd) == sorted(
+            hashlib.sha256(ch).hexdigest() for ch in channels)
+
+
+@pytest.mark.parametrize("pre", ["ram", "other"], ids=["block-mapped", "other-block-mapped"])
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_pages_received_into_preallocated_ram(tmp_path, monkeypatch, pre, where):
+    """In process, with --ram-prealloc's RamDir: each channel receives a preallocated block's
+    pages straight into its mapped file (no buffer, no pwritev), those of a block that was
+    not preallocated through a packet buffer; the RAM byte for byte either way, every page
+    counted, and the file preallocated for a block the stream lacks gone at the end."""
+    from qioc_green import IOThread, SocketChannel
+    from qioc_green.migration import IncomingSettings, MultifdReceiver
+    from qioc_green.migration._sinks import RamDir
+
+    mapped: list[bool] = []
+    mapping = RamDir.mapping
+
+    def seen(self, name):
+        m = mapping(self, name)
+        mapped.append(m is not None)
+        return m
+
+    monkeypatch.setattr(RamDir, "mapping", seen)
+    monkeypatch.delenv("QIOC_MIGRATION_PAGES", raising=False)
+    main, channels = split()
+    address = f"unix:{tmp_path / 'u.sock'}" if where == "unix" else "tcp:127.0.0.1:0"
+    ram = RamDir(str(tmp_path / "r"), prealloc={pre: 4 << 20 if pre == "ram" else 4096})
+    lst = SocketChannel.listen(address, 8)
+    lst.set_follow_coroutine_ctx(True)
+    threads = send_connections(lst.local_address if where == "tcp" else address,
+                               [main, *channels])
+    try:
+        with IOThread("t-coordinator") as t:
+            rx = MultifdReceiver(IncomingSettings(multifd_channels=2), ram_dir=str(tmp_path / "r"),
+                                 ram=ram)
+            out = t.context.spawn(_receive_from, lst, rx).result(WAIT)
+    finally:
+        lst.close()
+        ram.close()
+        for th in threads:
+            th.join(WAIT)
+    assert out.ok, out.error
+    assert mapped and set(mapped) == {pre == "ram"}
+    assert (tmp_path / "r" / "ram").read_bytes() == PATTERN
+    assert (tmp_path / "r" / "other").exists() is False
+    mfd = [x for x in rx.connections if x.kind == "multifd"]
+    assert sum(x.blocks["ram"][0] + x.blocks["ram"][1] for x in mfd) == 1024
+
+
+def test_pages_over_a_unix_socket(receivers, tmp_path):
+    """Over UNIX sockets (no low-water mark, no MSG_TRUNC): read through the buffer."""
+    main, channels = split()
+    for ram in (True, False):
+        path = tmp_path / f"rx-{ram}.sock"
+        args = ["--ram-dir", str(tmp_path / "ram")] if ram else []
+        rx = receivers(f"unix:{path}", "--multifd-channels", "2", "--json",
+                       str(tmp_path / "u.json"), *args)
+        threads = send_connections(rx.address, [main, *channels])
+        assert rx.wait() == 0, rx.stderr
+        for t in threads:
+            t.join(WAIT)
+        d = json.loads((tmp_path / "u.json").read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, [main, *channels]))
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN
+
+
 # -- bad input on a multifd channel --------------------------------------------------------------
 
 
@@ -371,12 +549,14 @@ def test_a_page_offset_past_its_block(receivers, tmp_path):
                     f"0x400000 is past block 'ram' (size 0x400000)")
 
 
+@pytest.mark.parametrize("ram", ["parse", "prealloc"])
 @pytest.mark.parametrize("how", ["fin", "rst"])
-def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how):
+def test_a_channel_vanishing_mid_packet(receivers, tmp_path, how, ram):
     main, (a, b) = split()
     pk = next(e for e in packets(a) if isinstance(e, RamPacket) and e.normal)
     cut = pk.offset + packet_size(4096) + 1000
-    line = refused(receivers, tmp_path, [main, a[:cut], b],
+    args = ["--ram-dir", str(tmp_path / "r"), "--ram-prealloc", "ram=4M"] if ram != "parse" else []
+    line = refused(receivers, tmp_path, [main, a[:cut], b], *args,
                    reset=frozenset({1}) if how == "rst" else frozenset())
     name = f"multifd channel {channel_id(a)}"
     inside = (f"channel ends inside the payload of the packet at offset {pk.offset} (1000 of "

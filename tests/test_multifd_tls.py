@@ -202,3 +202,29 @@ def test_keep_listening_hands_a_tls_session_to_the_next_migration(receivers, pki
         assert d["complete"], d.get("error")
         assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
             ["main", "multifd", "multifd"]
+
+
+def test_parsing_only_over_tls_reads_every_page(receivers, pki, tmp_path):
+    """Without --ram-dir, a plain TCP channel's pages are dropped by the kernel unread; over
+    TLS they are records to decrypt, so they are read: the same summary as storing them."""
+    import json
+
+    main, channels = parts()
+    got = {}
+    for ram in (True, False):
+        summary = tmp_path / f"s-{ram}.json"
+        args = ["--ram-dir", str(tmp_path / "ram")] if ram else []
+        rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--tls-creds",
+                       pki["server"], "--tls-verify-peer", "--json", str(summary), *args)
+        threads = play(rx.address, [("good", c) for c in [main, *channels]],
+                       {"good": client_context(pki["client"])})
+        assert rx.wait() == 0, rx.stderr
+        for t in threads:
+            t.join(WAIT)
+        d = json.loads(summary.read_text())
+        assert d["complete"] and d["bytes_total"] == sum(map(len, [main, *channels]))
+        got[ram] = (sorted((c["bytes"], c["packets"], c["normal_pages"], c["zero_pages"])
+                           for c in d["multifd"]["connections"] if c["kind"] == "multifd"),
+                    [(b["name"], b["normal_pages"], b["zero_pages"]) for b in d["ram_blocks"]])
+    assert got[True] == got[False]
+    assert (tmp_path / "ram" / "ram").read_bytes() == PATTERN

@@ -60,6 +60,7 @@ from ._multifd_events import (
     ChannelInit,
     DeviceStatePacket,
     MultifdError,
+    PagesAhead,
     RamPacket,
     SyncPacket,
 )
@@ -163,6 +164,7 @@ __all__ = [
     "NotMappedRam",
     "Outcome",
     "PAUSED",
+    "PagesAhead",
     "Pong",
     "PostcopyState",
     "QmpBadRequest",

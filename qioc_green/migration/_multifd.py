@@ -47,6 +47,12 @@ return :data:`NEED_BLOCKS`, holding the packet: the multifd channels race the ma
 *Payload lifetime*, as the main stream parser's: a payload that arrived in one fed chunk is a
 view of it (no copy) until the caller reuses that buffer; one cut by chunk ends is copied once.
 
+*Pages the caller moves itself* (``take_pages=True``): an uncompressed packet's pages need no
+parsing, only a place, so the parser can stop at the checked header (:class:`PagesAhead`) and
+leave them on the channel for the caller (received straight into a mapped RAM file, or
+dropped by a read that discards); :meth:`MultifdParser.want` says how many bytes to read so
+that a reader never reads past a header into the pages.
+
 *Errors* are :class:`MultifdError` (a ``ValueError``) naming the channel (``multifd channel 2``
 once its init packet has said so, the caller's name before) and the offset in that channel:
 ``multifd channel 1: offset 2752: normal page offset 0x1000000 is past block 'pc.ram' (size
@@ -61,6 +67,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Mapping
+from functools import reduce
 from typing import Literal, NamedTuple
 
 from ._format import QEMU_VM_FILE_MAGIC
@@ -75,6 +82,7 @@ from ._multifd_events import (
     MultifdError,
     NeedBlocks,
     NeedData,
+    PagesAhead,
     RamPacket,
     SyncPacket,
 )
@@ -92,6 +100,7 @@ __all__ = [
     "MultifdChannels",
     "MultifdError",
     "MultifdParser",
+    "PagesAhead",
     "RamPacket",
     "SyncPacket",
     "packet_size",
@@ -192,6 +201,11 @@ class _Input:
         self.offset += n
         return memoryview(out)
 
+    def take_upto(self, n: int) -> memoryview:
+        """What is there of the next ``n`` bytes (maybe nothing), taken."""
+        k = min(n, self.available())
+        return memoryview(b"") if k == 0 else self.take(k)  # type: ignore[return-value]
+
     def let_go(self) -> None:
         """Copy what is left of the fed chunks, so the caller may reuse its buffers."""
         while self.chunks:
@@ -212,12 +226,14 @@ class MultifdParser:
     target page size (the main stream's). ``blocks``: RAM block name -> size in bytes (may come
     later, :meth:`set_blocks`). ``compression``: ``"none"``, ``"zlib"``, ``"zstd"``, or None to take
     the method of the first packet that carries pages and hold the channel to it.
-    ``max_device_bytes``: cap on one device-state packet's payload.
+    ``max_device_bytes``: cap on one device-state packet's payload. ``take_pages``: give each
+    uncompressed RAM packet with pages as :class:`PagesAhead` (its pages left on the channel for
+    the caller, see the module notes) instead of :class:`RamPacket`.
     """
 
     def __init__(self, *, name: str = "multifd channel", page_size: int = 4096,
                  blocks: Mapping[str, int] | None = None, compression: str | None = None,
-                 max_device_bytes: int = 16 << 20) -> None:
+                 max_device_bytes: int = 16 << 20, take_pages: bool = False) -> None:
         self.page_size = check_page_size(page_size)
         self.page_count = MULTIFD_PACKET_SIZE // page_size
         self.packet_size = packet_size(page_size)
@@ -225,6 +241,7 @@ class MultifdParser:
             raise ValueError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
         self.compression = compression
         self.max_device_bytes = max_device_bytes
+        self.take_pages = take_pages
         self.name = name
         self.channel_id: int | None = None
         self.uuid: bytes | None = None
@@ -253,6 +270,19 @@ class MultifdParser:
     def complete(self) -> bool:
         """True once the channel has ended cleanly (ChannelEnd produced)."""
         return self._done
+
+    def want(self) -> int:
+        """How many bytes to feed next (at least 1): what the item being parsed lacks, between
+        packets a RAM packet header, so a reader never feeds the pages ``take_pages`` leaves it
+        (a device-state packet, never sent without VFIO, is shorter: what follows is parsed)."""
+        state = self._state
+        if state == self._st_ram:
+            size = self.packet_size - _HDR_SIZE if self._ram is None else self._ram.payload
+        elif state == self._st_dev:
+            size = _DEV_SIZE - _HDR_SIZE if self._dev is None else self._dev[2]
+        else:  # the init packet, or between packets
+            size = INIT_PACKET_SIZE if state == self._st_init else self.packet_size
+        return max(size - self._in.available(), 1)
 
     def set_blocks(self, blocks: Mapping[str, int]) -> None:
         """The RAM blocks (name -> size) the main stream announced with MEM_SIZE."""
@@ -402,6 +432,9 @@ class MultifdParser:
             return NEED_BLOCKS
         if normal or zero:
             self._check_offsets(name, normal, zero)
+        method = self.compression or "none"
+        if self.take_pages and normal and method == "none":
+            return self._pages_ahead(name, normal, zero, num, psize)
         payload = self._in.take(psize) if psize else memoryview(b"")
         if payload is None:
             return NEED_DATA
@@ -413,7 +446,6 @@ class MultifdParser:
             self.syncs += 1
         if not (normal or zero):
             return sync  # a SYNC packet (or, harmlessly, an empty one)
-        method = self.compression or "none"
         if normal and method != "none":
             assert self._decomp is not None
             try:
@@ -426,6 +458,20 @@ class MultifdParser:
         if sync is not None:  # QEMU < 9.0 sends pages with SYNC
             self._pending.append(sync)
         return ev
+
+    def _pages_ahead(self, name: str, normal: tuple[int, ...], zero: tuple[int, ...], num: int,
+                     size: int) -> PagesAhead:
+        """The packet's pages are the caller's: what was fed of them, and the rest skipped."""
+        at = self._in.offset
+        head = self._in.take_upto(size)
+        self._in.offset += size - len(head)
+        self._ram = None
+        self.packets += 1
+        self._state = self._st_header
+        if self._flags & FLAG_SYNC:  # QEMU < 9.0 sends pages with SYNC
+            self.syncs += 1
+            self._pending.append(SyncPacket(num, self._at))
+        return PagesAhead(name, normal, zero, self.page_size, num, self._at, at, head)
 
     def _parse_ram_header(self, buf: memoryview) -> _RamHeader:
         alloc, n_normal, next_size, num, n_zero = _RAM.unpack_from(buf)
@@ -491,11 +537,15 @@ class MultifdParser:
         for kind, offs in (("normal", normal), ("zero", zero)):
             if not offs:
                 continue
-            hi = max(offs)
+            first, last = offs[0], offs[-1]
+            if last - first == (len(offs) - 1) * ps and offs == tuple(range(first, last + 1, ps)):
+                hi, odd = last, first & (ps - 1)  # one run, as QEMU sends them: cheap
+            else:
+                hi, odd = max(offs), reduce(int.__or__, offs) & (ps - 1)
             if hi > size - ps:
                 raise self._err(f"{kind} page offset 0x{hi:x} is past block {name!r} "
                                 f"(size 0x{size:x})")
-            if any(o & (ps - 1) for o in offs):
+            if odd:
                 bad = next(o for o in offs if o & (ps - 1))
                 raise self._err(f"{kind} page offset 0x{bad:x} in block {name!r} is not a "
                                 f"multiple of the {ps}-byte page size")

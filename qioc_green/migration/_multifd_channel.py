@@ -6,6 +6,10 @@ A :class:`ChannelReader` reads one connection that said it is a multifd channel:
 (``MultifdChannels``), writes each packet's pages to the shared ``RamDir`` with positional
 writes (one ``pwritev`` per run of consecutive pages: a packet is usually one run), meets the
 main stream at every SYNC packet (``SyncPoints``), saves the channel's bytes and forwards them.
+When the pages go nowhere (parsing only, over TCP) it reads each packet's header alone and
+has the kernel drop the pages unread (``MSG_TRUNC``): the checks are the same, the copy gone.
+With preallocated RAM files (``--ram-prealloc``) it reads headers the same way and receives
+the pages straight into the mapped file at their offsets.
 What it shares with the other readers it gets from the :class:`~._multifd_receiver.MultifdReceiver`
 (``session``): the page size and RAM blocks the main stream announced, the registry, the sync
 points, the RAM files, and whether another reader failed (then it stops at its next wait).
@@ -13,11 +17,14 @@ points, the RAM files, and whether another reader failed (then it stops at its n
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qioc_green import BrokenChannelError, Channel, FileChannel
+from qioc_green import BrokenChannelError, Channel, FileChannel, IOCondition, SocketChannel
 
 from ._events import RamPages, ZeroPages
 from ._format import NEED_DATA
@@ -28,6 +35,7 @@ from ._multifd_events import (
     ChannelInit,
     DeviceStatePacket,
     MultifdError,
+    PagesAhead,
     RamPacket,
     SyncPacket,
 )
@@ -40,6 +48,9 @@ if TYPE_CHECKING:
 
 TICK = 0.5  # s between checks for a failure elsewhere while waiting for the main stream
 CHANNEL_WAIT = 0.005  # s: how long a channel reader waits for the low-water mark before it reads
+#: "copy": read every channel through its buffer, even where the kernel could drop the pages
+#: (the benchmark and the tests compare the two ways)
+PAGES_ENV = "QIOC_MIGRATION_PAGES"
 
 
 class Stopped(Exception):
@@ -100,6 +111,7 @@ class ChannelReader:
         self.session = session
         self.conn = conn
         self.j = j
+        self._packet: memoryview | None = None  # a packet's pages (--ram-prealloc, see _receive)
 
     def run(self, ch: Channel, prefix: bytes) -> None:
         """Read ``ch`` (its first bytes, ``prefix``, already taken) to its end. May park.
@@ -111,6 +123,16 @@ class ChannelReader:
             pass
         if s.failed:
             raise Stopped("stopped")
+        if (s.ram is None and not s.save and not s.digest and s.forward is None
+                and isinstance(ch, SocketChannel) and _tcp(ch)
+                and os.environ.get(PAGES_ENV) != "copy"):
+            self._run_dropping(ch, prefix)
+            return
+        if (s.ram is not None and s.ram.preallocated and not s.save and not s.digest
+                and s.forward is None and isinstance(ch, SocketChannel)
+                and os.environ.get(PAGES_ENV) != "copy"):
+            self._run_dropping(ch, prefix, into_ram=True)
+            return
         parser = MultifdParser(name=conn.name, page_size=s.page_size,
                                compression=s.settings.multifd_compression)
         save = FileChannel.open(channel_path(s.save, self.j), "w",
@@ -124,9 +146,9 @@ class ChannelReader:
         relay = _Relay(fwd)
         sha = hashlib.sha256() if s.digest else None
         own = memoryview(bytearray(s.chunk)) if fwd is None else None
-        # Woken once a packet's worth is queued, and a lone SYNC packet (what ends a round;
-        # the main stream waits for it) is read within CHANNEL_WAIT, not LOWAT_WAIT.
-        wait = CHANNEL_WAIT if set_rcvlowat(ch, min(s.chunk // 4, MULTIFD_PACKET_SIZE)) else None
+        # Woken once packets are queued (see _low_water), and a lone SYNC packet (what ends a
+        # round; the main stream waits for it) is read within CHANNEL_WAIT, not LOWAT_WAIT.
+        wait = CHANNEL_WAIT if set_rcvlowat(ch, _low_water(parser, s.chunk)) else None
         carry = prefix
         received = 0
         finished = False
@@ -182,52 +204,197 @@ class ChannelReader:
             if save is not None:
                 save.close()
 
+    def _run_dropping(self, ch: SocketChannel, prefix: bytes, into_ram: bool = False) -> None:
+        """Read a TCP channel whose pages go nowhere (no --ram-dir, --save, --digest or
+        --forward) packet by packet: each header through the parser, never a byte past it (its
+        ``want()``), then the packet's pages dropped by the kernel (``MSG_TRUNC``: TCP discards
+        them without copying them to us). Every check is the same as when they are read.
+        ``into_ram`` (--ram-prealloc, a socket of any family): the pages are received instead,
+        straight into the preallocated block's mapped file at their offsets (``_receive``)."""
+        s, conn = self.session, self.conn
+        parser = MultifdParser(name=conn.name, page_size=s.page_size,
+                               compression=s.settings.multifd_compression, take_pages=True)
+        buf = memoryview(bytearray(s.chunk))
+        wait = CHANNEL_WAIT if set_rcvlowat(ch, _low_water(parser, s.chunk)) else None
+        # Our own fd for the socket: a close() of the channel from another thread (how a
+        # failure elsewhere wakes this reader) cannot then hand its number to another file
+        # under a recv; the reader still parks on the channel, which that close wakes.
+        sock = ch.socket.dup()
+        received = 0
+        try:
+            parser.feed(prefix)
+            received = len(prefix)
+            while True:
+                while (ev := parser.next_event()) is not NEED_DATA:
+                    if type(ev) is PagesAhead:
+                        assert isinstance(ev, PagesAhead)
+                        if into_ram:  # counts the pages
+                            self._receive(ch, sock, wait, ev, parser.name)
+                        else:
+                            self._drop(ch, sock, buf, wait, ev, parser.name)
+                            self._count(ev.block, ev.normal, ev.zero)
+                        received += ev.remaining
+                        conn.bytes = received
+                        conn.packets += 1
+                    else:
+                        self._event(parser, ev, None)
+                try:
+                    n = ch.readinto(buf[: parser.want()], timeout=wait)
+                except TimeoutError:  # below the low-water mark: read what is there
+                    continue
+                except BrokenChannelError as exc:
+                    raise MultifdError(parser.name, received,
+                                       f"{describe(exc)}; {_what_was_cut(parser)}") from exc
+                if n == 0:
+                    break
+                s.touch()
+                parser.feed(buf[:n])
+                received += n
+                conn.bytes = received
+            parser.close()
+            while (ev := parser.next_event()) is not NEED_DATA:
+                self._event(parser, ev, None)
+        finally:
+            conn.compression = parser.compression
+            sock.close()
+
+    def _drop(self, ch: SocketChannel, sock: socket.socket, buf: memoryview, wait: float | None,
+              ev: PagesAhead, name: str) -> None:
+        """Discard the ``ev.remaining`` bytes of pages that follow on the channel (parking until
+        they are there)."""
+        done = 0
+        while done < ev.remaining:
+            try:
+                k = sock.recv_into(buf, min(ev.remaining - done, len(buf)), socket.MSG_TRUNC)
+            except BlockingIOError:
+                try:
+                    ch.yield_(IOCondition.IN, timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise MultifdError(name, ev.at + len(ev.head) + done,
+                                   f"{_read_failed(exc, ch.name)}; {_cut_pages(ev, done)}") from exc
+            if k == 0:
+                raise MultifdError(name, ev.at + len(ev.head) + done, _cut_pages(ev, done))
+            self.session.touch()
+            done += k
+
+    def _receive(self, ch: SocketChannel, sock: socket.socket, wait: float | None,
+                 ev: PagesAhead, name: str) -> None:
+        """Receive the packet's pages straight into the preallocated block's mapping, run by
+        run (the part already read, ``ev.head``, copied first); a block that was not
+        preallocated gets them through a packet-sized buffer and positional writes. Counts
+        the pages; then the zero pages."""
+        ram = self.session.ram
+        assert ram is not None
+        ps = ev.page_size
+        m = ram.mapping(ev.block)
+        if m is None:
+            size = ev.size  # at most MULTIFD_PACKET_SIZE (the parser checks)
+            if self._packet is None:
+                self._packet = memoryview(bytearray(MULTIFD_PACKET_SIZE))
+            buf = self._packet
+            buf[: len(ev.head)] = ev.head
+            self._recv_into(ch, sock, buf[len(ev.head) : size], wait, ev, len(ev.head), name)
+            self._pages(RamPacket(ev.block, ev.normal, ev.zero, buf[:size], ps, ev.packet_num,
+                                  "none", ev.offset))
+            return
+        head = ev.head
+        pos = 0  # bytes of the packet's pages placed
+        for start, count, _ in runs(ev.normal, ps):
+            with m[start : start + count * ps] as dst:
+                k = max(0, min(len(head) - pos, len(dst)))
+                if k:
+                    dst[:k] = head[pos : pos + k]
+                self._recv_into(ch, sock, dst[k:], wait, ev, pos + k, name)
+                pos += len(dst)
+        self._count(ev.block, ev.normal, ev.zero)
+        for start, count, _ in runs(ev.zero, ps):
+            ram.zeros(ZeroPages(ev.block, start, count, 0, ps))
+
+    def _recv_into(self, ch: SocketChannel, sock: socket.socket, dst: memoryview,
+                   wait: float | None, ev: PagesAhead, placed: int, name: str) -> None:
+        """Fill ``dst`` from the socket (parking until the bytes are there): the pages of
+        ``ev`` from ``placed`` bytes in (``ev.head`` included)."""
+        done = 0
+        while done < len(dst):
+            try:
+                k = sock.recv_into(dst[done:])
+            except BlockingIOError:
+                try:
+                    ch.yield_(IOCondition.IN, timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise MultifdError(
+                    name, ev.at + placed + done,
+                    f"{_read_failed(exc, ch.name)}; "
+                    f"{_cut_pages(ev, placed + done - len(ev.head))}") from exc
+            if k == 0:
+                raise MultifdError(name, ev.at + placed + done,
+                                   _cut_pages(ev, placed + done - len(ev.head)))
+            self.session.touch()
+            done += k
+
     def _apply(self, parser: MultifdParser, relay: _Relay) -> None:
         """Drain the parser: pages to RAM, the init packet checked, SYNCs met, the end noted."""
-        s, conn = self.session, self.conn
         while (ev := parser.next_event()) is not NEED_DATA:
-            if ev is NEED_BLOCKS:
-                while not s.blocks_ready.wait(TICK):
-                    pass
-                if s.failed:
-                    raise Stopped("stopped")
-                parser.set_blocks(s.blocks)
-                continue
-            t = type(ev)
-            if t is RamPacket:
-                assert isinstance(ev, RamPacket)
-                self._pages(ev)
-                conn.packets += 1
-            elif t is SyncPacket:
-                assert isinstance(ev, SyncPacket)
-                conn.packets += 1
-                conn.syncs += 1
+            self._event(parser, ev, relay)
+
+    def _event(self, parser: MultifdParser, ev: Any, relay: _Relay | None) -> None:
+        """One event of the channel's parser (but PagesAhead: the packet reader's own)."""
+        s, conn = self.session, self.conn
+        if ev is NEED_BLOCKS:
+            while not s.blocks_ready.wait(TICK):
+                pass
+            if s.failed:
+                raise Stopped("stopped")
+            parser.set_blocks(s.blocks)
+            return
+        t = type(ev)
+        if t is RamPacket:
+            assert isinstance(ev, RamPacket)
+            self._pages(ev)
+            conn.packets += 1
+        elif t is SyncPacket:
+            assert isinstance(ev, SyncPacket)
+            conn.packets += 1
+            conn.syncs += 1
+            if relay is not None:
                 relay.pass_on(parser.offset)
-                try:
-                    s.sync.channel(parser.syncs, parser.name, ev.offset)
-                except SyncFailed:
-                    raise Stopped("stopped") from None
-            elif t is ChannelInit:
-                assert isinstance(ev, ChannelInit)
-                s.registry.register(ev, conn.name)
-                conn.channel_id = ev.channel_id
-                s.channel_in()
-            elif t is ChannelEnd:
-                assert isinstance(ev, ChannelEnd)
-                s.sync.channel_ended(parser.name, ev.syncs, ev.offset)
-            elif t is DeviceStatePacket:
-                assert isinstance(ev, DeviceStatePacket)
-                raise MultifdError(parser.name, ev.offset, "device-state packet (VFIO state, "
-                                   "x-migration-multifd-transfer) is not supported")
+            try:
+                s.sync.channel(parser.syncs, parser.name, ev.offset)
+            except SyncFailed:
+                raise Stopped("stopped") from None
+        elif t is ChannelInit:
+            assert isinstance(ev, ChannelInit)
+            s.registry.register(ev, conn.name)
+            conn.channel_id = ev.channel_id
+            s.channel_in()
+        elif t is ChannelEnd:
+            assert isinstance(ev, ChannelEnd)
+            s.sync.channel_ended(parser.name, ev.syncs, ev.offset)
+        elif t is DeviceStatePacket:
+            assert isinstance(ev, DeviceStatePacket)
+            raise MultifdError(parser.name, ev.offset, "device-state packet (VFIO state, "
+                               "x-migration-multifd-transfer) is not supported")
+
+    def _count(self, block: str, normal: tuple[int, ...], zero: tuple[int, ...]) -> None:
+        counts = self.conn.blocks.get(block)
+        if counts is None:
+            counts = self.conn.blocks[block] = [0, 0]
+        counts[0] += len(normal)
+        counts[1] += len(zero)
 
     def _pages(self, ev: RamPacket) -> None:
         """One packet's pages: runs of consecutive offsets, each one positional write."""
-        blocks = self.conn.blocks
-        counts = blocks.get(ev.block)
-        if counts is None:
-            counts = blocks[ev.block] = [0, 0]
-        counts[0] += len(ev.normal)
-        counts[1] += len(ev.zero)
+        self._count(ev.block, ev.normal, ev.zero)
         ram = self.session.ram
         if ram is None:
             return
@@ -236,8 +403,6 @@ class ChannelReader:
             ram.pages(RamPages(ev.block, start, count, ev.data[i * ps : (i + count) * ps], ps, ps))
         for start, count, _ in runs(ev.zero, ps):
             ram.zeros(ZeroPages(ev.block, start, count, 0, ps))
-
-
 
 
 def runs(offsets: tuple[int, ...], ps: int) -> list[tuple[int, int, int]]:
@@ -291,6 +456,30 @@ class _Relay:
     def give_back(self, buf: bytearray) -> None:
         assert self.fwd is not None
         self.fwd.release(buf)
+
+
+def _tcp(ch: SocketChannel) -> bool:
+    return ch.socket.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def _low_water(parser: MultifdParser, chunk: int) -> int:
+    """The receive low-water mark of a channel: four whole packets (headers and pages), or half
+    the buffer. Woken for fewer bytes, a reader parks more often, and each wake is a hub switch
+    and an ``epoll_wait`` (one packet's worth cost a parsing receiver about a quarter more CPU:
+    docs/design-notes.md)."""
+    return min(chunk // 2, 4 * (parser.packet_size + MULTIFD_PACKET_SIZE))
+
+
+def _read_failed(exc: OSError, name: str) -> str:
+    """A receive on the channel's socket that failed, as the channel's own read says it."""
+    reset = exc.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+    return f"{name}: read failed: {'connection reset by peer' if reset else exc.strerror or exc}"
+
+
+def _cut_pages(ev: PagesAhead, done: int) -> str:
+    """What a channel that ends inside pages left to the kernel was in the middle of."""
+    return (f"channel ends inside the payload of the packet at offset {ev.offset} "
+            f"({len(ev.head) + done} of {ev.size} bytes)")
 
 
 def _what_was_cut(parser: MultifdParser) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "MultifdError",
     "NeedBlocks",
     "NeedData",
+    "PagesAhead",
     "RamPacket",
     "SyncPacket",
 ]
@@ -87,6 +88,34 @@ class RamPacket:
 
 
 @dataclass(frozen=True, slots=True)
+class PagesAhead:
+    """An uncompressed RAM packet whose pages are left to the caller
+    (``MultifdParser(take_pages=True)``): its header is checked, and its ``size`` bytes of raw
+    pages (``normal``'s, in order) follow on the channel. The first ``len(head)`` of them had
+    already been fed (``head`` views them); the other ``size - len(head)`` are the caller's to
+    move (a ``splice``, a discarding read) and are never fed: the parser counts them as parsed.
+    ``offset`` is the channel offset of the packet header, ``at`` that of its first page."""
+
+    block: str
+    normal: tuple[int, ...]
+    zero: tuple[int, ...]
+    page_size: int
+    packet_num: int
+    offset: int
+    at: int
+    head: memoryview
+
+    @property
+    def size(self) -> int:
+        return len(self.normal) * self.page_size
+
+    @property
+    def remaining(self) -> int:
+        """Bytes of the pages still on the channel, after ``head``."""
+        return len(self.normal) * self.page_size - len(self.head)
+
+
+@dataclass(frozen=True, slots=True)
 class SyncPacket:
     """A SYNC packet: this channel's side of one synchronisation (the main stream has a
     MULTIFD_FLUSH, or an EOS, for each)."""
@@ -114,4 +143,4 @@ class ChannelEnd:
     syncs: int
 
 
-Event = ChannelInit | RamPacket | SyncPacket | DeviceStatePacket | ChannelEnd
+Event = ChannelInit | RamPacket | PagesAhead | SyncPacket | DeviceStatePacket | ChannelEnd

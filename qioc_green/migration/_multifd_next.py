@@ -106,11 +106,15 @@ def tell(ch: Channel, given: bytes, name: str,
          over: Callable[[], bool] | None) -> tuple[bytes, bool]:
     """What new connection ``name`` says (after ``given``, read before): its first 4 bytes,
     and with ``over`` (``--keep-listening``) a multifd channel's whole init packet, which has
-    its id. May park. Returns (the bytes read, True), fewer at EOF; or (those read, False)
-    once ``over()`` says the migration is over first. Raises MultifdError as ``read_first``."""
+    its id. May park. Returns (the bytes read, True), none at EOF; or (those read, False)
+    once ``over()`` says the migration is over first (the connection then goes to the next).
+    Raises MultifdError as ``read_first``, or for 1 to 3 bytes and EOF."""
     prefix = read_first(ch, given, 4, name, over)
     if prefix is None:
         return given, False
+    if 0 < len(prefix) < 4:
+        raise MultifdError(name, len(prefix), f"closed after {len(prefix)} bytes, before its "
+                           "first 4 bytes said what it is")
     if over is not None and len(prefix) == 4 and sniff_channel(prefix, name) == "multifd":
         init = read_first(ch, prefix, INIT_PACKET_SIZE, name, over)
         if init is None:

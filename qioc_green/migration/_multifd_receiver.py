@@ -104,7 +104,8 @@ class MultifdReceiver:
     """
 
     def __init__(self, settings: IncomingSettings, *, save: str | None = None,
-                 ram_dir: str | None = None, forward: Endpoint | None = None,
+                 ram_dir: str | None = None, ram: RamDir | None = None,
+                 forward: Endpoint | None = None,
                  chunk: int = CHUNK, buffers: int = BUFFERS, allow_undescribed: bool = False,
                  digest: bool = False, progress: IO[str] | None = None,
                  idle_timeout: float | None = None, deadline: float | None = None,
@@ -144,6 +145,7 @@ class MultifdReceiver:
         self.page_size = 4096
         self.blocks: dict[str, int] = {}
         self.ram: RamDir | None = None
+        self._given_ram = ram  # --ram-prealloc's, the caller's to close
         self._lock = threading.Lock()
         self._chans: list[Channel] = []
         self._threads: list[IOThread] = []
@@ -251,7 +253,9 @@ class MultifdReceiver:
         cpu0 = time.process_time()
         acceptor = None
         try:
-            if self.ram_dir is not None:
+            if self._given_ram is not None:
+                self.ram = self._given_ram
+            elif self.ram_dir is not None:
                 self.ram = RamDir(self.ram_dir)
             for ch in channels:
                 self._start(ch)
@@ -278,7 +282,7 @@ class MultifdReceiver:
                     pass
             for t in self._threads:
                 t.stop()
-            if self.ram is not None:
+            if self.ram is not None and self.ram is not self._given_ram:
                 self.ram.close()
             if self.progress is not None:
                 self.progress.write("\n")
@@ -477,7 +481,6 @@ class MultifdReceiver:
 
     def _serve(self, conn: Connection, ch: Channel, raw: Channel, given: bytes) -> bool:
         """Tell what ``ch`` is and read it to its end; True if it was handed over instead."""
-        # the migration is over: connections still saying what they are go to the next
         over = (lambda: self._stopping) if self.handover is not None else None
         prefix, told = tell(ch, given, conn.name, over)
         if not told:
@@ -487,9 +490,6 @@ class MultifdReceiver:
                 return False
             # a TLS source that refuses our certificate hangs up right after the handshake
             raise MultifdError(conn.name, 0, early_close(ch, 0) or "closed before sending a byte")
-        if len(prefix) < 4:
-            raise MultifdError(conn.name, len(prefix), f"closed after {len(prefix)} bytes, "
-                               "before its first 4 bytes said what it is")
         kind = sniff_channel(prefix, conn.name)
         self._last = time.monotonic()
         # --keep-listening: after the first N + 1, a main stream or channel id taken is the

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 from collections.abc import Callable
@@ -46,6 +47,24 @@ from ._uri import Endpoint, open_outgoing
 
 CHUNK = 4 << 20  # receive buffer size: the parser runs at ~20-24 GB/s on 1-4 MiB chunks
 BUFFERS = 8  # buffers shared with the forwarding writer: the memory bound of a relay
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)  # Linux; Python 3.10+ has the name
+_ZEROS = bytes(1 << 20)
+
+
+def preallocated(specs: list[str], ram_dir: str | None, *, one: bool) -> RamDir:
+    """``--ram-prealloc``'s RamDir: ``BLOCK=SIZE`` items (SIZE in bytes, or with K, M, G or T:
+    binary units, as QEMU's ``-m``) allocated and mapped in ``ram_dir``. ValueError for a bad
+    item, no ``ram_dir``, or not ``one`` migration on a socket; OSError if it cannot be."""
+    if not ram_dir or not one:
+        raise ValueError("needs --ram-dir and one migration on a tcp: or unix: URI")
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        m = re.fullmatch(r"(.+)=([0-9]+)([KMGTkmgt]?)", spec)
+        if m is None:
+            raise ValueError(f"expected BLOCK=SIZE (pc.ram=1G), not {spec!r}")
+        unit = "KMGT".find(m[3].upper()) + 1 if m[3] else 0
+        sizes[m[1]] = int(m[2]) << (10 * unit)
+    return RamDir(ram_dir, prealloc=sizes)
 
 
 class RamDir:
@@ -62,54 +81,126 @@ class RamDir:
     (zero pages with another fill byte are refused by the parser, as QEMU 8.2+ refuses them),
     every write lies inside a block the stream declared, and files are sparse. ``keep``: the
     (device, inode) of the input, which is never truncated (an error instead).
+
+    ``prealloc`` (``--ram-prealloc``): block name -> size, files allocated whole and mapped now,
+    before any stream, as a QEMU destination's ``-mem-prealloc`` allocates guest RAM before
+    the migration: then the pages are copied into the mapping (``mapping()``: a multifd channel
+    receives them straight into it) and no page of the file is allocated while they come. The
+    caller's sizes bound it (a stream declaring another size for such a block is refused); a
+    preallocated block the stream never declares has its file removed at ``close()``.
     """
 
-    def __init__(self, path: str, *, keep: tuple[int, int] | None = None) -> None:
+    def __init__(self, path: str, *, keep: tuple[int, int] | None = None,
+                 prealloc: dict[str, int] | None = None) -> None:
         self.path = path
         self._keep = keep
         os.makedirs(path, exist_ok=True)
         self._files: dict[str, FileChannel] = {}
         self._index: dict[str, dict[str, Any]] = {}
+        self._pre: dict[str, int] = {}  # preallocated block -> size
+        self._declared: set[str] = set()
+        self._mm: dict[str, mmap.mmap] = {}
+        self._maps: dict[str, memoryview] = {}
+        try:
+            for name, size in (prealloc or {}).items():
+                self._open(name, size, self._taken())
+                fd = self._files[name].fileno()
+                try:
+                    if size:
+                        os.posix_fallocate(fd, 0, size)
+                        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | _MAP_POPULATE)
+                        self._mm[name] = mm
+                        self._maps[name] = memoryview(mm)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"preallocating RAM block {name!r} of {size} "
+                                             f"bytes: {exc.strerror}") from None
+                self._pre[name] = size
+        except BaseException:
+            self._unmap()
+            for name in list(self._files):
+                self._files.pop(name).close()
+                self._remove(name)
+            raise
+
+    @property
+    def preallocated(self) -> bool:
+        """True if any block was preallocated (and so is mapped)."""
+        return bool(self._maps)
+
+    def mapping(self, name: str) -> memoryview | None:
+        """The mapped file of preallocated block ``name`` (declared by the stream), or None."""
+        return self._maps.get(name) if name in self._declared else None
+
+    def _taken(self) -> set[str]:
+        return {v["file"] for v in self._index.values()}
+
+    def _open(self, name: str, size: int, taken: set[str]) -> None:
+        """Create (truncate) block ``name``'s sparse file of ``size`` bytes."""
+        fname = re.sub(r"[^A-Za-z0-9._@-]", "_", name).strip("_.") or "block"
+        while fname in taken or fname == "blocks.json":
+            fname += "_"
+        taken.add(fname)
+        path = os.path.join(self.path, fname)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == self._keep:
+            os.close(fd)
+            raise OSError(errno.EEXIST, f"RAM block {name!r}: {path} is the input itself; "
+                                        "not touching it")
+        ch = FileChannel.from_fd(fd, name=f"ram-{name}")
+        self._files[name] = ch
+        self._index[name] = {"file": fname, "size": size}
+        try:
+            os.ftruncate(ch.fileno(), 0)
+            os.ftruncate(ch.fileno(), size)
+        except OSError as exc:
+            raise OSError(exc.errno, f"RAM block {name!r} of {size} bytes: "
+                                     f"{exc.strerror}") from None
 
     def blocks(self, ev: RamBlocks) -> None:
         """MEM_SIZE: create (truncate) one sparse file per block, and the index."""
-        taken = {v["file"] for v in self._index.values()}
+        taken = self._taken()
         for b in ev.blocks:
+            pre = self._pre.get(b.name)
+            if pre is not None and b.size != pre:
+                raise OSError(errno.EINVAL, f"RAM block {b.name!r} is {b.size} bytes, not the "
+                                            f"{pre} preallocated for it (--ram-prealloc)")
+            self._declared.add(b.name)
             if b.name in self._files:
                 continue
-            fname = re.sub(r"[^A-Za-z0-9._@-]", "_", b.name).strip("_.") or "block"
-            while fname in taken or fname == "blocks.json":
-                fname += "_"
-            taken.add(fname)
-            path = os.path.join(self.path, fname)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == self._keep:
-                os.close(fd)
-                raise OSError(errno.EEXIST, f"RAM block {b.name!r}: {path} is the input itself; "
-                                            "not touching it")
-            ch = FileChannel.from_fd(fd, name=f"ram-{b.name}")
-            self._files[b.name] = ch
-            self._index[b.name] = {"file": fname, "size": b.size}
-            try:
-                os.ftruncate(ch.fileno(), 0)
-                os.ftruncate(ch.fileno(), b.size)
-            except OSError as exc:
-                raise OSError(exc.errno, f"RAM block {b.name!r} of {b.size} bytes: "
-                                         f"{exc.strerror}") from None
+            self._open(b.name, b.size, taken)
         with open(os.path.join(self.path, "blocks.json"), "w") as f:
-            json.dump(self._index, f, indent=1)
+            json.dump({k: v for k, v in self._index.items()
+                       if k in self._declared or k not in self._pre}, f, indent=1)
 
     def pages(self, ev: RamPages) -> None:
+        m = self._maps.get(ev.block)
+        size = ev.count * ev.page_size
+        if m is not None:
+            if ev.stride == ev.page_size:
+                m[ev.offset : ev.offset + size] = ev.data[:size]
+            else:
+                at = ev.offset
+                for page in ev.iov():
+                    m[at : at + ev.page_size] = page
+                    at += ev.page_size
+            return
         # pages back to back (a multifd packet's run) go as one buffer, not one per page
-        iov = [ev.data[: ev.count * ev.page_size]] if ev.stride == ev.page_size else ev.iov()
+        iov = [ev.data[:size]] if ev.stride == ev.page_size else ev.iov()
         n = self._files[ev.block].pwritev(iov, ev.offset)
-        if n != ev.count * ev.page_size:
+        if n != size:
             raise OSError(f"short write to {self._index[ev.block]['file']}: {n} bytes")
 
     def zeros(self, ev: ZeroPages) -> None:
         ch = self._files[ev.block]
         start, size = ev.offset, ev.count * ev.page_size
+        m = self._maps.get(ev.block)
+        if m is not None:  # preallocated: clear only what is not zero already (as QEMU does)
+            for off in range(start, start + size, 1 << 20):
+                end = min(off + (1 << 20), start + size)
+                if ev.fill or m[off:end] != _ZEROS[: end - off]:
+                    m[off:end] = bytes([ev.fill]) * (end - off)
+            return
         if ev.fill == 0:  # the only fill the parser gives (events made by hand may differ)
             try:
                 data_at = os.lseek(ch.fileno(), start, os.SEEK_DATA)
@@ -123,9 +214,27 @@ class RamDir:
         for off in range(0, size, len(fill)):
             ch.pwritev([fill[: size - off]], start + off)
 
+    def _unmap(self) -> None:
+        for v in self._maps.values():
+            v.release()
+        for mm in self._mm.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still held (a traceback's frame): unmapped with it
+                pass
+        self._maps.clear()
+        self._mm.clear()
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.path, self._index.pop(name)["file"]))
+
     def close(self) -> None:
-        for ch in self._files.values():
+        self._unmap()
+        for name, ch in self._files.items():
             ch.close()
+            if name in self._pre and name not in self._declared:
+                self._remove(name)  # preallocated for a block this stream did not have
 
 
 class _Abort(Exception):

@@ -44,14 +44,15 @@ from ._multifd_receiver import MultifdReceiver
 from ._multifd_tls import StrayWatcher
 from ._qmp_dispatch import CommandError
 from ._receiver import Outcome, Receiver, numbered, stderr_is_terminal
-from ._report import write_json
+from ._report import PROG
+from ._report import error as _error
+from ._report import finish as _finish
 from ._settings import DestinationSettings
-from ._sinks import BUFFERS, CHUNK
+from ._sinks import BUFFERS, CHUNK, preallocated
 from ._summary import Summary
 from ._tls import HANDSHAKE_TIMEOUT, TlsCreds, TlsError, accept_tls
 from ._uri import Endpoint, Incoming, parse_uri
 
-PROG = "qioc-migration-receiver"
 STOP_WAIT = 30.0  # s a stopped migration may take to clean up (end commands, drop a forward)
 
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="FILE", help="write the raw stream, byte for byte")
     p.add_argument("--ram-dir", metavar="DIR",
                    help="rebuild each RAM block as a (sparse) file in DIR")
+    p.add_argument("--ram-prealloc", metavar="BLOCK=SIZE", action="append", default=[], help=(
+        "--ram-dir's BLOCK file allocated and mapped first (pc.ram=1G), as -mem-prealloc"))
     p.add_argument("--json", metavar="FILE", help="write the summary as JSON ('-': stdout)")
     p.add_argument("--forward", metavar="URI",
                    help="pass the stream on to a destination while parsing it "
@@ -144,26 +147,6 @@ def _rate(text: str) -> tuple[float, float]:
     if rate <= 0 or secs <= 0:
         raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
     return rate, secs
-
-
-def _error(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
-
-
-def _report(n: int, out: Outcome, args: argparse.Namespace) -> None:
-    d = out.summary
-    label = f"migration {n}: " if args.keep_listening else ""
-    if out.error is not None:
-        _error(f"{label}{out.error}")
-    if not args.quiet:
-        state = "complete" if d["complete"] else "INCOMPLETE"
-        rate = d["bytes_total"] / max(d["elapsed_s"] or 0, 1e-9) / 1e6
-        mfd = d.get("multifd")
-        channels = f", {mfd['channels']} multifd channels" if mfd else ""
-        print(f"{label}{state}: {d['bytes_total']} bytes in {d['elapsed_s']:.3f} s "
-              f"({rate:.0f} MB/s), machine {d['machine']}, {len(d['sections'])} sections, "
-              f"{len(d['ram_blocks'])} RAM blocks, {len(d['devices'])} devices{channels}",
-              flush=True)
 
 
 def _refused(error: str) -> Outcome:
@@ -272,8 +255,8 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         tls = settings.server_tls()
         if mfd.multifd:
             multifd = MultifdReceiver(
-                mfd, save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                chunk=args.buffer_size, buffers=args.buffers,
+                mfd, save=name(args.save), ram_dir=name(args.ram_dir), ram=args.prealloc,
+                forward=forward, chunk=args.buffer_size, buffers=args.buffers,
                 allow_undescribed=args.allow_undescribed, digest=args.digest, progress=progress,
                 idle_timeout=args.idle_timeout, deadline=args.deadline,
                 channel_timeout=args.channel_timeout, destination=dest,
@@ -290,8 +273,8 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
                 incoming.close()
         else:
             assert ch is not None
-            rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), forward=forward,
-                          forward_context=forward_ctx, chunk=args.buffer_size,
+            rx = Receiver(save=name(args.save), ram_dir=name(args.ram_dir), ram=args.prealloc,
+                          forward=forward, forward_context=forward_ctx, chunk=args.buffer_size,
                           buffers=args.buffers, allow_undescribed=args.allow_undescribed,
                           digest=args.digest, progress=progress,
                           idle_timeout=args.idle_timeout, deadline=args.deadline,
@@ -320,22 +303,6 @@ def serve(incoming: Incoming, args: argparse.Namespace, forward: Endpoint | None
         if not args.keep_listening or (args.count is not None and n >= args.count):
             break
     return verdicts
-
-
-def _finish(n: int, out: Outcome, args: argparse.Namespace,
-            name: Callable[[str | None], str | None]) -> bool:
-    """Write the summary and report; the verdict (False too if the summary asked for is lost)."""
-    json_path = name(args.json)
-    written = True
-    if json_path is not None:
-        try:
-            write_json(json_path, out.summary)
-        except OSError as exc:
-            label = f"migration {n}: " if args.keep_listening else ""
-            _error(f"{label}cannot write the summary to {json_path}: {exc.strerror or exc}")
-            written = False
-    _report(n, out, args)
-    return out.ok and written
 
 
 def _why(exc: BaseException) -> str:
@@ -406,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             forward_tls = (TlsCreds(args.forward_tls_creds, "client").context(),
                            args.forward_tls_hostname)
     except TlsError as exc:
-        _error(str(exc))
-        return 1
+        return _error(str(exc))
     file_kind = _multifd_args(parser, args, source, settings)
     if file_kind is None:
         return 1
@@ -417,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             incoming.open()
         except (OSError, qioc_green.ChannelError) as exc:
-            _error(f"cannot listen on {source}: {exc}")
-            return 1
+            return _error(f"cannot listen on {source}: {exc}")
         if args.keep_listening and not incoming.can_repeat:
             incoming.close()
             parser.error(f"--keep-listening needs a listening URI (tcp:, unix:), not {source}")
@@ -434,12 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     qioc_green.main_context()
     threads = _Threads(forward is not None)
+    args.prealloc = None
     try:
+        if args.ram_prealloc:  # before "listening on", as -mem-prealloc: outside the migration
+            try:
+                args.prealloc = preallocated(args.ram_prealloc, args.ram_dir, one=not (
+                    args.keep_listening or source is None or source.kind not in ("tcp", "unix")))
+            except ValueError as exc:
+                parser.error(f"--ram-prealloc: {exc}")
+            except OSError as exc:
+                return _error(f"--ram-prealloc: {exc.strerror or exc}")
         return _run(incoming, args, forward, forward_tls, settings, threads)
     finally:
         if incoming is not None:
             incoming.close()
         threads.stop()
+        if args.prealloc is not None:
+            args.prealloc.close()
 
 
 def _multifd_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -542,8 +518,7 @@ def _run(incoming: Incoming | None, args: argparse.Namespace, forward: Endpoint 
                 try:
                     monitor = Monitor(args.qmp, settings)
                 except (OSError, qioc_green.ChannelError) as exc:
-                    _error(f"cannot serve QMP on {args.qmp}: {exc}")
-                    return 1
+                    return _error(f"cannot serve QMP on {args.qmp}: {exc}")
                 settings.on_status = monitor.status
                 print(f"qmp on {monitor.addresses[0]}", flush=True)
             if incoming is None:
