@@ -331,12 +331,15 @@ class Future(_StdFuture[_T]):
     def cancel(self) -> bool:
         """Cancel the task; True if it is (now) cancelled, False if it had finished or is a
         worker thread's task already running.  Any thread; never switches."""
-        if not super().cancel():
-            return self.cancelled()
-        try:
-            self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: concurrent.futures.wait() sees it
-        except RuntimeError:
-            pass  # a worker thread's run_into() notified first
+        with self._condition:  # reentrant: the base class's methods take it too
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return True  # cancelled already (a second cancel, or a killed task unwinding)
+            if not super().cancel():
+                return False  # finished, or a worker thread's task already running
+            # CANCELLED -> CANCELLED_AND_NOTIFIED in the same hold of the lock, so that
+            # concurrent.futures.wait() sees it and nobody ever finds the future half cancelled
+            # (calling this on a notified future is what concurrent.futures logs as CRITICAL).
+            self.set_running_or_notify_cancel()
         self._wake_parked()
         task = self._task
         if task is not None:
@@ -423,11 +426,9 @@ def run_into(fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kw
     context is stopping, and is cancelled otherwise.
     """
     if in_thread:
-        try:
-            if not fut.set_running_or_notify_cancel():
+        with fut._condition:
+            if fut._state == CANCELLED_AND_NOTIFIED or not fut.set_running_or_notify_cancel():
                 return  # cancelled before it started
-        except RuntimeError:
-            return  # cancel() notified meanwhile
     elif fut.cancelled():
         return
     try:

@@ -77,9 +77,6 @@ def _tls_pair(certs) -> tuple[TLSChannel, TLSChannel]:
 # -- contexts and waiting (DESIGN 1, semantics 8 and 9) ------------------------------------------
 
 
-@xfail("Future.cancel() calls set_running_or_notify_cancel() again on a future already CANCELLED_AND_"
-       "NOTIFIED (a second cancel, or run_into's cancel when the killed task unwinds): concurrent.futures "
-       "logs CRITICAL 'in unexpected state' for every cancel of a running task")
 def test_cancelling_a_running_task_logs_nothing(caplog):
     with caplog.at_level(logging.DEBUG, logger="concurrent.futures"):
         with IOThread("cancelled") as t:
