@@ -91,9 +91,6 @@ def test_cancelling_a_running_task_logs_nothing(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "concurrent.futures"] == []
 
 
-@xfail("Waiter.park refs the inbox watcher only when ThreadHub.parked is empty, but parked also holds "
-       "greenlets parked on a KeptWatcher (which never touch the ref): a future waited for while a "
-       "follow-mode read is parked is left unref'd, and LoopExit ends the wait once the read is done")
 def test_a_future_wait_outlives_a_follow_read_of_the_same_thread():
     a, b = SocketChannel.socketpair()
     b.set_follow_coroutine_ctx(True)
@@ -128,9 +125,6 @@ def test_a_future_wait_outlives_a_follow_read_of_the_same_thread():
     assert outcome == [42]
 
 
-@xfail("the converse of the above: a Waiter.park that refs the inbox watcher does not unref it when it "
-       "leaves while a KeptWatcher wait is in ThreadHub.parked, and nothing unrefs it later, so "
-       "gevent.wait() never returns (issue 8 item 5 back again)")
 def test_gevent_wait_returns_after_a_future_wait_overlapped_a_follow_read():
     out = _child("""
         import gevent, qioc_green as q
