@@ -78,8 +78,11 @@ class Context(_hub.ThreadHub):
         """Run ``fn`` as a greenlet in this context and return its result (or raise its exception).
 
         Parks the calling greenlet (or blocks a plain thread) until done; TimeoutError after
-        ``timeout`` seconds.  QEMU: ``aio_wait_bh_oneshot()``.
+        ``timeout`` seconds; RuntimeError inside a hub callback, before ``fn`` is started.
+        QEMU: ``aio_wait_bh_oneshot()``.
         """
+        if _hub.in_hub():  # refuse before spawning: an error must mean that fn did not run
+            raise RuntimeError(f"cannot call into context {self.name} inside a hub callback (a callback must not block)")
         return self.spawn(fn, *args, **kwargs).result(timeout)
 
     def _start_task(self, fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],

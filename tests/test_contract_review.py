@@ -202,8 +202,6 @@ def test_a_task_whose_clean_up_outlasts_the_grace_does_not_wreck_the_stop():
     assert out == '"refused"'
 
 
-@xfail("Channel.wait() inside a hub callback blocks the whole hub in poll() instead of raising the "
-       "clear RuntimeError every other wait raises there (semantics 8)")
 def test_channel_wait_inside_a_hub_callback_raises():
     a, b = SocketChannel.socketpair()
     out: Future[object] = Future()
@@ -220,8 +218,6 @@ def test_channel_wait_inside_a_hub_callback_raises():
         assert isinstance(out.result(5), RuntimeError)
 
 
-@xfail("Context.call() inside a hub callback raises RuntimeError only after spawn() has started fn: "
-       "the caller is told it failed, yet fn runs")
 def test_call_refused_inside_a_hub_callback_does_not_run_the_function():
     ran: list[str] = []
     errors: list[BaseException] = []
