@@ -23,6 +23,7 @@ Lifecycles
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ _main_thread_context: Context | None = None
 _iohandler: Context | None = None
 _iohandler_lock = _hub.OSLock()
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+_log = logging.getLogger("qioc_green")
 
 
 class Context(_hub.ThreadHub):
@@ -56,6 +58,7 @@ class Context(_hub.ThreadHub):
     def __init__(self, name: str, *, keep_alive: bool = False) -> None:
         super().__init__(name, keep_alive=keep_alive)
         self.pinned = False
+        self._task_futures: dict[Any, Future[Any]] = {}  # spawn()'s greenlets still running
         with _registry_lock:
             _by_greenlet[self.hub] = self
             _by_greenlet[self.root] = self
@@ -92,10 +95,13 @@ class Context(_hub.ThreadHub):
         if self.stopping:
             fut._settle(None, ContextStoppedError(f"context {self.name} is stopping"))
             return
-        fut._task = (self, _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks,
-                                           on_exit=lambda _: self._task_ended(fut)))
+        g = _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks,
+                            on_exit=lambda g: self._task_ended(g, fut))
+        fut._task = (self, g)
+        self._task_futures[g] = fut
 
-    def _task_ended(self, fut: Future[Any]) -> None:
+    def _task_ended(self, greenlet: Any, fut: Future[Any]) -> None:
+        self._task_futures.pop(greenlet, None)
         # A task killed before its greenlet ran never reached run_into: settle its future here.
         if not fut.done():
             if self.stopping:
@@ -132,7 +138,9 @@ class Context(_hub.ThreadHub):
         # hub finish that batch of inbox work.  Then let the greenlets woken with
         # ContextStoppedError run their handlers (each sleep(0) is one loop iteration); tasks of
         # spawn() still alive once nothing is parked (busy in a sleep, say) are killed and their
-        # futures fail with ContextStoppedError.  ``grace`` bounds the whole.
+        # futures fail with ContextStoppedError.  ``grace`` bounds the whole: a greenlet whose
+        # clean-up outlasts it is abandoned with the hub (it never runs again), its future
+        # failed, and the stop goes on.
         def stopped() -> ContextStoppedError:
             return ContextStoppedError(f"context {self.name} is stopping")
 
@@ -143,6 +151,14 @@ class Context(_hub.ThreadHub):
             _hub.sleep(0)
             if self.tasks and not self.parked:
                 _hub.kill_all(list(self.tasks), max(deadline - time.monotonic(), 0.01))
+        if self.tasks:
+            _log.warning("context %s: %d greenlet(s) still running %.1f s after the stop; abandoned "
+                         "with the hub", self.name, len(self.tasks), grace)
+            for g in list(self.tasks):
+                fut = self._task_futures.pop(g, None)
+                if fut is not None:
+                    fut._settle(None, ContextStoppedError(
+                        f"context {self.name} stopped; task still running after the {grace} s grace"))
         # Refuse new work, then run what was accepted meanwhile before the hub goes.
         self.close_inbox()
         for _ in range(100):

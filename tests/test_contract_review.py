@@ -172,9 +172,6 @@ def test_iothread_stop_lets_the_callers_other_greenlets_run():
     assert seen == [True]
 
 
-@xfail("Context.serve() kills leftover tasks with gevent.killall(timeout=...), which raises Timeout when "
-       "a task's clean-up outlasts the grace: the IOThread dies with a traceback, its hub is never "
-       "destroyed (its fds leak) and its inbox stays open, so a later spawn() never completes")
 def test_a_task_whose_clean_up_outlasts_the_grace_does_not_wreck_the_stop():
     out = _child("""
         import json, gevent, qioc_green as q
