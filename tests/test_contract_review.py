@@ -145,8 +145,6 @@ def test_gevent_wait_returns_after_a_future_wait_overlapped_a_follow_read():
     assert out == "True"
 
 
-@xfail("IOThread.stop() blocks the calling OS thread in join() instead of parking the calling greenlet "
-       "(semantics 8): the caller's other greenlets stand still for the whole wind-down")
 def test_iothread_stop_lets_the_callers_other_greenlets_run():
     current_context()
     ran = threading.Event()
@@ -231,8 +229,6 @@ def test_call_refused_inside_a_hub_callback_does_not_run_the_function():
     assert ran == []
 
 
-@xfail("main_context() from another thread raises RuntimeError until the main thread made its context, "
-       "even when the main thread started the IOThread asking (IOThread.start() could make it)")
 def test_main_context_from_an_iothread_the_main_thread_started():
     out = _child("""
         import qioc_green as q
