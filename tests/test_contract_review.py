@@ -397,9 +397,6 @@ def test_tls_timeout_names_the_tls_channel(certs):
 # -- NetListener -----------------------------------------------------------------------------------
 
 
-@xfail("wait_client() removes its future from the waiters only on TimeoutError: under gevent.Timeout "
-       "(or kill) the abandoned future stays first in line and swallows the next client, which no "
-       "handler ever sees and nobody closes")
 def test_wait_client_interrupted_by_gevent_timeout_loses_no_client():
     out = _child("""
         import gevent, qioc_green as q
@@ -419,8 +416,6 @@ def test_wait_client_interrupted_by_gevent_timeout_loses_no_client():
     assert out == "served"
 
 
-@xfail("past max_clients the refused client is closed with its unread bytes still queued, so TCP "
-       "resets it: a client that speaks first sees ECONNRESET, not the EOF DESIGN promises")
 def test_a_refused_client_that_spoke_first_sees_eof():
     with IOThread("busy") as t, NetListener(max_clients=1) as lst:
         (addr,) = lst.open("tcp:127.0.0.1:0")
@@ -438,8 +433,6 @@ def test_a_refused_client_that_spoke_first_sees_eof():
             c2.close()
 
 
-@xfail("set_client_handler(fn, contexts=an_iothread) is taken, then the acceptor dies of AttributeError "
-       "at the first client, silently (its future holds the error), and the listener never serves again")
 def test_set_client_handler_takes_an_iothread():
     # In a child: while the defect is there, the client is stuck in the listener until close(grace)
     # gives up on it.
@@ -464,8 +457,6 @@ def test_set_client_handler_takes_an_iothread():
     assert out in ("handlers", "refused at once")
 
 
-@xfail("an exception in the listener's dispatch (here a policy that fails once) ends the acceptor "
-       "silently: nothing is logged and no later client is ever accepted")
 def test_a_failing_policy_does_not_stop_the_listener():
     out = _child("""
         import qioc_green as q
