@@ -484,9 +484,6 @@ def test_a_failing_policy_does_not_stop_the_listener():
 # -- cross-thread sync -----------------------------------------------------------------------------
 
 
-@xfail("qioc_green.Queue does not speak the queue.Queue / gevent.queue.Queue API: get(False) is taken "
-       "as timeout=False, put(x, False) likewise; no block argument, get_nowait, put_nowait, qsize, "
-       "empty, full; queue.Empty / queue.Full never raised")
 def test_queue_speaks_the_stdlib_queue_api():
     q: Queue[int] = Queue(1)
     with pytest.raises(queue.Empty):
