@@ -44,8 +44,9 @@ class QueueFull(queue.Full, TimeoutError):
 
 def _timeout(block: bool, timeout: float | None) -> float | None:
     """The wait ``get``/``put`` may make: None for no limit, 0 for none at all."""
-    if not isinstance(block, bool) and isinstance(block, (int, float)) and timeout is None:
-        return max(float(block), 0.0)  # the earlier signature, get(timeout) and put(item, timeout)
+    if timeout is None and (block is None or (not isinstance(block, bool) and isinstance(block, (int, float)))):
+        # The earlier signature, get(timeout) and put(item, timeout): None was "no limit".
+        return None if block is None else max(float(block), 0.0)
     if not block:
         return 0.0
     return None if timeout is None else max(timeout, 0.0)
@@ -84,7 +85,7 @@ class Queue(Generic[T]):
     It speaks ``queue.Queue``'s API (``get(block, timeout)``, ``put(item, block, timeout)``,
     the ``_nowait`` forms, ``qsize``/``empty``/``full``, QueueEmpty and QueueFull, which are
     ``queue.Empty`` and ``queue.Full``) plus ``close()`` and ``fail()``.  A number given for
-    ``block`` is taken as the timeout (the earlier signature, ``get(timeout)``).
+    ``block`` (or None) is taken as the timeout (the earlier signature, ``get(timeout)``).
     """
 
     def __init__(self, maxsize: int = 0) -> None:

@@ -280,6 +280,10 @@ def test_queue_keeps_the_earlier_positional_timeout_and_timeout_errors():
         with pytest.raises(TimeoutError):
             q.put(2, 0.01)
         assert q.get(0.01) == 1
+        g = gevent.spawn(q.get, None)  # None first was "no limit", not "do not block"
+        gevent.sleep(0)
+        q.put(3)
+        assert g.get() == 3
         q.close()
         with pytest.raises(QueueClosed):
             q.get_nowait()  # closed and drained: closed, not empty
