@@ -516,7 +516,8 @@ class Channel:
         """Block the calling OS thread until ``cond`` may be ready, without running other greenlets.
 
         Returns early if the channel is closed (then raises ChannelClosedError).  Raises
-        TimeoutError after ``timeout``.  QEMU: ``qio_channel_wait()``.
+        TimeoutError after ``timeout``; RuntimeError inside a hub callback, unless ``timeout``
+        is 0 (a poll that cannot block).  QEMU: ``qio_channel_wait()``.
         """
         cond = IOCondition(cond)
         self._enter()
@@ -535,10 +536,12 @@ class Channel:
             # the flag: one of us sees the other.
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            ms = None if timeout is None else max(int(timeout * 1000), 0)
+            if ms != 0 and _hub.in_hub():  # it would stop every greenlet and watcher of the hub
+                raise RuntimeError(f"{self._name}: cannot wait inside a hub callback (a callback must not block)")
             poller = _hub.plain_poll()  # blocks the OS thread, even under gevent's monkey patching
             poller.register(fd, select.POLLIN if cond is _IN else select.POLLOUT)
             poller.register(efd, select.POLLIN)
-            ms = None if timeout is None else max(int(timeout * 1000), 0)
             ready = poller.poll(ms)
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: closed while waiting")
