@@ -17,6 +17,23 @@ def views(buffers: Iterable[Buffer]) -> list[memoryview]:
     return [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
 
 
+def writable_views(buffers: Iterable[Buffer], name: str) -> list[memoryview]:
+    """``views()`` for a read: TypeError naming the channel for a read-only buffer (the same
+    error on the compiled hot path and on pure Python, and before anything is read)."""
+    out = []
+    for b in buffers:
+        v = memoryview(b).cast("B")
+        if v.readonly:
+            raise read_only(name, b)
+        if len(v):
+            out.append(v)
+    return out
+
+
+def read_only(name: str, buf: Buffer) -> TypeError:
+    return TypeError(f"{name}: a read needs writable buffers, not a read-only {type(buf).__name__}")
+
+
 def nbytes(buffers: Iterable[memoryview]) -> int:
     return sum(len(v) for v in buffers)
 
