@@ -165,26 +165,19 @@ _FORK_CHILD = textwrap.dedent("""
     sp = _native.speedups
     pool = q.IOThreadPool(2, pin=False)
     ctxs = pool.contexts
-    def pingpong(ch, first):
-        if first:
-            ch.write_all(b"x" * 64)
-        try:
-            while True:
-                ch.write_all(ch.read_all(64))
-        except q.ChannelError:
+    # Fork while a hub waits for the GIL in its loop hook: wake the idle hubs and keep the GIL
+    # here (no switch for 1 s) until one waits.  A hub caught elsewhere (mid-batch) gets the
+    # GIL back while this thread sleeps between tries.
+    sys.setswitchinterval(1.0)
+    for attempt in range(100):
+        for ctx in ctxs:
+            ctx.schedule(lambda: None)
+        look_until = time.monotonic() + 0.2
+        while sp.gil_stats()["hubs_waiting"] == 0 and time.monotonic() < look_until:
             pass
-    chans = []
-    for i in range(4):
-        a, b = q.SocketChannel.socketpair()
-        chans += [a, b]
-        ctxs[0].spawn(pingpong, a, True)
-        ctxs[1].spawn(pingpong, b, False)
-    # Fork while a hub waits for the GIL in its loop hook (this thread holds it: no switch
-    # before the fork, the switch interval is long).
-    sys.setswitchinterval(30)
-    deadline = time.monotonic() + 20
-    while sp.gil_stats()["hubs_waiting"] == 0 and time.monotonic() < deadline:
-        pass
+        if sp.gil_stats()["hubs_waiting"]:
+            break
+        time.sleep(0.05)
     waiting = sp.gil_stats()["hubs_waiting"]
     pid = os.fork()
     if pid == 0:
@@ -203,8 +196,6 @@ _FORK_CHILD = textwrap.dedent("""
             os._exit(code)
     sys.setswitchinterval(0.005)
     _, status = os.waitpid(pid, 0)
-    for ch in chans:
-        ch.close()
     pool.stop()
     sys.exit(os.waitstatus_to_exitcode(status))
 """)
