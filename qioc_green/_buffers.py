@@ -74,4 +74,4 @@ def fill(bufs: list[memoryview], data: bytes) -> int:
     return pos
 
 
-__all__ = ["Buffer", "advance", "fill", "head", "nbytes", "views"]
+__all__ = ["Buffer", "advance", "fill", "head", "nbytes", "read_only", "views", "writable_views"]

@@ -239,6 +239,23 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     flags = (int)PyLong_AsLong(args[2]);
     if (flags == -1 && PyErr_Occurred())
         return NULL;
+    if ((flags & MSG_PEEK) && n > SMALL) {
+        /* A peek reads once, from the start of the queue: into an object of n (a rare call; a
+         * MemoryError here has taken nothing). */
+        PyObject *buf = PyBytes_FromStringAndSize(NULL, n);
+        if (buf == NULL)
+            return NULL;
+        ssize_t got = recv_held(fd, PyBytes_AS_STRING(buf), (size_t)n, flags);
+        if (got < 0) {
+            Py_DECREF(buf);
+            if (got == -1)
+                Py_RETURN_NONE;
+            return NULL;
+        }
+        if (got != n && _PyBytes_Resize(&buf, got) < 0)
+            return NULL;
+        return buf;
+    }
     /* The first SMALL bytes go through a stack buffer: the common case is a short message,
      * and a bytes object of n (64 KiB, say) allocated and shrunk per request costs more than
      * the copy.  Only a read that fills it and wants more allocates n. */
@@ -248,7 +265,7 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     if (got < 0)
         return NULL;
-    if (got < SMALL || n <= SMALL || (flags & MSG_PEEK))
+    if (got < SMALL || n <= SMALL)
         return PyBytes_FromStringAndSize(small, got);
     /* The SMALL bytes in hand must reach the caller whatever happens next: the rest is read
      * only if more is queued (see recv_into_buf: an empty queue may hold a pending error), and

@@ -223,3 +223,20 @@ def test_the_module_compiles_without_warnings(tmp_path):
                          os.path.join(ROOT, "qioc_green", "_speedups.c"), "-o", str(tmp_path / "sp.so")],
                         capture_output=True, text=True, timeout=120)
     assert cc.returncode == 0, cc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("size", [8193, 20000, 65536])
+def test_a_peek_sees_all_that_is_queued_up_to_n(size):
+    """The compiled read peeked at most 8 KiB whatever n was and more was queued: a caller that
+    peeks until a whole header is there (readable at once, every time) never saw it."""
+    from qioc_green import ReadFlag
+    a, b = SocketChannel.socketpair()
+    try:
+        b.write_all(os.urandom(size))
+        assert wait_until(lambda: len(a.socket.recv(size + 1, socket.MSG_PEEK)) == size)
+        peeked = a.read(65536, flags=ReadFlag.MSG_PEEK)
+        assert len(peeked) == size
+        assert a.read_all(size) == peeked
+    finally:
+        a.close()
+        b.close()
