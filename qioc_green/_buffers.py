@@ -18,14 +18,15 @@ def views(buffers: Iterable[Buffer]) -> list[memoryview]:
 
 
 def writable_views(buffers: Iterable[Buffer], name: str) -> list[memoryview]:
-    """``views()`` for a read: TypeError naming the channel for a read-only buffer (the same
-    error on the compiled hot path and on pure Python, and before anything is read)."""
+    """``views()`` for a read: TypeError naming the channel for a read-only buffer that is not
+    empty (the same error on the compiled hot path and on pure Python, before anything is read;
+    empty ones are dropped as before)."""
     out = []
     for b in buffers:
         v = memoryview(b).cast("B")
-        if v.readonly:
-            raise read_only(name, b)
         if len(v):
+            if v.readonly:
+                raise read_only(name, b)
             out.append(v)
     return out
 

@@ -939,9 +939,8 @@ hooked_invoke(struct ev_loop *loop)
         my_batches++;
         evaluate(t1);
     }
-    int counted = thread_auto;
     invoke_pending(loop);
-    if (counted) {
+    if (my_batches > 0) {  /* counted above (thread_auto may have changed in the batch) */
         my_batches--;
         atomic_fetch_sub(&in_batch, 1);
     }

@@ -613,10 +613,10 @@ class Channel:
             self._check_read_flags(0, flags)
             flags = int(flags)  # type: ignore[assignment]
         view = memoryview(buf).cast("B")
-        if view.readonly:
-            raise read_only(self._name, buf)
         if not len(view):
             return 0
+        if view.readonly:
+            raise read_only(self._name, buf)
         if self._unread:
             return self._take_unread_into([view], bool(flags))
         n: int = self._retry(self._rd, None if timeout is None else time.monotonic() + timeout,

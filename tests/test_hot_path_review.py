@@ -240,3 +240,4 @@ def test_a_peek_sees_all_that_is_queued_up_to_n(size):
     finally:
         a.close()
         b.close()
+
