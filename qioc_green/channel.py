@@ -56,7 +56,7 @@ from enum import IntFlag
 from typing import Any
 
 from . import _hub, _native
-from ._buffers import Buffer, advance, fill, head, nbytes, views
+from ._buffers import Buffer, advance, fill, head, nbytes, read_only, views, writable_views
 from ._context import Context, current_context, iohandler_context, this_thread
 from .channel_watch import Watch
 from .errors import (
@@ -596,7 +596,7 @@ class Channel:
         BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
-        bufs = views(buffers)
+        bufs = writable_views(buffers, self._name)
         if not bufs:
             return 0, []
         if self._unread:
@@ -618,6 +618,8 @@ class Channel:
         view = memoryview(buf).cast("B")
         if not len(view):
             return 0
+        if view.readonly:
+            raise read_only(self._name, buf)
         if self._unread:
             return self._take_unread_into([view], bool(flags))
         n: int = self._retry(self._rd, None if timeout is None else time.monotonic() + timeout,
@@ -701,7 +703,7 @@ class Channel:
         received by any of the partial reads are all returned; on error they are closed.
         """
         self._check_read_flags(max_fds, 0)
-        bufs = views(buffers)
+        bufs = writable_views(buffers, self._name)
         expected = nbytes(bufs)
         dl = deadline(timeout)
         fds: list[int] = []
