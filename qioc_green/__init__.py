@@ -27,7 +27,7 @@ from .errors import (
     WouldBlock,
 )
 from .net_listener import NetListener
-from .sync import Event, Lock, Queue, QueueClosed
+from .sync import Event, Lock, Queue, QueueClosed, QueueEmpty, QueueFull
 from .task import Task, run_in_thread
 from .threads import IOThread, IOThreadPool
 
@@ -58,6 +58,8 @@ __all__ = [
     "NullChannel",
     "Queue",
     "QueueClosed",
+    "QueueEmpty",
+    "QueueFull",
     "ReadFlag",
     "SPEEDUPS",
     "Shutdown",

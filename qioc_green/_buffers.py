@@ -17,6 +17,24 @@ def views(buffers: Iterable[Buffer]) -> list[memoryview]:
     return [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
 
 
+def writable_views(buffers: Iterable[Buffer], name: str) -> list[memoryview]:
+    """``views()`` for a read: TypeError naming the channel for a read-only buffer that is not
+    empty (the same error on the compiled hot path and on pure Python, before anything is read;
+    empty ones are dropped as before)."""
+    out = []
+    for b in buffers:
+        v = memoryview(b).cast("B")
+        if len(v):
+            if v.readonly:
+                raise read_only(name, b)
+            out.append(v)
+    return out
+
+
+def read_only(name: str, buf: Buffer) -> TypeError:
+    return TypeError(f"{name}: a read needs writable buffers, not a read-only {type(buf).__name__}")
+
+
 def nbytes(buffers: Iterable[memoryview]) -> int:
     return sum(len(v) for v in buffers)
 
@@ -57,4 +75,4 @@ def fill(bufs: list[memoryview], data: bytes) -> int:
     return pos
 
 
-__all__ = ["Buffer", "advance", "fill", "head", "nbytes", "views"]
+__all__ = ["Buffer", "advance", "fill", "head", "nbytes", "read_only", "views", "writable_views"]

@@ -23,6 +23,7 @@ Lifecycles
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ _main_thread_context: Context | None = None
 _iohandler: Context | None = None
 _iohandler_lock = _hub.OSLock()
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+_log = logging.getLogger("qioc_green")
 
 
 class Context(_hub.ThreadHub):
@@ -56,6 +58,7 @@ class Context(_hub.ThreadHub):
     def __init__(self, name: str, *, keep_alive: bool = False) -> None:
         super().__init__(name, keep_alive=keep_alive)
         self.pinned = False
+        self._task_futures: dict[Any, Future[Any]] = {}  # spawn()'s greenlets still running
         with _registry_lock:
             _by_greenlet[self.hub] = self
             _by_greenlet[self.root] = self
@@ -78,8 +81,11 @@ class Context(_hub.ThreadHub):
         """Run ``fn`` as a greenlet in this context and return its result (or raise its exception).
 
         Parks the calling greenlet (or blocks a plain thread) until done; TimeoutError after
-        ``timeout`` seconds.  QEMU: ``aio_wait_bh_oneshot()``.
+        ``timeout`` seconds; RuntimeError inside a hub callback, before ``fn`` is started.
+        QEMU: ``aio_wait_bh_oneshot()``.
         """
+        if _hub.in_hub():  # refuse before spawning: an error must mean that fn did not run
+            raise RuntimeError(f"cannot call into context {self.name} inside a hub callback (a callback must not block)")
         return self.spawn(fn, *args, **kwargs).result(timeout)
 
     def _start_task(self, fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
@@ -89,10 +95,13 @@ class Context(_hub.ThreadHub):
         if self.stopping:
             fut._settle(None, ContextStoppedError(f"context {self.name} is stopping"))
             return
-        fut._task = (self, _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks,
-                                           on_exit=lambda _: self._task_ended(fut)))
+        g = _hub.spawn_here(run_into, fut, fn, args, kwargs, tasks=self.tasks,
+                            on_exit=lambda g: self._task_ended(g, fut))
+        fut._task = (self, g)
+        self._task_futures[g] = fut
 
-    def _task_ended(self, fut: Future[Any]) -> None:
+    def _task_ended(self, greenlet: Any, fut: Future[Any]) -> None:
+        self._task_futures.pop(greenlet, None)
         # A task killed before its greenlet ran never reached run_into: settle its future here.
         if not fut.done():
             if self.stopping:
@@ -129,7 +138,9 @@ class Context(_hub.ThreadHub):
         # hub finish that batch of inbox work.  Then let the greenlets woken with
         # ContextStoppedError run their handlers (each sleep(0) is one loop iteration); tasks of
         # spawn() still alive once nothing is parked (busy in a sleep, say) are killed and their
-        # futures fail with ContextStoppedError.  ``grace`` bounds the whole.
+        # futures fail with ContextStoppedError.  ``grace`` bounds the whole: a greenlet whose
+        # clean-up outlasts it is abandoned with the hub (it never runs again), its future
+        # failed, and the stop goes on.
         def stopped() -> ContextStoppedError:
             return ContextStoppedError(f"context {self.name} is stopping")
 
@@ -140,6 +151,14 @@ class Context(_hub.ThreadHub):
             _hub.sleep(0)
             if self.tasks and not self.parked:
                 _hub.kill_all(list(self.tasks), max(deadline - time.monotonic(), 0.01))
+        if self.tasks:
+            _log.warning("context %s: %d greenlet(s) still running %.1f s after the stop; abandoned "
+                         "with the hub", self.name, len(self.tasks), grace)
+            for g in list(self.tasks):
+                fut = self._task_futures.pop(g, None)
+                if fut is not None:
+                    fut._settle(None, ContextStoppedError(
+                        f"context {self.name} stopped; task still running after the {grace} s grace"))
         # Refuse new work, then run what was accepted meanwhile before the hub goes.
         self.close_inbox()
         for _ in range(100):
@@ -331,12 +350,15 @@ class Future(_StdFuture[_T]):
     def cancel(self) -> bool:
         """Cancel the task; True if it is (now) cancelled, False if it had finished or is a
         worker thread's task already running.  Any thread; never switches."""
-        if not super().cancel():
-            return self.cancelled()
-        try:
-            self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED: concurrent.futures.wait() sees it
-        except RuntimeError:
-            pass  # a worker thread's run_into() notified first
+        with self._condition:  # reentrant: the base class's methods take it too
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return True  # cancelled already (a second cancel, or a killed task unwinding)
+            if not super().cancel():
+                return False  # finished, or a worker thread's task already running
+            # CANCELLED -> CANCELLED_AND_NOTIFIED in the same hold of the lock, so that
+            # concurrent.futures.wait() sees it and nobody ever finds the future half cancelled
+            # (calling this on a notified future is what concurrent.futures logs as CRITICAL).
+            self.set_running_or_notify_cancel()
         self._wake_parked()
         task = self._task
         if task is not None:
@@ -423,11 +445,9 @@ def run_into(fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kw
     context is stopping, and is cancelled otherwise.
     """
     if in_thread:
-        try:
-            if not fut.set_running_or_notify_cancel():
+        with fut._condition:
+            if fut._state == CANCELLED_AND_NOTIFIED or not fut.set_running_or_notify_cancel():
                 return  # cancelled before it started
-        except RuntimeError:
-            return  # cancel() notified meanwhile
     elif fut.cancelled():
         return
     try:

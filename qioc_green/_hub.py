@@ -12,7 +12,8 @@ The facts
 * A hub whose loop has nothing ref'd to wait for raises ``LoopExit`` (and ``gevent.wait()``
   returns).  A hub that only waits for other threads (an IOThread with nothing to do yet) must
   not, so an IOThread's inbox watcher is always ref'd; the main thread's is ref'd only while one
-  of its greenlets is parked waiting for a wake that travels through the inbox.
+  of its greenlets is parked waiting for a wake that travels through the inbox (counted by
+  ``inbox_waits``; a wait on a kept io watcher is kept alive by that watcher).
 * ``gevent.monkey.patch_all()`` replaces ``threading``, ``_thread``, ``socket``, ``select`` and
   ``subprocess`` with greenlet-based versions.  Cross-thread code built on them turns into
   greenlets of one thread.  gevent keeps the originals (``monkey.get_original``); we take them
@@ -234,6 +235,7 @@ class ThreadHub:
         self.destroying = False  # set once the hub is being destroyed: no greenlet of it runs again
         self.keep_alive = keep_alive
         self.parked: set[Waiter] = set()
+        self.inbox_waits = 0  # Waiter.park()s outstanding here, which need the inbox ref'd
         self.watches: set[Any] = set()  # add_watch() watches started on this hub
         self.tasks: set[Any] = set()  # greenlets started by spawn(), killed when the context stops
         self._yield_watcher: Any = None
@@ -453,8 +455,15 @@ class Waiter:
             # From the clock's now, not the loop's cached one (which would end the wait early).
             timer.start(self.fire, TIMED_OUT, update=True)
         parked = home.parked
-        if not parked and not home.keep_alive:
-            home._async.ref = True  # a wake may come only through the inbox: keep the loop alive
+        # A wake may come only through the inbox: keep the loop alive while any park of this
+        # kind is outstanding.  Counted on its own: ``parked`` also holds KeptWatcher waits,
+        # which keep the loop alive by their io watcher and never touch the ref.
+        counted = not home.keep_alive
+        if counted:
+            n = home.inbox_waits
+            home.inbox_waits = n + 1
+            if not n:
+                home._async.ref = True
         parked.add(self)
         try:
             value = home.hub.switch()
@@ -463,8 +472,11 @@ class Waiter:
             raise
         finally:
             parked.discard(self)
-            if not parked and not home.keep_alive:
-                home._async.ref = False
+            if counted:
+                n = home.inbox_waits - 1
+                home.inbox_waits = n
+                if not n:
+                    home._async.ref = False
             if timer is not None:
                 timer.close()
         if value is TIMED_OUT:
@@ -675,9 +687,14 @@ def kill_soon(greenlet: Any) -> None:
     greenlet.kill(block=False)
 
 
-def kill_all(greenlets: list[Any], timeout: float) -> None:
-    """Kill ``greenlets`` (of this thread) and wait for them up to ``timeout``.  Parks."""
-    gevent.killall(greenlets, timeout=timeout)
+def kill_all(greenlets: list[Any], timeout: float) -> list[Any]:
+    """Kill ``greenlets`` (of this thread) and wait for them up to ``timeout``; return those
+    still alive then.  Parks.  (Not ``gevent.killall(timeout=)``, which raises Timeout when a
+    greenlet's clean-up outlasts it.)"""
+    for g in greenlets:
+        g.kill(block=False)
+    gevent.joinall(greenlets, timeout=timeout)
+    return [g for g in greenlets if not g.dead]
 
 
 __all__ = [

@@ -35,6 +35,10 @@
 #define _GNU_SOURCE
 #include <Python.h>
 
+/* The METH_* signatures pass every method the module (self), and METH_NOARGS an unused
+ * argument: -Wextra's unused-parameter says nothing of use here; -Wall -Wextra is clean otherwise. */
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
@@ -42,9 +46,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -53,6 +59,13 @@
 
 #define MAX_IOV 64     /* buffers per readv/writev call; more are left for the next call */
 #define MAX_FDS 16     /* fds in one message (QEMU's limit) */
+
+/* Py_IsFinalizing() is public from 3.13, which removed _Py_IsFinalizing(). */
+#if PY_VERSION_HEX >= 0x030D0000
+#define is_finalizing() Py_IsFinalizing()
+#else
+#define is_finalizing() _Py_IsFinalizing()
+#endif
 
 /* -- helpers ------------------------------------------------------------------------------ */
 
@@ -157,19 +170,47 @@ recv_released(int fd, char *buf, size_t n, int flags)
     }
 }
 
+/* How many bytes are queued to read on fd (FIONREAD); 0 if none or if it cannot say. */
+static size_t
+queued(int fd)
+{
+    int avail = 0;
+    if (ioctl(fd, FIONREAD, &avail) < 0 || avail < 0)
+        return 0;
+    return (size_t)avail;
+}
+
+/* After a first part of a read came whole (got bytes are in hand), the call for the rest
+ * failed: keep the bytes in hand rather than report them lost.  An OSError is dropped (with
+ * bytes queued, as queued() made sure, the kernel reports no error: this is a safety net); an
+ * exception from a signal handler is not.  Returns got, or -2 (raised). */
+static ssize_t
+keep_first_part(ssize_t got)
+{
+    if (!PyErr_ExceptionMatches(PyExc_OSError))
+        return -2;
+    PyErr_Clear();
+    return got;
+}
+
 /* A read of up to n bytes into buf: the first BIG bytes with the GIL held, the rest (if the
- * first part came whole and more is wanted) released.  MSG_PEEK reads once. */
+ * first part came whole, more is wanted and more is queued) released.  MSG_PEEK reads once.
+ *
+ * The rest only if more is queued: a recv(2) that finds the queue empty reports (and clears)
+ * a pending error, ECONNRESET from a peer that closed with our bytes unread say, and the
+ * bytes of the first part would be lost behind it; socket.recv returns them and raises the
+ * reset at the next call, and so must this. */
 static ssize_t
 recv_into_buf(int fd, char *buf, size_t n, int flags)
 {
     if (n <= BIG || (flags & MSG_PEEK))
         return recv_held(fd, buf, n, flags);
     ssize_t got = recv_held(fd, buf, BIG, flags);
-    if (got != BIG)
+    if (got != BIG || queued(fd) == 0)
         return got;
     ssize_t more = recv_released(fd, buf + BIG, n - BIG, flags);
     if (more == -2)
-        return -2;
+        return keep_first_part(BIG);
     return more > 0 ? BIG + more : BIG;  /* would block or EOF after the first part: what came */
 }
 
@@ -198,6 +239,23 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     flags = (int)PyLong_AsLong(args[2]);
     if (flags == -1 && PyErr_Occurred())
         return NULL;
+    if ((flags & MSG_PEEK) && n > SMALL) {
+        /* A peek reads once, from the start of the queue: into an object of n (a rare call; a
+         * MemoryError here has taken nothing). */
+        PyObject *buf = PyBytes_FromStringAndSize(NULL, n);
+        if (buf == NULL)
+            return NULL;
+        ssize_t got = recv_held(fd, PyBytes_AS_STRING(buf), (size_t)n, flags);
+        if (got < 0) {
+            Py_DECREF(buf);
+            if (got == -1)
+                Py_RETURN_NONE;
+            return NULL;
+        }
+        if (got != n && _PyBytes_Resize(&buf, got) < 0)
+            return NULL;
+        return buf;
+    }
     /* The first SMALL bytes go through a stack buffer: the common case is a short message,
      * and a bytes object of n (64 KiB, say) allocated and shrunk per request costs more than
      * the copy.  Only a read that fills it and wants more allocates n. */
@@ -207,19 +265,28 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     if (got < 0)
         return NULL;
-    if (got < SMALL || n <= SMALL || (flags & MSG_PEEK))
+    if (got < SMALL || n <= SMALL)
         return PyBytes_FromStringAndSize(small, got);
-    PyObject *buf = PyBytes_FromStringAndSize(NULL, n);
-    if (buf == NULL)
-        return NULL;
+    /* The SMALL bytes in hand must reach the caller whatever happens next: the rest is read
+     * only if more is queued (see recv_into_buf: an empty queue may hold a pending error), and
+     * the bytes object is sized by what is queued, so a huge n allocates no more than came. */
+    size_t avail = queued(fd);
+    if (avail == 0)
+        return PyBytes_FromStringAndSize(small, SMALL);
+    size_t want = (size_t)(n - SMALL) < avail ? (size_t)(n - SMALL) : avail;
+    PyObject *buf = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(SMALL + want));
+    if (buf == NULL) {  /* no memory for the rest: return the first part alone */
+        PyErr_Clear();
+        return PyBytes_FromStringAndSize(small, SMALL);
+    }
     memcpy(PyBytes_AS_STRING(buf), small, SMALL);
-    ssize_t more = recv_into_buf(fd, PyBytes_AS_STRING(buf) + SMALL, (size_t)(n - SMALL), flags);
-    if (more == -2) {
+    ssize_t more = recv_into_buf(fd, PyBytes_AS_STRING(buf) + SMALL, want, flags);
+    if (more == -2 && keep_first_part(0) < 0) {
         Py_DECREF(buf);
         return NULL;
     }
     got = SMALL + (more > 0 ? more : 0);
-    if (got != n && _PyBytes_Resize(&buf, got) < 0)
+    if (got != SMALL + (ssize_t)want && _PyBytes_Resize(&buf, got) < 0)
         return NULL;
     return buf;
 }
@@ -429,10 +496,24 @@ sp_sendmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < nfds; i++) {
-        if (as_fd(PySequence_Fast_GET_ITEM(fast, i), &fdv[i]) < 0) {
+        /* As the pure path has them: a negative fd is the kernel's EBADF (nothing is sent),
+         * one beyond an int does not fit (array("i") raises OverflowError). */
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
             Py_DECREF(fast);
             return NULL;
         }
+        if (v < 0 || v > INT_MAX) {
+            Py_DECREF(fast);
+            if (v > INT_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "signed integer is greater than maximum");
+            } else {
+                errno = EBADF;
+                PyErr_SetFromErrno(PyExc_OSError);
+            }
+            return NULL;
+        }
+        fdv[i] = (int)v;
     }
     Py_DECREF(fast);
     Py_ssize_t nv = get_buffers(args[1], views, iov, 0);
@@ -490,6 +571,7 @@ static atomic_ulong handoffs;      /* fairness waits taken */
 static atomic_ulong handoff_timeouts;
 
 static __thread int owe;           /* this hub ended a batch while another waited */
+static __thread int my_batches;    /* this (auto) hub is in a batch: its share of in_batch */
 static __thread unsigned owe_gen;  /* ... at this batch count */
 static __thread int thread_fair = 1;
 
@@ -798,6 +880,18 @@ evaluate(long now)
 }
 
 static void
+reset_placement(void)
+{
+    atomic_store(&place_mode, 0);
+    atomic_store(&wait_ns, 0);
+    atomic_store(&window_batches, 0);
+    atomic_store(&window_overlaps, 0);
+    atomic_store(&window_start, 0);
+    probe_until = 0;
+    probe_every = PROBE_NS;
+}
+
+static void
 apply_mode(int mode)
 {
     if (mode == 1) {
@@ -818,7 +912,7 @@ apply_mode(int mode)
 static void
 hooked_invoke(struct ev_loop *loop)
 {
-    if (_Py_IsFinalizing()) {
+    if (is_finalizing()) {
         invoke_pending(loop);  /* gevent's callbacks check it themselves and do nothing */
         return;
     }
@@ -842,11 +936,14 @@ hooked_invoke(struct ev_loop *loop)
         atomic_fetch_add(&window_batches, 1);
         if (atomic_fetch_add(&in_batch, 1) > 0)
             atomic_fetch_add(&window_overlaps, 1);
+        my_batches++;
         evaluate(t1);
     }
     invoke_pending(loop);
-    if (thread_auto)
+    if (my_batches > 0) {  /* counted above (thread_auto may have changed in the batch) */
+        my_batches--;
         atomic_fetch_sub(&in_batch, 1);
+    }
     if (thread_fair && atomic_load(&hubs_waiting) > 0) {
         owe = 1;
         owe_gen = atomic_load(&batches);
@@ -927,15 +1024,8 @@ sp_unhook_loop(PyObject *self, PyObject *arg)
         if (applied)
             sched_setaffinity(0, sizeof spread_set, &spread_set);
         applied = 0;
-        if (atomic_fetch_sub(&auto_hubs, 1) == 1) {  /* the last auto hub: the next pool starts afresh */
-            atomic_store(&place_mode, 0);
-            atomic_store(&wait_ns, 0);
-            atomic_store(&window_batches, 0);
-            atomic_store(&window_overlaps, 0);
-            atomic_store(&window_start, 0);
-            probe_until = 0;
-            probe_every = PROBE_NS;
-        }
+        if (atomic_fetch_sub(&auto_hubs, 1) == 1)  /* the last auto hub: the next pool starts afresh */
+            reset_placement();
     }
     Py_RETURN_NONE;
 }
@@ -943,19 +1033,19 @@ sp_unhook_loop(PyObject *self, PyObject *arg)
 PyDoc_STRVAR(gil_stats_doc,
 "gil_stats() -> dict: batches, handoffs (fairness waits), handoff_timeouts, since import; the\n"
 "auto placement: mode (\"pinned\" or \"spread\"), cpu, pins, spreads, contention (the last\n"
-"window's GIL wait per second), auto_hubs.");
+"window's GIL wait per second), auto_hubs; hubs_waiting (hooked hubs taking the GIL now).");
 
 static PyObject *
 sp_gil_stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:k,s:d,s:d,s:i}", "batches",
+    return Py_BuildValue("{s:k,s:k,s:k,s:s,s:i,s:k,s:k,s:k,s:d,s:d,s:i,s:i}", "batches",
                          (unsigned long)atomic_load(&batches), "handoffs", atomic_load(&handoffs),
                          "handoff_timeouts", atomic_load(&handoff_timeouts), "mode",
                          atomic_load(&place_mode) ? "pinned" : "spread", "cpu", atomic_load(&place_cpu),
                          "pins", atomic_load(&pins), "spreads", atomic_load(&spreads), "moves",
                          atomic_load(&moves),
                          "contention", last_contention, "overlap", last_overlap, "auto_hubs",
-                         atomic_load(&auto_hubs));
+                         atomic_load(&auto_hubs), "hubs_waiting", atomic_load(&hubs_waiting));
 }
 
 static PyMethodDef methods[] = {
@@ -976,8 +1066,32 @@ static struct PyModuleDef module = {
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
+/* In a child of fork() only the forking thread lives on: the other hubs' shares of the
+ * counters are gone with them.  A hub that was waiting for the GIL at the fork stayed counted
+ * in hubs_waiting, and every batch of a hub in the child then waited (2 ms, wait_turn) for it. */
+static void
+forked_child(void)
+{
+    atomic_store(&hubs_waiting, 0);
+    atomic_store(&futex_sleepers, 0);
+    atomic_store(&in_batch, thread_auto ? my_batches : 0);
+    atomic_store(&auto_hubs, thread_auto ? 1 : 0);
+    atomic_store(&window_busy, 0);
+    ntasks = 0;
+    if (!thread_auto)
+        reset_placement();
+}
+
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    static int at_fork;
+    if (!at_fork) {
+        if (pthread_atfork(NULL, NULL, forked_child) != 0) {
+            PyErr_SetString(PyExc_ImportError, "qioc_green._speedups: pthread_atfork failed");
+            return NULL;
+        }
+        at_fork = 1;
+    }
     return PyModule_Create(&module);
 }

@@ -56,7 +56,7 @@ from enum import IntFlag
 from typing import Any
 
 from . import _hub, _native
-from ._buffers import Buffer, advance, fill, head, nbytes, views
+from ._buffers import Buffer, advance, fill, head, nbytes, read_only, views, writable_views
 from ._context import Context, current_context, iohandler_context, this_thread
 from .channel_watch import Watch
 from .errors import (
@@ -516,7 +516,8 @@ class Channel:
         """Block the calling OS thread until ``cond`` may be ready, without running other greenlets.
 
         Returns early if the channel is closed (then raises ChannelClosedError).  Raises
-        TimeoutError after ``timeout``.  QEMU: ``qio_channel_wait()``.
+        TimeoutError after ``timeout``; RuntimeError inside a hub callback, unless ``timeout``
+        is 0 (a poll that cannot block).  QEMU: ``qio_channel_wait()``.
         """
         cond = IOCondition(cond)
         self._enter()
@@ -535,10 +536,12 @@ class Channel:
             # the flag: one of us sees the other.
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: channel is closed")
+            ms = None if timeout is None else max(int(timeout * 1000), 0)
+            if ms != 0 and _hub.in_hub():  # it would stop every greenlet and watcher of the hub
+                raise RuntimeError(f"{self._name}: cannot wait inside a hub callback (a callback must not block)")
             poller = _hub.plain_poll()  # blocks the OS thread, even under gevent's monkey patching
             poller.register(fd, select.POLLIN if cond is _IN else select.POLLOUT)
             poller.register(efd, select.POLLIN)
-            ms = None if timeout is None else max(int(timeout * 1000), 0)
             ready = poller.poll(ms)
             if self._closed:
                 raise ChannelClosedError(f"{self._name}: closed while waiting")
@@ -593,7 +596,7 @@ class Channel:
         BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
-        bufs = views(buffers)
+        bufs = writable_views(buffers, self._name)
         if not bufs:
             return 0, []
         if self._unread:
@@ -615,6 +618,8 @@ class Channel:
         view = memoryview(buf).cast("B")
         if not len(view):
             return 0
+        if view.readonly:
+            raise read_only(self._name, buf)
         if self._unread:
             return self._take_unread_into([view], bool(flags))
         n: int = self._retry(self._rd, None if timeout is None else time.monotonic() + timeout,
@@ -698,7 +703,7 @@ class Channel:
         received by any of the partial reads are all returned; on error they are closed.
         """
         self._check_read_flags(max_fds, 0)
-        bufs = views(buffers)
+        bufs = writable_views(buffers, self._name)
         expected = nbytes(bufs)
         dl = deadline(timeout)
         fds: list[int] = []

@@ -47,14 +47,15 @@ from typing import Any, Union
 from . import _hub
 from ._context import Context, Future, current_context, iohandler_context
 from .address import parse_address
+from .channel import Shutdown
 from .channel_socket import SocketChannel
-from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ContextStoppedError
-from .threads import IOThreadPool
+from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ContextStoppedError, WouldBlock
+from .threads import IOThread, IOThreadPool
 
 _log = logging.getLogger("qioc_green.net_listener")
 
 Handler = Callable[[SocketChannel], Any]
-Contexts = Union[IOThreadPool, "Context", Sequence["Context"], None]
+Contexts = Union[IOThreadPool, IOThread, "Context", Sequence[Union["Context", IOThread]], None]
 Policy = Callable[[SocketChannel, Sequence["Context"]], "Context"]
 
 _names = itertools.count(1)
@@ -119,6 +120,7 @@ class NetListener:
         self.refused = 0
         self.handler_errors = 0
         self.accept_errors = 0
+        self.dispatch_errors = 0
         self._per_context: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -179,7 +181,8 @@ class NetListener:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: accepted, refused, active, handler_errors, accept_errors, per_context."""
+        """Counters: accepted, refused, active, handler_errors, accept_errors, dispatch_errors
+        (clients closed because the policy, or handing them on, failed), per_context."""
         with self._lock:
             return {
                 "accepted": self.accepted,
@@ -187,6 +190,7 @@ class NetListener:
                 "active": len(self._clients),
                 "handler_errors": self.handler_errors,
                 "accept_errors": self.accept_errors,
+                "dispatch_errors": self.dispatch_errors,
                 "per_context": dict(self._per_context),
             }
 
@@ -196,8 +200,8 @@ class NetListener:
                            policy: Policy | str | None = None) -> None:
         """Run ``fn(channel)`` as a greenlet for every accepted client (None: stop dispatching).
 
-        ``contexts``: an IOThreadPool, a list of contexts, or one context; None means the
-        calling thread's context.  The channel has follow on, so its waits park on the hub of
+        ``contexts``: an IOThreadPool, one context or IOThread, or a list of them; None means
+        the calling thread's context (TypeError at once for anything else).  The channel has follow on, so its waits park on the hub of
         the context the handler runs in.  When ``fn`` returns, the channel is closed.  Never
         switches.  QEMU: ``qio_net_listener_set_client_func_full()``.
         """
@@ -244,12 +248,22 @@ class NetListener:
         self._start_acceptors()
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except BaseException as exc:
+            # Whatever ends the wait (our timeout, gevent.Timeout, a kill, a stopping context),
+            # the future leaves the line, or it would swallow the next client.
             with self._lock:
                 if fut in self._client_waiters:
                     self._client_waiters.remove(fut)
-                    raise TimeoutError(f"{self.name}: no client within {timeout} s") from None
-            return fut.result(0)  # a client arrived just as the time ran out
+                    if isinstance(exc, TimeoutError):
+                        raise TimeoutError(f"{self.name}: no client within {timeout} s") from None
+                    raise
+            if not fut.done() or fut.exception(0) is not None:
+                raise  # failed meanwhile (the listener closed): nothing to hand on
+            if isinstance(exc, TimeoutError):
+                return fut.result(0)  # a client arrived just as the time ran out
+            # A client was handed to us as we were interrupted: pass it on, not lose it.
+            self._dispatch(fut.result(0), None, counted=True)
+            raise
 
     # -- accepting -------------------------------------------------------------------------------
 
@@ -310,7 +324,13 @@ class NetListener:
             if backoff:
                 _log.warning("%s: accepting on %s again", self.name, lch.local_address)
                 backoff = 0.0
-            self._dispatch(ch, own)
+            try:
+                self._dispatch(ch, own)
+            except Exception:  # a bug of ours or a caller's: log it, drop this client, go on
+                with self._lock:
+                    self.dispatch_errors += 1
+                _log.exception("%s: dispatching client %s failed; closing it", self.name, _peer(ch))
+                ch.close()
 
     def _dispatch(self, ch: SocketChannel, own: Context | None, counted: bool = False) -> None:
         """Give a new client to a wait_client() caller, or to the handler, or refuse it.
@@ -336,22 +356,35 @@ class NetListener:
                 self.refused += 1
                 self.accepted -= counted
             else:
+                try:
+                    ctx = own if own is not None else self._pick(ch)
+                except Exception:  # the user's policy: this client pays, the listener goes on
+                    self.dispatch_errors += 1
+                    self.accepted -= counted
+                    _log.exception("%s: policy failed for client %s; closing it", self.name, _peer(ch))
+                    ch.close()
+                    return
                 self.accepted += not counted
-                ctx = own if own is not None else self._policy(ch, self._contexts)
                 client = _Client(ch, ctx)
                 self._clients.add(client)
                 self._per_context[ctx.name] = self._per_context.get(ctx.name, 0) + 1
                 handler = self._handler
         if refuse:
-            ch.close()  # it sees EOF
             if not self._closed:
-                _log.info("%s: refused %s: %d clients already", self.name, ch.remote_address, self.max_clients)
+                _log.info("%s: refused %s: %d clients already", self.name, _peer(ch), self.max_clients)
+            _close_refused(ch)
             return
         try:
             ctx.schedule(self._serve, client, handler)
         except ContextStoppedError:
             self._forget(client)
             ch.close()
+
+    def _pick(self, ch: SocketChannel) -> Context:
+        ctx = self._policy(ch, self._contexts)
+        if not isinstance(ctx, Context):
+            raise TypeError(f"the policy returned {ctx!r}, not a Context")
+        return ctx
 
     def _serve(self, client: _Client, handler: Handler) -> None:
         # Runs in the client's context, inside its hub: start the handler greenlet from here
@@ -443,16 +476,56 @@ class NetListener:
 
 
 def _contexts_list(contexts: Contexts) -> list[Context]:
+    """What ``set_client_handler(contexts=)`` takes, as a list of contexts; TypeError at once for
+    anything else (the acceptor would find out only at the first client)."""
     if contexts is None:
         return [current_context()]
     if isinstance(contexts, IOThreadPool):
         return contexts.contexts
-    if isinstance(contexts, Context):
-        return [contexts]
-    out = list(contexts if isinstance(contexts, Iterable) else [contexts])
+    if isinstance(contexts, (Context, IOThread)):
+        contexts = [contexts]
+    if not isinstance(contexts, Iterable):
+        raise TypeError(f"contexts must be a Context, an IOThread, an IOThreadPool or a list of them, "
+                        f"not {type(contexts).__name__}")
+    out = []
+    for c in contexts:
+        if isinstance(c, IOThread):
+            c = c.context  # RuntimeError if it is not started
+        if not isinstance(c, Context):
+            raise TypeError(f"contexts must be Contexts or IOThreads, not {type(c).__name__}")
+        out.append(c)
     if not out:
         raise ValueError("set_client_handler() needs at least one context")
     return out
+
+
+def _peer(ch: SocketChannel) -> str:
+    try:
+        return ch.remote_address
+    except Exception:  # noqa: BLE001 - only for a log line: a reset socket has no peer any more
+        return "(unknown peer)"
+
+
+_REFUSED_DRAIN = 4  # reads of 64 KiB at most, none of which waits
+
+
+def _close_refused(ch: SocketChannel) -> None:
+    """Close a refused client so that it sees EOF, not a reset.
+
+    Closing a TCP socket with unread bytes queued makes the kernel answer with RST, so a client
+    that spoke first (a request sent at once) would get ECONNRESET.  So: FIN first (after it the
+    client reads EOF even if a reset follows), then read off what is queued, boundedly and
+    without waiting, then close.  Never switches.
+    """
+    try:
+        ch.shutdown(Shutdown.WRITE)
+        ch.set_blocking(False)
+        for _ in range(_REFUSED_DRAIN):
+            if not ch.read(65536):
+                break  # EOF: the client is gone already
+    except (WouldBlock, ChannelError, OSError):
+        pass  # nothing more queued, or the client reset first: close it either way
+    ch.close()
 
 
 __all__ = ["Contexts", "Handler", "NetListener", "Policy", "round_robin"]

@@ -18,6 +18,7 @@ handed the lock meanwhile, and if so passes it on, so no hand-off is ever lost.
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from typing import Generic, TypeVar
@@ -29,6 +30,26 @@ T = TypeVar("T")
 
 class QueueClosed(Exception):
     """The queue was closed: ``put`` refused; ``get`` raises once it is empty."""
+
+
+class QueueEmpty(queue.Empty, TimeoutError):
+    """``get`` found nothing: not blocking, or not within ``timeout``.  Both a ``queue.Empty``
+    (what a ``queue.Queue`` user catches) and a ``TimeoutError`` (what this Queue raised before)."""
+
+
+class QueueFull(queue.Full, TimeoutError):
+    """``put`` found no room: not blocking, or not within ``timeout``.  Both a ``queue.Full``
+    and a ``TimeoutError``."""
+
+
+def _timeout(block: bool, timeout: float | None) -> float | None:
+    """The wait ``get``/``put`` may make: None for no limit, 0 for none at all."""
+    if timeout is None and (block is None or (not isinstance(block, bool) and isinstance(block, (int, float)))):
+        # The earlier signature, get(timeout) and put(item, timeout): None was "no limit".
+        return None if block is None else max(float(block), 0.0)
+    if not block:
+        return 0.0
+    return None if timeout is None else max(timeout, 0.0)
 
 
 def _park_until(lock: _hub.LockType, waiters: deque[_hub.Waiter], deadline: float | None, what: str) -> None:
@@ -59,7 +80,13 @@ def _wake_all(waiters: list[_hub.Waiter]) -> None:
 
 
 class Queue(Generic[T]):
-    """A FIFO that greenlets of any thread share; ``maxsize`` > 0 bounds it (back-pressure)."""
+    """A FIFO that greenlets of any thread share; ``maxsize`` > 0 bounds it (back-pressure).
+
+    It speaks ``queue.Queue``'s API (``get(block, timeout)``, ``put(item, block, timeout)``,
+    the ``_nowait`` forms, ``qsize``/``empty``/``full``, QueueEmpty and QueueFull, which are
+    ``queue.Empty`` and ``queue.Full``) plus ``close()`` and ``fail()``.  A number given for
+    ``block`` (or None) is taken as the timeout (the earlier signature, ``get(timeout)``).
+    """
 
     def __init__(self, maxsize: int = 0) -> None:
         self.maxsize = maxsize
@@ -73,10 +100,21 @@ class Queue(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, item: T, timeout: float | None = None) -> None:
-        """Append ``item``; parks while the queue is full.  TimeoutError, QueueClosed, or the
-        exception given to :meth:`fail`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        """Append ``item``; while the queue is full, parks (``block``; up to ``timeout``
+        seconds).  QueueFull (a ``queue.Full`` and a TimeoutError) when there is no room in
+        time, QueueClosed, or the exception given to :meth:`fail`."""
+        wait = _timeout(block, timeout)
+        deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
             while True:
                 if self._error is not None:
@@ -87,13 +125,25 @@ class Queue(Generic[T]):
                     self._items.append(item)
                     getters = list(self._getters)
                     break
-                _park_until(self._lock, self._putters, deadline, "queue put")
+                if wait == 0:
+                    raise QueueFull(f"queue is full ({self.maxsize} items)")
+                try:
+                    _park_until(self._lock, self._putters, deadline, "queue put")
+                except TimeoutError:
+                    raise QueueFull(f"queue put timed out: full ({self.maxsize} items)") from None
         _wake_all(getters)
 
-    def get(self, timeout: float | None = None) -> T:
-        """Remove and return the oldest item; parks while empty.  TimeoutError; QueueClosed
-        once closed and drained; the exception given to :meth:`fail` (at once, items or not)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def put_nowait(self, item: T) -> None:
+        """``put(item, block=False)``: QueueFull at once if there is no room.  Never switches."""
+        self.put(item, False)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """Remove and return the oldest item; while empty, parks (``block``; up to ``timeout``
+        seconds).  QueueEmpty (a ``queue.Empty`` and a TimeoutError) when nothing comes in
+        time; QueueClosed once closed and drained; the exception given to :meth:`fail` (at
+        once, items or not)."""
+        wait = _timeout(block, timeout)
+        deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
             while True:
                 if self._error is not None:
@@ -104,9 +154,18 @@ class Queue(Generic[T]):
                     break
                 if self._closed:
                     raise QueueClosed("queue is closed")
-                _park_until(self._lock, self._getters, deadline, "queue get")
+                if wait == 0:
+                    raise QueueEmpty("queue is empty")
+                try:
+                    _park_until(self._lock, self._getters, deadline, "queue get")
+                except TimeoutError:
+                    raise QueueEmpty("queue get timed out") from None
         _wake_all(putters)
         return item
+
+    def get_nowait(self) -> T:
+        """``get(block=False)``: QueueEmpty at once if there is nothing.  Never switches."""
+        return self.get(False)
 
     def close(self) -> None:
         """Refuse further puts; getters drain what is left, then get QueueClosed.  Never blocks."""
@@ -228,4 +287,4 @@ class Lock:
         self.release()
 
 
-__all__ = ["Event", "Lock", "Queue", "QueueClosed"]
+__all__ = ["Event", "Lock", "Queue", "QueueClosed", "QueueEmpty", "QueueFull"]

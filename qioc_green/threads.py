@@ -3,18 +3,19 @@
 An IOThread is a real OS thread even after ``gevent.monkey.patch_all()`` (its thread and locks
 are the unpatched ones).  ``stop()`` asks the thread to stop itself, in its own thread (see
 ``Context.serve``: parked greenlets are woken with ContextStoppedError, leftover tasks killed,
-the hub destroyed), and joins it.
+the hub destroyed), and waits for it to end, parking the calling greenlet (semantics 8).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from . import _hub
-from ._context import Context, new_thread_context
+from ._context import Context, Future, current_context, new_thread_context
 from .errors import ContextStoppedError
 
 _names = itertools.count(1)
@@ -39,6 +40,7 @@ class IOThread:
         self._ready = _hub.OSEvent()
         self._context: Context | None = None
         self._error: BaseException | None = None
+        self._ended: Future[None] = Future()  # set by the thread as its very last act
 
     def __repr__(self) -> str:
         state = "new" if self._thread is None else ("running" if self._thread.is_alive() else "stopped")
@@ -51,15 +53,27 @@ class IOThread:
         return self._context
 
     def start(self) -> IOThread:
-        """Start the thread and wait (blocking this OS thread briefly) until its hub runs."""
+        """Start the thread and wait (blocking this OS thread briefly) until its hub runs.
+
+        Started from the main thread, it makes the main thread's context first (if it has none),
+        so that ``main_context()`` works in the IOThread.
+        """
         if self._thread is not None:
             raise RuntimeError(f"iothread {self.name} already started")
-        self._thread = _hub.OSThread(self._main, self.name)
+        if _hub.is_main_thread():
+            current_context()
+        self._thread = _hub.OSThread(self._run, self.name)
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
             raise self._error
         return self
+
+    def _run(self) -> None:
+        try:
+            self._main()
+        finally:
+            self._ended.set_result(None)  # wakes a stop() parked on it, in whatever thread
 
     def _main(self) -> None:
         try:
@@ -89,18 +103,33 @@ class IOThread:
             pass  # stopped already, or it never got as far as a context
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Wake every greenlet parked in this thread with ContextStoppedError, then join it.
+        """Wake every greenlet parked in this thread with ContextStoppedError, then wait until
+        the thread has ended.
 
+        Parks the calling greenlet on its own thread's hub while the thread winds down (the
+        caller's other greenlets keep running; a plain thread without a hub blocks).
         Idempotent.  Called from the IOThread itself it only starts the stop.  Raises
-        TimeoutError if the thread has not ended after ``timeout`` seconds.
+        TimeoutError if the thread has not ended after ``timeout`` seconds; RuntimeError inside
+        a hub callback (before asking anything).
         """
         t = self._thread
         if t is None or not t.is_alive():
             return
-        self._request_stop()
-        if self.context.in_own_thread():
+        if self._context is not None and self._context.in_own_thread():
+            self._request_stop()
             return
-        if not t.join(timeout):
+        if _hub.in_hub():
+            raise RuntimeError(f"cannot stop iothread {self.name} inside a hub callback (a callback must not block)")
+        self._request_stop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._ended.result(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"iothread {self.name} did not stop within {timeout} s") from None
+        except ContextStoppedError:
+            pass  # the caller's own context is stopping (no park there): block in the join below
+        # Its last act was to set _ended: what is left of the thread is its exit.
+        if not t.join(None if deadline is None else max(deadline - time.monotonic(), 0.1)):
             raise TimeoutError(f"iothread {self.name} did not stop within {timeout} s")
 
     def is_alive(self) -> bool:

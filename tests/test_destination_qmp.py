@@ -324,9 +324,9 @@ def test_multifd_over_qmp_turns_active_once_every_channel_is_in(receivers, tmp_p
         address = listen(rx, qmp)
         socks.append(connect(address))
         socks[0].sendall(main)  # it waits at its first sync point for the channels
-        # "ram" appears once the receiver has taken the connection (it may not have yet)
-        assert wait_until(
-            lambda: qmp.ok("query-migrate").get("ram", {}).get("transferred", 0) > 0, WAIT)
+        # Until the receiver has taken the first bytes, query-migrate has no "ram" (as QEMU's
+        # destination in setup): poll for it rather than assume it is there already.
+        assert wait_until(lambda: qmp.ok("query-migrate").get("ram", {}).get("transferred", 0) > 0, WAIT)
         assert qmp.ok("query-migrate")["status"] == "setup"
         for data in channels:
             socks.append(connect(address))

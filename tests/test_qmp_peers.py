@@ -135,10 +135,13 @@ def test_quit_sends_shutdown_then_closes(monitor, loop):
         assert ev["event"] == "SHUTDOWN" and ev["data"]["reason"] == "host-qmp-quit"
         assert wait_until(lambda: server.clients == 0)  # the monitor hung up
     finally:
-        # the server hung up after its reply: the library reports that EOF on close, exactly as
-        # with QEMU (QEMU's own python/qemu/machine expects it after 'quit')
-        with pytest.raises(EOFError):
+        # The server hung up after its reply.  Whether the library reports that EOF on close
+        # depends on whether its reader task ran after the EOF came and before close() cancelled
+        # it (a race in the client, with QEMU too), so QEMU's own python/qemu/machine takes both.
+        try:
             qmp.close()
+        except EOFError:
+            pass
     assert target.quitted
 
 

@@ -267,3 +267,23 @@ def test_split_echo_demo_runs():
     assert lines[0].startswith("listening on tcp:127.0.0.1:")
     assert "every byte checked" in lines[1]
     assert any("reader-iothread reads" in x for x in lines) and any("writer-iothread writes" in x for x in lines)
+
+
+def test_queue_keeps_the_earlier_positional_timeout_and_timeout_errors():
+    # Before it spoke queue.Queue's API, get(timeout) and put(item, timeout) took the timeout
+    # first, and TimeoutError was what a time-out raised: both still hold.
+    q: Queue[int] = Queue(1)
+    with gevent.Timeout(5):
+        with pytest.raises(TimeoutError):
+            q.get(0.01)
+        q.put(1, 0.01)
+        with pytest.raises(TimeoutError):
+            q.put(2, 0.01)
+        assert q.get(0.01) == 1
+        g = gevent.spawn(q.get, None)  # None first was "no limit", not "do not block"
+        gevent.sleep(0)
+        q.put(3)
+        assert g.get() == 3
+        q.close()
+        with pytest.raises(QueueClosed):
+            q.get_nowait()  # closed and drained: closed, not empty

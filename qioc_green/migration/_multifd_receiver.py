@@ -338,7 +338,7 @@ class MultifdReceiver:
         main_done_at: float | None = None
         while True:
             try:
-                k, exc = self._done.get(_TICK)
+                k, exc = self._done.get(timeout=_TICK)
             except TimeoutError:
                 pass
             else:
@@ -387,7 +387,7 @@ class MultifdReceiver:
         deadline = time.monotonic() + bound
         while len(self._ended) < len(self.connections) and time.monotonic() < deadline:
             try:
-                k, _ = self._done.get(max(0.0, deadline - time.monotonic()))
+                k, _ = self._done.get(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 break
             self._ended.add(k)

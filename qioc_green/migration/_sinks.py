@@ -292,7 +292,7 @@ class Forwarder:
     def acquire(self, timeout: float | None = None) -> bytearray:
         """A free buffer; parks while all are queued or being sent (TimeoutError after
         ``timeout``). Reader side."""
-        return self._free.get(timeout)
+        return self._free.get(timeout=timeout)
 
     def submit(self, buf: bytearray, n: int, start: int = 0, release: bool = True) -> None:
         """Queue ``buf[start:n]`` for the destination; once sent, the buffer goes back to the
