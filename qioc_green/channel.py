@@ -642,6 +642,8 @@ class Channel:
         queued never parks, so it keeps trying first; a read that brings ``full`` bytes after
         parking (``read`` passes its ``n``: it filled the caller's buffer, more may be queued)
         ends the guess.  A wrong guess costs one loop iteration (the watcher fires at once).
+        With a deadline the guessed park may time out (a zero timeout always does, before the
+        watcher can fire): the read is tried anyway, so bytes already queued are returned.
         """
         if self._unread:
             return self._take_unread(n, bool(flags))
@@ -654,8 +656,14 @@ class Channel:
             if self._wrote:
                 self._wrote = False
                 if self._rd_parked and self._blocking:
-                    d.park(deadline)
                     parked = True
+                    if deadline is None:
+                        d.park(None)
+                    else:
+                        try:
+                            d.park(deadline)
+                        except ChannelTimeoutError:
+                            pass  # the guess ran out of time, not the read: bytes may be queued
             fd = self._sock_fd
             if fd >= 0 and _recv is not None and n <= _SMALL:  # the compiled path: None for "would block"
                 sflags = _MSG_PEEK if flags else 0

@@ -262,8 +262,6 @@ def test_main_context_from_an_iothread_the_main_thread_started():
 # -- channels (DESIGN 2) ---------------------------------------------------------------------------
 
 
-@xfail("read(n, timeout=0) after a read that parked and a write parks first (the read prediction in "
-       "_read_some) with a zero deadline, and the timer beats the readiness of bytes already queued")
 def test_read_with_timeout_0_returns_bytes_already_queued():
     a, b = SocketChannel.socketpair()
     b.set_follow_coroutine_ctx(True)
