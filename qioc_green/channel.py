@@ -588,7 +588,8 @@ class Channel:
         """Read into ``buffers``, and up to ``max_fds`` passed fds; return ``(nbytes, fds)``.
 
         May park until some data is available.  0 bytes means EOF (or no room: empty buffers
-        return 0 at once).  The caller owns the fds.  Raises NotSupportedError for fds without
+        return 0 at once).  The caller owns the fds; at most ``max_fds`` are returned, and any
+        more that came with the message are closed (none are ever left open unreturned).  Raises NotSupportedError for fds without
         FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking mode,
         BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
         """
@@ -716,7 +717,9 @@ class Channel:
                 done = self._take_unread_into(bufs)
                 bufs = advance(bufs, done)
             while bufs:
-                n, got = self._retry(self._rd, dl, self._io_readv, bufs, max_fds, 0)
+                # At most max_fds in all: once they have come, later reads take none (the
+                # kernel closes any more that arrive, as it does past a read's room for them).
+                n, got = self._retry(self._rd, dl, self._io_readv, bufs, max_fds - len(fds) if max_fds else 0, 0)
                 if got:
                     fds.extend(got)
                 if n == 0:
@@ -758,19 +761,21 @@ class Channel:
             raise
         return b"".join(chunks)
 
-    def readv_full_all_eof(self, buffers: Sequence[Buffer], *, max_fds: int = 0,
+    def readv_full_all_eof(self, buffers: Sequence[Buffer], max_fds: int = 0, *,
                            timeout: float | None = None) -> tuple[bool, list[int]]:
         """Fill every buffer, or return ``(False, [])`` on a clean EOF before any byte.
 
         May park.  Raises UnexpectedEOF (with ``partial`` and ``expected``) on EOF after some
-        bytes.  fds from every partial read are returned.  Interrupted, it gives its bytes back
-        (class docstring).  QEMU: ``qio_channel_readv_full_all_eof()``.
+        bytes.  fds from every partial read are returned, ``max_fds`` at most in all (more that
+        come are closed, as ``readv_full`` says).  Interrupted, it gives its bytes back (class
+        docstring).  QEMU: ``qio_channel_readv_full_all_eof()``.
         """
         return self._readv_all(buffers, max_fds, timeout)
 
-    def readv_full_all(self, buffers: Sequence[Buffer], *, max_fds: int = 0,
+    def readv_full_all(self, buffers: Sequence[Buffer], max_fds: int = 0, *,
                        timeout: float | None = None) -> list[int]:
-        """Fill every buffer; EOF anywhere raises UnexpectedEOF.  May park.  Returns the fds."""
+        """Fill every buffer; EOF anywhere raises UnexpectedEOF.  May park.  Returns the fds
+        (``max_fds`` at most).  QEMU: ``qio_channel_readv_full_all()``."""
         ok, fds = self._readv_all(buffers, max_fds, timeout)
         if not ok:
             raise self._eof_before(buffers)
