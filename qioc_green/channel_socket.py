@@ -130,10 +130,21 @@ class SocketChannel(Channel):
         label = name or f"socket-{sa}"
         if sa.kind == "fd":
             try:
-                sock = _hub.PlainSocket(fileno=os.dup(sa.fd))
+                dup = os.dup(sa.fd)
             except OSError as exc:
                 raise from_os_error(exc, label, f"connect to {sa}") from exc
-            return cls(sock, name=name)
+            try:
+                sock = _hub.PlainSocket(fileno=dup)  # ENOTSOCK for a pipe or a file
+            except OSError as exc:
+                os.close(dup)
+                raise from_os_error(exc, label, f"connect to {sa}") from exc
+            try:
+                fd_ch = cls(sock, name=name)  # ValueError for a datagram socket
+            except BaseException:
+                sock.close()
+                raise
+            fd_ch.set_follow_coroutine_ctx(follow)
+            return fd_ch
         if sa.kind == "unix":
             targets: list[tuple[int, Any]] = [(socket.AF_UNIX, sa.path)]
         elif sa.kind == "vsock":

@@ -321,7 +321,6 @@ def test_readv_full_all_returns_at_most_max_fds_over_its_reads():
         for fd in (r, w, *fds):
             os.close(fd)
 
-@xfail("SocketChannel.connect('fd:N') dups N before it wraps it, and leaks the dup when N is not a socket")
 def test_connect_to_an_fd_that_is_not_a_socket_leaks_nothing():
     r, w = os.pipe()
 
@@ -347,6 +346,19 @@ def test_connect_to_an_fd_that_is_not_a_socket_leaks_nothing():
         for fd in (r, w, *leaked):
             os.close(fd)
 
+
+
+def test_connect_to_an_fd_takes_follow_and_refuses_a_datagram_socket_cleanly():
+    s1, s2 = socket.socketpair()
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        with SocketChannel.connect(f"fd:{s1.fileno()}", follow=True) as ch:
+            assert ch.follow_coroutine_ctx  # as every other address kind
+        with pytest.raises(ValueError, match="stream socket"):
+            SocketChannel.connect(f"fd:{d.fileno()}")  # its dup closed (the suite's fd check)
+    finally:
+        for sock in (s1, s2, d):
+            sock.close()
 
 @xfail("a CommandChannel spawned with mode 'r' has no stdin, yet a write says 'peer closed its end' "
        "(BrokenChannelError) instead of NotSupportedError")
