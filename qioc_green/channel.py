@@ -17,7 +17,9 @@ A channel kind implements a few non-blocking hooks (QEMU's ``QIOChannelClass`` v
 
 Everything that blocks has one shape (QEMU's ``qio_channel_readv_full_all_eof``): try the hook;
 on ``BlockingIOError`` park the calling greenlet until the fd is ready (or raise WouldBlock in
-non-blocking mode); retry on EINTR; translate any other OSError.  That loop is ``_retry``; the
+non-blocking mode); retry on EINTR; translate any other OSError.  A ``ChannelError`` a hook raises
+(NotSupportedError, which is an ``io.UnsupportedOperation`` and so an OSError too; a TLS
+handshake's BrokenChannelError) is its own verdict and passes unchanged.  That loop is ``_retry``; the
 ``*_all`` calls loop over it, counting progress.  Two copies of it are unrolled by hand for speed,
 ``_read_some`` (every ``read``/``read_all``) and the first try of ``write_all``: each is marked
 "change both", and kept identical to ``_retry``.  Where a direction waits (its slot, its kept
@@ -479,6 +481,8 @@ class Channel:
                     d.park(deadline)
                 except InterruptedError:
                     continue
+                except ChannelError:
+                    raise  # a hook's own verdict (NotSupportedError...), already named: not an OS error
                 except OSError as exc:
                     raise self._broken(exc, d.verb) from exc
         finally:
@@ -692,6 +696,8 @@ class Channel:
                     d.park(deadline)
                 except InterruptedError:
                     continue
+                except ChannelError:
+                    raise  # as in _retry
                 except OSError as exc:
                     raise self._broken(exc, "read") from exc
         finally:
@@ -930,6 +936,8 @@ class Channel:
                     n = self._io_write(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
+            except ChannelError:
+                raise  # as in _retry
             except OSError as exc:
                 raise self._broken(exc, "write", 0, len(data)) from exc
         finally:
@@ -947,6 +955,8 @@ class Channel:
         self._enter()
         try:
             self._io_flush()
+        except ChannelError:
+            raise
         except OSError as exc:
             raise self._broken(exc, "flush") from exc
         finally:
@@ -958,6 +968,8 @@ class Channel:
         self._enter()
         try:
             return fn(*args)
+        except ChannelError:
+            raise  # NotSupportedError, ChannelBusyError: a hook's own verdict
         except OSError as exc:
             raise self._broken(exc, what) from exc
         finally:

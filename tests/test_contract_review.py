@@ -360,14 +360,22 @@ def test_connect_to_an_fd_takes_follow_and_refuses_a_datagram_socket_cleanly():
         for sock in (s1, s2, d):
             sock.close()
 
-@xfail("a CommandChannel spawned with mode 'r' has no stdin, yet a write says 'peer closed its end' "
-       "(BrokenChannelError) instead of NotSupportedError")
 def test_writing_a_read_only_command_is_not_supported():
     ch = CommandChannel.spawn([sys.executable, "-c", "pass"], "r")
     with ch:
         with pytest.raises(NotSupportedError):
             ch.write(b"x")
 
+
+
+def test_reading_a_write_only_command_is_not_supported():
+    ch = CommandChannel.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"], "w")
+    with ch:
+        with pytest.raises(NotSupportedError, match="not open for reading"):
+            ch.read(1)
+        with pytest.raises(NotSupportedError):
+            ch.read_all(1)
+        ch.write_all(b"still writable")
 
 @xfail("FileChannel writes an O_APPEND file with pwritev at its own position: Linux appends anyway, so "
        "the position it reports is wrong from the first write on")
