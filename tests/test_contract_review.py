@@ -377,8 +377,6 @@ def test_reading_a_write_only_command_is_not_supported():
             ch.read_all(1)
         ch.write_all(b"still writable")
 
-@xfail("FileChannel writes an O_APPEND file with pwritev at its own position: Linux appends anyway, so "
-       "the position it reports is wrong from the first write on")
 def test_an_append_mode_file_channel_knows_where_it_is(tmp_path):
     path = tmp_path / "log"
     path.write_bytes(b"0123456789")
@@ -387,6 +385,20 @@ def test_an_append_mode_file_channel_knows_where_it_is(tmp_path):
         assert path.read_bytes() == b"0123456789abc"
         assert ch.position == 13
 
+
+
+def test_an_append_mode_file_channel_starts_at_the_end_and_refuses_positional_writes(tmp_path):
+    path = tmp_path / "log"
+    path.write_bytes(b"0123456789")
+    with FileChannel.open(path, "a") as ch:
+        assert ch.position == 10  # as Python's open(path, "a").tell()
+        with pytest.raises(NotSupportedError, match="append"):
+            ch.pwritev([b"X"], 0)  # Linux would append it
+    with FileChannel.from_fd(os.open(path, os.O_RDWR | os.O_APPEND)) as ch:
+        assert ch.read(4) == b"0123"  # reads from the fd's offset; writes go to the end
+        ch.write_all(b"!")
+        assert ch.position == 11
+    assert path.read_bytes() == b"0123456789!"
 
 # -- TLS (semantics 6) ------------------------------------------------------------------------------
 
