@@ -493,7 +493,8 @@ class Channel:
     def yield_(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Park the calling greenlet until ``cond`` (IN or OUT) may be ready, or until woken.
 
-        Switches (returns at once for IN while given-back bytes wait to be read).  Returns early
+        Switches (returns at once for IN while bytes the fd cannot show wait to be read: given
+        back by an interrupted read, or a TLS session's decrypted plaintext).  Returns early
         on ``wake_read()`` (callers retry their operation).  Raises ChannelBusyError if another
         greenlet waits in that direction, ChannelClosedError if the channel is closed meanwhile,
         TimeoutError after ``timeout``.  QEMU: ``qio_channel_yield()``.
@@ -503,7 +504,7 @@ class Channel:
             raise ValueError("yield_() takes exactly one of IOCondition.IN and IOCondition.OUT")
         self._enter()
         try:
-            if cond is _IN and self._unread:
+            if cond is _IN and self._ready_in():
                 return
             (self._rd if cond is _IN else self._wr).park(deadline(timeout))
         finally:
@@ -526,7 +527,7 @@ class Channel:
         self._enter()
         try:
             fd = self._io_fd(cond)
-            if fd is None or (cond is _IN and self._unread):
+            if fd is None or (cond is _IN and self._ready_in()):
                 return
             with self._wait_lock:
                 if self._wait_efd is None:
@@ -552,6 +553,12 @@ class Channel:
             self._leave()
 
     # -- given-back bytes (see the class docstring) ----------------------------------------------
+
+    def _ready_in(self) -> bool:
+        """Whether a read would return without the fd: ``yield_(IN)``, ``wait(IN)`` and an IN
+        watch then return or fire at once.  Given-back bytes here; a kind that holds bytes of
+        its own that the fd cannot show (TLS: plaintext already decrypted) adds them."""
+        return bool(self._unread)
 
     def _give_back(self, data: bytes) -> None:
         if data and not self._closed:
@@ -1048,8 +1055,8 @@ class Channel:
         return watch
 
     def _watch_fd(self, cond: IOCondition) -> int | None:
-        if cond is _IN and self._unread:
-            return None  # given-back bytes: ready without the fd
+        if cond is _IN and self._ready_in():
+            return None  # ready without the fd (given-back bytes; TLS plaintext already decrypted)
         return self._io_fd(cond)
 
     def _watch_gone(self, watch: Watch) -> None:
