@@ -413,7 +413,7 @@ class Channel:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        mode = "follow" if self._follow else "iohandler"
+        mode = "follow" if self.follow_coroutine_ctx else "iohandler"  # a wrapper's is its inner's
         return f"<{type(self).__name__} {self._name} {state} {mode}>"
 
     def __enter__(self) -> Channel:

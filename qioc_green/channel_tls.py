@@ -54,11 +54,19 @@ from typing import Any
 
 from . import _hub
 from .channel import Channel, Direction, Feature, IOCondition, Shutdown, WriteFlag, deadline
-from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ChannelTimeoutError, NotSupportedError
+from .errors import (
+    BrokenChannelError,
+    ChannelBusyError,
+    ChannelClosedError,
+    ChannelError,
+    ChannelTimeoutError,
+    NotSupportedError,
+)
 from .sync import Event
 
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
+_VERB = {_IN: "read", _OUT: "write"}
 _CHUNK = 256 * 1024  # ciphertext read from the inner channel at once
 _MAX_PLAIN = 16 * 1024 * 16  # plaintext encrypted per hook call (16 records)
 
@@ -162,11 +170,16 @@ class TLSChannel(Channel):
         self._inner.wake_read()
 
     def _park_inner(self, cond: IOCondition, dl: float | None) -> None:
+        # The inner channel's errors name it; the caller called this one, so these name this.
         timeout = None if dl is None else dl - time.monotonic()
         try:
             self._inner.yield_(cond, timeout=timeout)
         except ChannelClosedError:
             raise ChannelClosedError(f"{self._name}: channel closed while waiting") from None
+        except ChannelTimeoutError:
+            raise ChannelTimeoutError(f"{self._name}: timed out waiting to {_VERB[cond]}") from None
+        except ChannelBusyError:
+            raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {_VERB[cond]}") from None
 
     def _wait_handshake(self, dl: float | None) -> None:
         """Wait until the handshake may progress: on the inner channel, in the direction it needs,

@@ -25,6 +25,7 @@ import pytest
 
 from qioc_green import (
     BrokenChannelError,
+    ChannelBusyError,
     CommandChannel,
     Event,
     FileChannel,
@@ -457,7 +458,6 @@ def test_tls_waits_and_watches_see_whole_records_not_yet_decrypted(certs):
             assert c.read(1000) == b"y" * 100
         assert s.read_all(1, timeout=5) == b"q"
 
-@xfail("a TLSChannel keeps its own (unused) follow flag: repr says 'iohandler' while its waits follow")
 def test_tls_repr_shows_the_follow_flag_its_waits_use(certs):
     c, s = _tls_pair(certs)
     with c, s:
@@ -465,8 +465,6 @@ def test_tls_repr_shows_the_follow_flag_its_waits_use(certs):
         assert "follow" in repr(c)
 
 
-@xfail("a TLS read that times out raises the inner channel's ChannelTimeoutError, naming the socket "
-       "rather than the TLS channel the user called")
 def test_tls_timeout_names_the_tls_channel(certs):
     c, s = _tls_pair(certs)
     with c, s:
@@ -474,6 +472,18 @@ def test_tls_timeout_names_the_tls_channel(certs):
         with pytest.raises(TimeoutError, match="^tls-user: "):
             c.read(10, timeout=0.05)
 
+
+
+def test_tls_busy_names_the_tls_channel(certs):
+    c, s = _tls_pair(certs)
+    with c, s:
+        c.set_name("tls-user")
+        g = gevent.spawn(c.read, 10)
+        assert wait_until(lambda: c.inner.statistics().readers_waiting)
+        with pytest.raises(ChannelBusyError, match="^tls-user: "):
+            c.read(10, timeout=5)
+        s.write_all(b"x")
+        assert g.get(timeout=5) == b"x"
 
 # -- NetListener -----------------------------------------------------------------------------------
 
