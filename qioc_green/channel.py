@@ -17,12 +17,13 @@ A channel kind implements a few non-blocking hooks (QEMU's ``QIOChannelClass`` v
 
 Everything that blocks has one shape (QEMU's ``qio_channel_readv_full_all_eof``): try the hook;
 on ``BlockingIOError`` park the calling greenlet until the fd is ready (or raise WouldBlock in
-non-blocking mode); retry on EINTR; translate any other OSError.  A ``ChannelError`` a hook raises
-(NotSupportedError, which is an ``io.UnsupportedOperation`` and so an OSError too; a TLS
-handshake's BrokenChannelError) is its own verdict and passes unchanged.  That loop is ``_retry``; the
-``*_all`` calls loop over it, counting progress.  Two copies of it are unrolled by hand for speed,
-``_read_some`` (every ``read``/``read_all``) and the first try of ``write_all``: each is marked
-"change both", and kept identical to ``_retry``.  Where a direction waits (its slot, its kept
+non-blocking mode); retry on EINTR; translate any other OSError (a ``ChannelError`` a hook
+raises is its own verdict and passes unchanged: NotSupportedError is an
+``io.UnsupportedOperation``, hence an OSError too, and a TLS handshake's BrokenChannelError a
+ConnectionError).  That loop is ``_retry``; the ``*_all`` calls loop over it, counting progress.
+Two copies of it are unrolled by hand for speed, ``_read_some`` (every ``read``/``read_all``)
+and the first try of ``write_all``: each is marked "change both", and kept identical to
+``_retry``.  Where a direction waits (its slot, its kept
 watcher, the busy/closed/orphan checks) is ``Direction``; watches are ``channel_watch``.
 
 The file descriptor's lifetime
@@ -599,10 +600,11 @@ class Channel:
         """Read into ``buffers``, and up to ``max_fds`` passed fds; return ``(nbytes, fds)``.
 
         May park until some data is available.  0 bytes means EOF (or no room: empty buffers
-        return 0 at once).  The caller owns the fds; at most ``max_fds`` are returned, and any
-        more that came with the message are closed (none are ever left open unreturned).  Raises NotSupportedError for fds without
-        FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking mode,
-        BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
+        return 0 at once).  The caller owns the fds: at most ``max_fds``, and any more that came
+        with the message are closed, never left open unreturned.  Raises NotSupportedError for
+        fds without FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking
+        mode, BrokenChannelError, ChannelClosedError, TimeoutError.
+        QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
         bufs = views(buffers)
