@@ -150,6 +150,13 @@ class ChannelStatistics:
     released: bool  # the fd (and whatever else the kind holds) has been released
 
 
+def _ready_now(fd: int, events: int) -> bool:
+    """Whether ``fd`` is ready for ``events`` (``_hub.READ``/``WRITE``) at this instant.  Never waits."""
+    poller = _hub.plain_poll()
+    poller.register(fd, select.POLLIN if events == _hub.READ else select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class Direction:
     """One direction of a channel: who is parked in it, its kept watcher, and how it parks.
 
@@ -226,6 +233,10 @@ class Direction:
                     ch._holds.append(None)  # the iohandler's watcher holds the fd until it is gone
                     _hub.wait_fd_iohandler(iohandler_context(), waiter, fd, self.events, timeout, ch._leave)
             except TimeoutError:
+                # The timer and readiness can come in the same loop turn, and a deadline already
+                # up (timeout=0) always beats the watcher: if the fd is ready now, it has won.
+                if _ready_now(fd, self.events):
+                    return
                 raise ChannelTimeoutError(f"{ch._name}: timed out waiting to {self.verb}") from None
         finally:
             waiter.orphan = None
@@ -656,8 +667,8 @@ class Channel:
         queued never parks, so it keeps trying first; a read that brings ``full`` bytes after
         parking (``read`` passes its ``n``: it filled the caller's buffer, more may be queued)
         ends the guess.  A wrong guess costs one loop iteration (the watcher fires at once).
-        With a deadline the guessed park may time out (a zero timeout always does, before the
-        watcher can fire): the read is tried anyway, so bytes already queued are returned.
+        A park whose deadline comes with (or before) readiness returns rather than time out
+        (``Direction.park``), so ``timeout=0`` after a wrong guess still returns queued bytes.
         """
         if self._unread:
             return self._take_unread(n, bool(flags))
@@ -670,14 +681,8 @@ class Channel:
             if self._wrote:
                 self._wrote = False
                 if self._rd_parked and self._blocking:
+                    d.park(deadline)  # a deadline that is up loses to an fd that is ready
                     parked = True
-                    if deadline is None:
-                        d.park(None)
-                    else:
-                        try:
-                            d.park(deadline)
-                        except ChannelTimeoutError:
-                            pass  # the guess ran out of time, not the read: bytes may be queued
             fd = self._sock_fd
             if fd >= 0 and _recv is not None and n <= _SMALL:  # the compiled path: None for "would block"
                 sflags = _MSG_PEEK if flags else 0

@@ -68,7 +68,8 @@ _IN = IOCondition.IN
 _OUT = IOCondition.OUT
 _VERB = {_IN: "read", _OUT: "write"}
 _CHUNK = 256 * 1024  # ciphertext read from the inner channel at once
-_MAX_PLAIN = 16 * 1024 * 16  # plaintext encrypted per hook call (16 records)
+_RECORD = 16 * 1024  # the most plaintext one TLS record carries
+_MAX_PLAIN = _RECORD * 16  # plaintext encrypted per hook call (16 records)
 
 
 class _InnerDirection(Direction):
@@ -228,7 +229,7 @@ class TLSChannel(Channel):
             if not self._in.pending:
                 return False
             try:
-                data = self._ssl.read(_CHUNK)
+                data = self._ssl.read(_RECORD)  # one record's plaintext at most
             except ssl.SSLWantReadError:
                 return False
             except ssl.SSLError as exc:  # a broken session or a truncation: the next read raises it

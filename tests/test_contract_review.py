@@ -275,6 +275,20 @@ def test_read_with_timeout_0_returns_bytes_already_queued():
         assert b.read(10, timeout=0) == b"data"
 
 
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_zero_timeout_wait_on_a_ready_channel_returns(follow):
+    # A deadline already up always beats the watcher: the wait looks at the fd before it says so.
+    a, b = SocketChannel.socketpair()
+    b.set_follow_coroutine_ctx(follow)
+    with a, b:
+        with pytest.raises(TimeoutError):
+            b.yield_(IOCondition.IN, timeout=0)  # nothing there
+        a.write_all(b"x")
+        b.yield_(IOCondition.IN, timeout=0)
+        b.wait(IOCondition.IN, timeout=0)
+        assert b.read(10, timeout=0) == b"x"
+
+
 def test_readv_full_all_takes_max_fds_as_the_contract_spells_it():
     a, b = SocketChannel.socketpair()
     r, w = os.pipe()
