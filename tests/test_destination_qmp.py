@@ -324,7 +324,8 @@ def test_multifd_over_qmp_turns_active_once_every_channel_is_in(receivers, tmp_p
         address = listen(rx, qmp)
         socks.append(connect(address))
         socks[0].sendall(main)  # it waits at its first sync point for the channels
-        assert wait_until(lambda: qmp.ok("query-migrate")["ram"]["transferred"] > 0, WAIT)
+        # "ram" appears with the first bytes counted (a QEMU destination leaves it out before)
+        assert wait_until(lambda: qmp.ok("query-migrate").get("ram", {}).get("transferred", 0) > 0, WAIT)
         assert qmp.ok("query-migrate")["status"] == "setup"
         for data in channels:
             socks.append(connect(address))
