@@ -399,7 +399,10 @@ sp_recvmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         msg.msg_iovlen = (size_t)nv;
         if (max_fds > 0) {
             msg.msg_control = control.buf;
-            msg.msg_controllen = CMSG_SPACE((size_t)max_fds * sizeof(int));
+            /* CMSG_LEN, not CMSG_SPACE: the kernel installs as many fds as the buffer has room
+               for, and CMSG_SPACE's padding holds one more when max_fds is odd.  With exactly
+               max_fds' room it closes the rest (MSG_CTRUNC). */
+            msg.msg_controllen = CMSG_LEN((size_t)max_fds * sizeof(int));
         }
         if (total > BIG) {
             Py_BEGIN_ALLOW_THREADS
@@ -431,6 +434,10 @@ sp_recvmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             for (size_t i = 0; i < count; i++) {
                 int one;
                 memcpy(&one, p + i, sizeof one);
+                if (PyList_GET_SIZE(fds) >= max_fds) {
+                    close(one); /* never more than asked for, and never left open */
+                    continue;
+                }
                 PyObject *v = PyLong_FromLong(one);
                 if (v == NULL || PyList_Append(fds, v) < 0) {
                     Py_XDECREF(v);
@@ -443,7 +450,8 @@ sp_recvmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     return Py_BuildValue("(nN)", (Py_ssize_t)got, fds);
 close_fds:
-    /* out of memory: the fds must not leak */
+    /* out of memory: the fds must not leak (none was closed above yet: extras are closed only
+       once the list is full, and nothing is allocated after that) */
     if (max_fds > 0) {
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {

@@ -17,10 +17,13 @@ A channel kind implements a few non-blocking hooks (QEMU's ``QIOChannelClass`` v
 
 Everything that blocks has one shape (QEMU's ``qio_channel_readv_full_all_eof``): try the hook;
 on ``BlockingIOError`` park the calling greenlet until the fd is ready (or raise WouldBlock in
-non-blocking mode); retry on EINTR; translate any other OSError.  That loop is ``_retry``; the
-``*_all`` calls loop over it, counting progress.  Two copies of it are unrolled by hand for speed,
-``_read_some`` (every ``read``/``read_all``) and the first try of ``write_all``: each is marked
-"change both", and kept identical to ``_retry``.  Where a direction waits (its slot, its kept
+non-blocking mode); retry on EINTR; translate any other OSError (a ``ChannelError`` a hook
+raises is its own verdict and passes unchanged: NotSupportedError is an
+``io.UnsupportedOperation``, hence an OSError too, and a TLS handshake's BrokenChannelError a
+ConnectionError).  That loop is ``_retry``; the ``*_all`` calls loop over it, counting progress.
+Two copies of it are unrolled by hand for speed, ``_read_some`` (every ``read``/``read_all``)
+and the first try of ``write_all``: each is marked "change both", and kept identical to
+``_retry``.  Where a direction waits (its slot, its kept
 watcher, the busy/closed/orphan checks) is ``Direction``; watches are ``channel_watch``.
 
 The file descriptor's lifetime
@@ -147,6 +150,13 @@ class ChannelStatistics:
     released: bool  # the fd (and whatever else the kind holds) has been released
 
 
+def _ready_now(fd: int, events: int) -> bool:
+    """Whether ``fd`` is ready for ``events`` (``_hub.READ``/``WRITE``) at this instant.  Never waits."""
+    poller = _hub.plain_poll()
+    poller.register(fd, select.POLLIN if events == _hub.READ else select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class Direction:
     """One direction of a channel: who is parked in it, its kept watcher, and how it parks.
 
@@ -223,6 +233,10 @@ class Direction:
                     ch._holds.append(None)  # the iohandler's watcher holds the fd until it is gone
                     _hub.wait_fd_iohandler(iohandler_context(), waiter, fd, self.events, timeout, ch._leave)
             except TimeoutError:
+                # The timer and readiness can come in the same loop turn, and a deadline already
+                # up (timeout=0) always beats the watcher: if the fd is ready now, it has won.
+                if _ready_now(fd, self.events):
+                    return
                 raise ChannelTimeoutError(f"{ch._name}: timed out waiting to {self.verb}") from None
         finally:
             waiter.orphan = None
@@ -411,7 +425,7 @@ class Channel:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        mode = "follow" if self._follow else "iohandler"
+        mode = "follow" if self.follow_coroutine_ctx else "iohandler"  # a wrapper's is its inner's
         return f"<{type(self).__name__} {self._name} {state} {mode}>"
 
     def __enter__(self) -> Channel:
@@ -479,6 +493,8 @@ class Channel:
                     d.park(deadline)
                 except InterruptedError:
                     continue
+                except ChannelError:
+                    raise  # a hook's own verdict (NotSupportedError...), already named: not an OS error
                 except OSError as exc:
                     raise self._broken(exc, d.verb) from exc
         finally:
@@ -489,7 +505,8 @@ class Channel:
     def yield_(self, cond: IOCondition, *, timeout: float | None = None) -> None:
         """Park the calling greenlet until ``cond`` (IN or OUT) may be ready, or until woken.
 
-        Switches (returns at once for IN while given-back bytes wait to be read).  Returns early
+        Switches (returns at once for IN while bytes the fd cannot show wait to be read: given
+        back by an interrupted read, or a TLS session's decrypted plaintext).  Returns early
         on ``wake_read()`` (callers retry their operation).  Raises ChannelBusyError if another
         greenlet waits in that direction, ChannelClosedError if the channel is closed meanwhile,
         TimeoutError after ``timeout``.  QEMU: ``qio_channel_yield()``.
@@ -499,7 +516,7 @@ class Channel:
             raise ValueError("yield_() takes exactly one of IOCondition.IN and IOCondition.OUT")
         self._enter()
         try:
-            if cond is _IN and self._unread:
+            if cond is _IN and self._ready_in():
                 return
             (self._rd if cond is _IN else self._wr).park(deadline(timeout))
         finally:
@@ -523,7 +540,7 @@ class Channel:
         self._enter()
         try:
             fd = self._io_fd(cond)
-            if fd is None or (cond is _IN and self._unread):
+            if fd is None or (cond is _IN and self._ready_in()):
                 return
             with self._wait_lock:
                 if self._wait_efd is None:
@@ -551,6 +568,12 @@ class Channel:
             self._leave()
 
     # -- given-back bytes (see the class docstring) ----------------------------------------------
+
+    def _ready_in(self) -> bool:
+        """Whether a read would return without the fd: ``yield_(IN)``, ``wait(IN)`` and an IN
+        watch then return or fire at once.  Given-back bytes here; a kind that holds bytes of
+        its own that the fd cannot show (TLS: plaintext already decrypted) adds them."""
+        return bool(self._unread)
 
     def _give_back(self, data: bytes) -> None:
         if data and not self._closed:
@@ -591,9 +614,11 @@ class Channel:
         """Read into ``buffers``, and up to ``max_fds`` passed fds; return ``(nbytes, fds)``.
 
         May park until some data is available.  0 bytes means EOF (or no room: empty buffers
-        return 0 at once).  The caller owns the fds.  Raises NotSupportedError for fds without
-        FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking mode,
-        BrokenChannelError, ChannelClosedError, TimeoutError.  QEMU: ``qio_channel_readv_full()``.
+        return 0 at once).  The caller owns the fds: at most ``max_fds``, and any more that came
+        with the message are closed, never left open unreturned.  Raises NotSupportedError for
+        fds without FD_PASS (or MSG_PEEK without READ_MSG_PEEK), WouldBlock in non-blocking
+        mode, BrokenChannelError, ChannelClosedError, TimeoutError.
+        QEMU: ``qio_channel_readv_full()``.
         """
         self._check_read_flags(max_fds, flags)
         bufs = writable_views(buffers, self._name)
@@ -647,6 +672,8 @@ class Channel:
         queued never parks, so it keeps trying first; a read that brings ``full`` bytes after
         parking (``read`` passes its ``n``: it filled the caller's buffer, more may be queued)
         ends the guess.  A wrong guess costs one loop iteration (the watcher fires at once).
+        A park whose deadline comes with (or before) readiness returns rather than time out
+        (``Direction.park``), so ``timeout=0`` after a wrong guess still returns queued bytes.
         """
         if self._unread:
             return self._take_unread(n, bool(flags))
@@ -659,7 +686,7 @@ class Channel:
             if self._wrote:
                 self._wrote = False
                 if self._rd_parked and self._blocking:
-                    d.park(deadline)
+                    d.park(deadline)  # a deadline that is up loses to an fd that is ready
                     parked = True
             fd = self._sock_fd
             if fd >= 0 and _recv is not None and n <= _SMALL:  # the compiled path: None for "would block"
@@ -688,6 +715,8 @@ class Channel:
                     d.park(deadline)
                 except InterruptedError:
                     continue
+                except ChannelError:
+                    raise  # as in _retry
                 except OSError as exc:
                     raise self._broken(exc, "read") from exc
         finally:
@@ -713,7 +742,9 @@ class Channel:
                 done = self._take_unread_into(bufs)
                 bufs = advance(bufs, done)
             while bufs:
-                n, got = self._retry(self._rd, dl, self._io_readv, bufs, max_fds, 0)
+                # At most max_fds in all: once they have come, later reads take none (the
+                # kernel closes any more that arrive, as it does past a read's room for them).
+                n, got = self._retry(self._rd, dl, self._io_readv, bufs, max_fds - len(fds) if max_fds else 0, 0)
                 if got:
                     fds.extend(got)
                 if n == 0:
@@ -755,19 +786,21 @@ class Channel:
             raise
         return b"".join(chunks)
 
-    def readv_full_all_eof(self, buffers: Sequence[Buffer], *, max_fds: int = 0,
+    def readv_full_all_eof(self, buffers: Sequence[Buffer], max_fds: int = 0, *,
                            timeout: float | None = None) -> tuple[bool, list[int]]:
         """Fill every buffer, or return ``(False, [])`` on a clean EOF before any byte.
 
         May park.  Raises UnexpectedEOF (with ``partial`` and ``expected``) on EOF after some
-        bytes.  fds from every partial read are returned.  Interrupted, it gives its bytes back
-        (class docstring).  QEMU: ``qio_channel_readv_full_all_eof()``.
+        bytes.  fds from every partial read are returned, ``max_fds`` at most in all (more that
+        come are closed, as ``readv_full`` says).  Interrupted, it gives its bytes back (class
+        docstring).  QEMU: ``qio_channel_readv_full_all_eof()``.
         """
         return self._readv_all(buffers, max_fds, timeout)
 
-    def readv_full_all(self, buffers: Sequence[Buffer], *, max_fds: int = 0,
+    def readv_full_all(self, buffers: Sequence[Buffer], max_fds: int = 0, *,
                        timeout: float | None = None) -> list[int]:
-        """Fill every buffer; EOF anywhere raises UnexpectedEOF.  May park.  Returns the fds."""
+        """Fill every buffer; EOF anywhere raises UnexpectedEOF.  May park.  Returns the fds
+        (``max_fds`` at most).  QEMU: ``qio_channel_readv_full_all()``."""
         ok, fds = self._readv_all(buffers, max_fds, timeout)
         if not ok:
             raise self._eof_before(buffers)
@@ -922,6 +955,8 @@ class Channel:
                     n = self._io_write(data)
             except (BlockingIOError, InterruptedError):
                 n = 0
+            except ChannelError:
+                raise  # as in _retry
             except OSError as exc:
                 raise self._broken(exc, "write", 0, len(data)) from exc
         finally:
@@ -939,6 +974,8 @@ class Channel:
         self._enter()
         try:
             self._io_flush()
+        except ChannelError:
+            raise
         except OSError as exc:
             raise self._broken(exc, "flush") from exc
         finally:
@@ -950,6 +987,8 @@ class Channel:
         self._enter()
         try:
             return fn(*args)
+        except ChannelError:
+            raise  # NotSupportedError, ChannelBusyError: a hook's own verdict
         except OSError as exc:
             raise self._broken(exc, what) from exc
         finally:
@@ -1028,8 +1067,8 @@ class Channel:
         return watch
 
     def _watch_fd(self, cond: IOCondition) -> int | None:
-        if cond is _IN and self._unread:
-            return None  # given-back bytes: ready without the fd
+        if cond is _IN and self._ready_in():
+            return None  # ready without the fd (given-back bytes; TLS plaintext already decrypted)
         return self._io_fd(cond)
 
     def _watch_gone(self, watch: Watch) -> None:

@@ -94,6 +94,8 @@ class CommandChannel(Channel):
 
     def _io_writev(self, buffers: list[memoryview], fds: Sequence[int], flags: int) -> int:
         if self._wfd is None:
+            if self._proc.stdin is None:  # spawned without a stdin ("r"): nothing was ever open
+                raise NotSupportedError(f"{self.name}: not open for writing")
             raise BrokenPipeError(32, "write side is shut down")
         return os.writev(self._wfd, buffers)
 

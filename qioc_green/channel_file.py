@@ -5,10 +5,18 @@ always "ready"), so they never park: the channel keeps its own position and does
 ``os.preadv``/``os.pwritev``, which release the GIL while the kernel copies.  Concurrent users
 should call ``preadv``/``pwritev`` with explicit offsets; the implicit position is one shared
 number.  Pipes, FIFOs and character devices are put in non-blocking mode and parked on.
+
+An ``O_APPEND`` file is the exception to positional writes: Linux appends a ``pwritev`` there
+whatever its offset (pwrite(2), BUGS), so the channel's position would be wrong from the first
+write.  Its writes are plain ``writev`` (the kernel appends atomically, as a log wants), and the
+position is read back from the fd after each; ``pwritev`` with an offset is refused
+(NotSupportedError) rather than writing somewhere else.  ``open(path, "a")`` starts at the end,
+as Python's ``open(path, "a").tell()`` does.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Sequence
@@ -40,7 +48,9 @@ class FileChannel(Channel):
         self._positional = stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
         super().__init__(name=name, features=Feature.SEEKABLE if self._positional else 0)
         self._fd = fd
+        self._append = False
         if self._positional:
+            self._append = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
             self._pos = os.lseek(fd, 0, os.SEEK_CUR)
         else:
             self._pos = 0
@@ -64,6 +74,8 @@ class FileChannel(Channel):
         except OSError as exc:
             raise from_os_error(exc, os.fspath(path), "open") from exc
         try:
+            if flags & os.O_APPEND:
+                os.lseek(fd, 0, os.SEEK_END)  # where the writes go, as Python's open(path, "a")
             return cls(fd, name=name or f"file-{os.fspath(path)}")
         except BaseException:
             os.close(fd)
@@ -105,8 +117,12 @@ class FileChannel(Channel):
             self._leave()
 
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> int:
-        """Write at ``offset`` without moving the position; never parks.  Needs SEEKABLE."""
+        """Write at ``offset`` without moving the position; never parks.  Needs SEEKABLE, and
+        a file not opened for appending (NotSupportedError: Linux would append instead)."""
         self._need_positional()
+        if self._append:
+            raise NotSupportedError(f"{self.name}: positional writes to a file opened for appending "
+                                    f"would append (write() appends)")
         self._enter()
         try:
             return os.pwritev(self._fd, views(buffers), offset)
@@ -139,6 +155,10 @@ class FileChannel(Channel):
         return os.readv(self._fd, buffers), []
 
     def _io_writev(self, buffers: list[memoryview], fds: Sequence[int], flags: int) -> int:
+        if self._append:  # O_APPEND: the kernel writes at the end (module docstring)
+            n = os.writev(self._fd, buffers)
+            self._pos = os.lseek(self._fd, 0, os.SEEK_CUR)
+            return n
         if self._positional:
             n = os.pwritev(self._fd, buffers, self._pos)
             self._pos += n

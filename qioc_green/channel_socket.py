@@ -43,13 +43,23 @@ _sp = _native.speedups
 _SMALL = 65536
 
 
-def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+def _fd_room(max_fds: int) -> int:
+    # CMSG_LEN, not CMSG_SPACE: the kernel fills the control buffer with as many fds as fit,
+    # and CMSG_SPACE's alignment padding has room for one more when max_fds is odd.  With
+    # exactly max_fds' room it installs that many and closes the rest (MSG_CTRUNC).
+    return socket.CMSG_LEN(max_fds * _INT_SIZE)
+
+
+def _parse_fds(ancdata: list[tuple[int, int, bytes]], max_fds: int) -> list[int]:
+    """The fds of SCM_RIGHTS messages, ``max_fds`` at most: any beyond are closed."""
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(data) - len(data) % _INT_SIZE
             fds.extend(array.array("i", data[:usable]))
-    return fds
+    for extra in fds[max_fds:]:
+        os.close(extra)
+    return fds[:max_fds]
 
 
 class SocketChannel(Channel):
@@ -120,10 +130,21 @@ class SocketChannel(Channel):
         label = name or f"socket-{sa}"
         if sa.kind == "fd":
             try:
-                sock = _hub.PlainSocket(fileno=os.dup(sa.fd))
+                dup = os.dup(sa.fd)
             except OSError as exc:
                 raise from_os_error(exc, label, f"connect to {sa}") from exc
-            return cls(sock, name=name)
+            try:
+                sock = _hub.PlainSocket(fileno=dup)  # ENOTSOCK for a pipe or a file
+            except OSError as exc:
+                os.close(dup)
+                raise from_os_error(exc, label, f"connect to {sa}") from exc
+            try:
+                fd_ch = cls(sock, name=name)  # ValueError for a datagram socket
+            except BaseException:
+                sock.close()
+                raise
+            fd_ch.set_follow_coroutine_ctx(follow)
+            return fd_ch
         if sa.kind == "unix":
             targets: list[tuple[int, Any]] = [(socket.AF_UNIX, sa.path)]
         elif sa.kind == "vsock":
@@ -357,10 +378,9 @@ class SocketChannel(Channel):
             if len(buffers) == 1:
                 return self._sock.recv_into(buffers[0], 0, sflags), []
             return self._sock.recvmsg_into(buffers, 0, sflags)[0], []
-        n, ancdata, msg_flags, _ = self._sock.recvmsg_into(
-            buffers, socket.CMSG_SPACE(min(max_fds, MAX_FDS) * _INT_SIZE), sflags | socket.MSG_CMSG_CLOEXEC
-        )
-        return n, _parse_fds(ancdata)
+        max_fds = min(max_fds, MAX_FDS)
+        n, ancdata, msg_flags, _ = self._sock.recvmsg_into(buffers, _fd_room(max_fds), sflags | socket.MSG_CMSG_CLOEXEC)
+        return n, _parse_fds(ancdata, max_fds)
 
     def _io_write(self, buf: memoryview) -> int:
         if _sp is not None and len(buf) <= _SMALL:

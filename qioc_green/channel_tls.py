@@ -29,6 +29,11 @@ The decisions
   next write; every write call of this class drains it before returning (parking on the inner
   channel if needed), so a write that returned has handed all its ciphertext to the kernel.
   Readers push what the cipher wants to send (TLS 1.3 key updates) the same non-blocking way.
+* **Readable without the fd.**  Plaintext decrypted and not handed out, and whole records in the
+  incoming BIO, are what the inner fd cannot show; ``_plaintext_ready`` says so (decrypting a
+  record ahead when ciphertext waits), and the read direction's park, ``yield_(IN)``,
+  ``wait(IN)`` and IN watches look at it first (QEMU's ``QIOChannelTLSSource`` checks
+  ``qcrypto_tls_session_check_pending()``).
 * **close()** sends close_notify best effort (it never parks, as every close), then closes the
   inner channel, which wakes whoever is parked on it.  ``shutdown(Shutdown.WRITE)`` sends
   close_notify, drains it (may park) and half-closes the inner channel; reading goes on until the
@@ -49,13 +54,22 @@ from typing import Any
 
 from . import _hub
 from .channel import Channel, Direction, Feature, IOCondition, Shutdown, WriteFlag, deadline
-from .errors import BrokenChannelError, ChannelClosedError, ChannelError, ChannelTimeoutError, NotSupportedError
+from .errors import (
+    BrokenChannelError,
+    ChannelBusyError,
+    ChannelClosedError,
+    ChannelError,
+    ChannelTimeoutError,
+    NotSupportedError,
+)
 from .sync import Event
 
 _IN = IOCondition.IN
 _OUT = IOCondition.OUT
+_VERB = {_IN: "read", _OUT: "write"}
 _CHUNK = 256 * 1024  # ciphertext read from the inner channel at once
-_MAX_PLAIN = 16 * 1024 * 16  # plaintext encrypted per hook call (16 records)
+_RECORD = 16 * 1024  # the most plaintext one TLS record carries
+_MAX_PLAIN = _RECORD * 16  # plaintext encrypted per hook call (16 records)
 
 
 class _InnerDirection(Direction):
@@ -73,6 +87,8 @@ class _InnerDirection(Direction):
         tls: TLSChannel = self.channel  # type: ignore[assignment]
         if not tls._handshaken:
             tls._wait_handshake(deadline)
+        elif self.cond is _IN and tls._plaintext_ready():
+            return  # the inner fd cannot show it (the base's read prediction parks without trying)
         else:
             tls._park_inner(self.cond, deadline)
 
@@ -105,7 +121,10 @@ class TLSChannel(Channel):
         self._hs_driving = False  # a greenlet waits on the inner channel for the handshake
         self._hs_turn = Event()  # set (and replaced) each time that wait ends
         self._sent_close = False
-        self._plain = bytearray()  # plaintext already decrypted when close_notify was sent
+        # Plaintext decrypted and not handed out yet: set aside when close_notify was sent, or
+        # decrypted ahead by _plaintext_ready; reads take it first.
+        self._plain = bytearray()
+        self._ahead_error: OSError | None = None  # what decrypting ahead raised, for the next read
         self._flusher: Any = None  # the watch that pushes queued ciphertext in non-blocking mode
         self._rd = _InnerDirection(self, _IN)
         self._wr = _InnerDirection(self, _OUT)
@@ -152,11 +171,16 @@ class TLSChannel(Channel):
         self._inner.wake_read()
 
     def _park_inner(self, cond: IOCondition, dl: float | None) -> None:
+        # The inner channel's errors name it; the caller called this one, so these name this.
         timeout = None if dl is None else dl - time.monotonic()
         try:
             self._inner.yield_(cond, timeout=timeout)
         except ChannelClosedError:
             raise ChannelClosedError(f"{self._name}: channel closed while waiting") from None
+        except ChannelTimeoutError:
+            raise ChannelTimeoutError(f"{self._name}: timed out waiting to {_VERB[cond]}") from None
+        except ChannelBusyError:
+            raise ChannelBusyError(f"{self._name}: another greenlet is already waiting to {_VERB[cond]}") from None
 
     def _wait_handshake(self, dl: float | None) -> None:
         """Wait until the handshake may progress: on the inner channel, in the direction it needs,
@@ -183,6 +207,39 @@ class TLSChannel(Channel):
 
     def _io_fd(self, cond: IOCondition) -> int | None:
         return self._inner._io_fd(cond)
+
+    def _ready_in(self) -> bool:
+        return bool(self._unread) or self._plaintext_ready()
+
+    def _plaintext_ready(self) -> bool:
+        """Whether a read would return without the inner fd: plaintext decrypted and not handed
+        out, or a whole record (or EOF, or an error) already in the incoming BIO.
+
+        The inner fd cannot show either: one ``_pull_in`` takes up to 256 KiB of ciphertext, and
+        a read takes only what its buffer holds.  QEMU's ``QIOChannelTLSSource`` asks
+        ``qcrypto_tls_session_check_pending()`` for the first; the second is ours, so ciphertext
+        in the BIO is decrypted ahead, into ``_plain`` (a partial record says not ready: its
+        rest comes through the fd).  Takes the lock (its holders never park); never switches.
+        """
+        if not self._handshaken:
+            return False
+        with self._lock:
+            if self._plain or self._ahead_error is not None or self._ssl.pending():
+                return True
+            if not self._in.pending:
+                return False
+            try:
+                data = self._ssl.read(_RECORD)  # one record's plaintext at most
+            except ssl.SSLWantReadError:
+                return False
+            except ssl.SSLError as exc:  # a broken session or a truncation: the next read raises it
+                self._ahead_error = exc
+                return True
+            finally:
+                if self._outbio.pending:
+                    self._push_out_quietly()
+            self._plain += data  # b"": close_notify, which every later read sees again
+            return True
 
     @property
     def peer(self) -> str:
@@ -333,11 +390,14 @@ class TLSChannel(Channel):
         with self._lock:
             if not self._handshaken:
                 self._handshake_step()
-            if self._plain:  # set aside by _send_close_notify
+            if self._plain:  # set aside by _send_close_notify, or decrypted ahead
                 k = min(len(buf), len(self._plain))
                 buf[:k] = self._plain[:k]
                 del self._plain[:k]
                 return k
+            if self._ahead_error is not None:
+                exc, self._ahead_error = self._ahead_error, None
+                raise exc
             while True:
                 try:
                     n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
