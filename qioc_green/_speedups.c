@@ -99,6 +99,26 @@ as_fd(PyObject *o, int *fd)
     return 0;
 }
 
+/* The calls' common arguments: exactly `want` of them, an fd first, and (if flags_at > 0) an
+ * int of flags at that index.  0, or -1 with an exception set. */
+static int
+fd_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *usage, int *fd,
+        Py_ssize_t flags_at, int *flags)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (as_fd(args[0], fd) < 0)
+        return -1;
+    if (flags_at > 0) {
+        *flags = (int)PyLong_AsLong(args[flags_at]);
+        if (*flags == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 /* Fill iov from a sequence of buffers (at most MAX_IOV); returns how many, -1 on error. */
 static Py_ssize_t
 get_buffers(PyObject *seq, Py_buffer *views, struct iovec *iov, int writable)
@@ -223,11 +243,7 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd, flags;
     Py_ssize_t n;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv(fd, n, flags)");
-        return NULL;
-    }
-    if (as_fd(args[0], &fd) < 0)
+    if (fd_args(args, nargs, 3, "recv(fd, n, flags)", &fd, 2, &flags) < 0)
         return NULL;
     n = PyLong_AsSsize_t(args[1]);
     if (n == -1 && PyErr_Occurred())
@@ -236,9 +252,6 @@ sp_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "negative size");
         return NULL;
     }
-    flags = (int)PyLong_AsLong(args[2]);
-    if (flags == -1 && PyErr_Occurred())
-        return NULL;
     if ((flags & MSG_PEEK) && n > SMALL) {
         /* A peek reads once, from the start of the queue: into an object of n (a rare call; a
          * MemoryError here has taken nothing). */
@@ -300,14 +313,7 @@ sp_recv_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd, flags;
     Py_buffer view;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv_into(fd, buffer, flags)");
-        return NULL;
-    }
-    if (as_fd(args[0], &fd) < 0)
-        return NULL;
-    flags = (int)PyLong_AsLong(args[2]);
-    if (flags == -1 && PyErr_Occurred())
+    if (fd_args(args, nargs, 3, "recv_into(fd, buffer, flags)", &fd, 2, &flags) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -327,11 +333,7 @@ sp_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int fd;
     Py_buffer view;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "send(fd, buffer)");
-        return NULL;
-    }
-    if (as_fd(args[0], &fd) < 0)
+    if (fd_args(args, nargs, 2, "send(fd, buffer)", &fd, 0, NULL) < 0)
         return NULL;
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -371,17 +373,10 @@ sp_recvmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         char buf[CMSG_SPACE(MAX_FDS * sizeof(int))];
         struct cmsghdr align;
     } control;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "recvmsg(fd, buffers, max_fds, flags)");
-        return NULL;
-    }
-    if (as_fd(args[0], &fd) < 0)
+    if (fd_args(args, nargs, 4, "recvmsg(fd, buffers, max_fds, flags)", &fd, 3, &flags) < 0)
         return NULL;
     max_fds = (int)PyLong_AsLong(args[2]);
     if (max_fds == -1 && PyErr_Occurred())
-        return NULL;
-    flags = (int)PyLong_AsLong(args[3]);
-    if (flags == -1 && PyErr_Occurred())
         return NULL;
     if (max_fds > MAX_FDS)
         max_fds = MAX_FDS;
@@ -485,14 +480,7 @@ sp_sendmsg(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     } control;
     int fdv[MAX_FDS];
     Py_ssize_t nfds = 0;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "sendmsg(fd, buffers, fds, flags)");
-        return NULL;
-    }
-    if (as_fd(args[0], &fd) < 0)
-        return NULL;
-    flags = (int)PyLong_AsLong(args[3]);
-    if (flags == -1 && PyErr_Occurred())
+    if (fd_args(args, nargs, 4, "sendmsg(fd, buffers, fds, flags)", &fd, 3, &flags) < 0)
         return NULL;
     PyObject *fast = PySequence_Fast(args[2], "fds must be a sequence");
     if (fast == NULL)

@@ -182,12 +182,8 @@ class MultifdReceiver:
     def channel_pages(self) -> tuple[int, int]:
         """(normal, zero) pages the multifd channels carried so far (the main stream's own are
         in :attr:`summary`)."""
-        normal = zero = 0
-        for c in list(self.connections):
-            for counts in list(c.blocks.values()):
-                normal += counts[0]
-                zero += counts[1]
-        return normal, zero
+        counts = [n for c in list(self.connections) for n in list(c.blocks.values())]
+        return sum(n[0] for n in counts), sum(n[1] for n in counts)
 
     def stop(self, reason: str = "stopped") -> None:
         """End the migration now: it fails with ``reason``. Any thread; never parks (it closes
@@ -462,11 +458,14 @@ class MultifdReceiver:
             handed = self._serve(conn, ch, raw, taken.prefix)
         except BaseException as e:  # noqa: BLE001 - handed to the coordinator
             exc = e
-        finally:
+        finally:  # a failure is told before the close, which makes the source hang up the rest
+            if exc is not None:
+                self._done.put((conn.index, exc))
             if not handed:
                 ch.close()
             self._claims.said(conn.index)
-            self._done.put((conn.index, exc))
+            if exc is None:
+                self._done.put((conn.index, None))
 
     def _hand_over(self, conn: Connection, ch: Channel, raw: Channel, prefix: bytes) -> bool:
         """``ch`` is the next migration's: give it to the next (True), unless this one failed."""
