@@ -104,6 +104,9 @@ def test_our_server_with_nbdinfo(served) -> None:
     listing = run(["nbdinfo", "--list", "--json", unix_uri(served.sock)]).stdout
     names = {e["export-name"] for e in json.loads(listing)["exports"]}
     assert names == {"disk", "ro", "mem"}
+    # the server's file paths are not told to clients (qemu-nbd sends no description unless -D)
+    described = [e.get("description", "") for e in json.loads(listing)["exports"]]
+    assert not any(str(served.img.parent) in d for d in described), described
     assert run(["nbdinfo", "--can", "multi-conn", unix_uri(served.sock, "disk")], check=False).returncode == 0
     assert nbdinfo_map(unix_uri(served.sock, "disk")) == [
         (0, 3 * MiB, 0), (3 * MiB, 5 * MiB, 3), (8 * MiB, 2 * MiB, 0), (10 * MiB, 6 * MiB, 3)]

@@ -125,7 +125,8 @@ def _sync_in_thread(fd: int) -> None:
 
 
 class FileExport(Export):
-    """A regular file (or block device): positional I/O, fdatasync, holes by SEEK_DATA/SEEK_HOLE."""
+    """A regular file (or block device): positional I/O, fdatasync, holes by SEEK_DATA/SEEK_HOLE.
+    No description unless given: the server's path is not told to clients (as qemu-nbd without -D)."""
 
     def __init__(self, name: str, path: str, *, readonly: bool = False, description: str = "") -> None:
         self.path = path
@@ -135,7 +136,7 @@ class FileExport(Export):
         except BaseException:
             os.close(self.fd)
             raise
-        super().__init__(name, size, readonly=readonly, description=description or path)
+        super().__init__(name, size, readonly=readonly, description=description)
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         # os.pread allocates without zeroing and releases the GIL while the kernel copies.
