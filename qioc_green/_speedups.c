@@ -159,12 +159,20 @@ release_buffers(Py_buffer *views, Py_ssize_t n)
 #define BIG 65536
 #define SMALL 8192
 
-/* recv(2) into buf with the GIL held; >= 0 bytes, -1 would block, -2 raised. */
+/* recv(2) into buf, the GIL held or (release) released for the call; >= 0 bytes, -1 would
+ * block, -2 raised. */
 static ssize_t
-recv_held(int fd, char *buf, size_t n, int flags)
+recv_loop(int fd, char *buf, size_t n, int flags, int release)
 {
     for (;;) {
-        ssize_t got = recv(fd, buf, n, flags);
+        ssize_t got;
+        if (release) {
+            Py_BEGIN_ALLOW_THREADS
+            got = recv(fd, buf, n, flags);
+            Py_END_ALLOW_THREADS
+        } else {
+            got = recv(fd, buf, n, flags);
+        }
         if (got >= 0)
             return got;
         int r = failed();
@@ -173,22 +181,8 @@ recv_held(int fd, char *buf, size_t n, int flags)
     }
 }
 
-/* recv(2) into buf with the GIL released; >= 0 bytes, -1 would block, -2 raised. */
-static ssize_t
-recv_released(int fd, char *buf, size_t n, int flags)
-{
-    for (;;) {
-        ssize_t got;
-        Py_BEGIN_ALLOW_THREADS
-        got = recv(fd, buf, n, flags);
-        Py_END_ALLOW_THREADS
-        if (got >= 0)
-            return got;
-        int r = failed();
-        if (r <= 0)
-            return r == 0 ? -1 : -2;
-    }
-}
+#define recv_held(fd, buf, n, flags) recv_loop((fd), (buf), (n), (flags), 0)
+#define recv_released(fd, buf, n, flags) recv_loop((fd), (buf), (n), (flags), 1)
 
 /* How many bytes are queued to read on fd (FIONREAD); 0 if none or if it cannot say. */
 static size_t

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -262,25 +263,8 @@ class ChannelReader:
               ev: PagesAhead, name: str) -> None:
         """Discard the ``ev.remaining`` bytes of pages that follow on the channel (parking until
         they are there)."""
-        done = 0
-        while done < ev.remaining:
-            try:
-                k = sock.recv_into(buf, min(ev.remaining - done, len(buf)), socket.MSG_TRUNC)
-            except BlockingIOError:
-                try:
-                    ch.yield_(IOCondition.IN, timeout=wait)
-                except TimeoutError:
-                    pass
-                continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise MultifdError(name, ev.at + len(ev.head) + done,
-                                   f"{_read_failed(exc, ch.name)}; {_cut_pages(ev, done)}") from exc
-            if k == 0:
-                raise MultifdError(name, ev.at + len(ev.head) + done, _cut_pages(ev, done))
-            self.session.touch()
-            done += k
+        self._recv_pages(ch, wait, ev, name, len(ev.head), ev.remaining, lambda done: sock.recv_into(
+            buf, min(ev.remaining - done, len(buf)), socket.MSG_TRUNC))
 
     def _receive(self, ch: SocketChannel, sock: socket.socket, wait: float | None,
                  ev: PagesAhead, name: str) -> None:
@@ -319,10 +303,17 @@ class ChannelReader:
                    wait: float | None, ev: PagesAhead, placed: int, name: str) -> None:
         """Fill ``dst`` from the socket (parking until the bytes are there): the pages of
         ``ev`` from ``placed`` bytes in (``ev.head`` included)."""
+        self._recv_pages(ch, wait, ev, name, placed, len(dst), lambda done: sock.recv_into(dst[done:]))
+
+    def _recv_pages(self, ch: SocketChannel, wait: float | None, ev: PagesAhead, name: str,
+                    placed: int, want: int, recv: Callable[[int], int]) -> None:
+        """Take ``want`` bytes of ``ev``'s pages, ``placed`` bytes in (``ev.head`` included),
+        with ``recv(done)`` (bytes taken; parking until they are there). A reset or EOF among
+        them is one line naming the channel, the offset and the pages cut."""
         done = 0
-        while done < len(dst):
+        while done < want:
             try:
-                k = sock.recv_into(dst[done:])
+                k = recv(done)
             except BlockingIOError:
                 try:
                     ch.yield_(IOCondition.IN, timeout=wait)
