@@ -513,7 +513,9 @@ def test_usage_errors():
     for argv in (["bogus:1"], ["tcp:127.0.0.1"], ["exec:cat x", "--keep-listening"],
                  ["file:x,size=3"], ["tcp:127.0.0.1:0", "--count", "2"],
                  ["tcp:127.0.0.1:0", "--multifd-channels", "2", "--channel-timeout", "0"],
-                 ["tcp:127.0.0.1:0", "--save", "-"]):
+                 ["tcp:127.0.0.1:0", "--save", "-"], ["tcp:127.0.0.1:0", "--buffer-size", "lots"],
+                 ["tcp:127.0.0.1:0", "--buffer-size", "1G", "--buffers", "8"],
+                 ["tcp:127.0.0.1:0", "--buffers", "100000"]):
         r = subprocess.run([*PROGRAM, *argv], check=False, capture_output=True,
                            text=True, env=ENV, timeout=WAIT)
         assert r.returncode == 2, (argv, r.stderr)
@@ -727,7 +729,7 @@ def test_forward_back_pressure_keeps_memory_bounded(receivers, tmp_path, big_str
         lst.listen(1)
         lst.settimeout(WAIT)
         rx = receivers("tcp:127.0.0.1:0", "--forward", f"tcp:127.0.0.1:{lst.getsockname()[1]}",
-                       "--buffers", "4", "--buffer-size", str(1 << 20),
+                       "--buffers", "4", "--buffer-size", "1M",
                        "--json", str(tmp_path / "b.json"))
         sent = [0]
         stalled = threading.Event()

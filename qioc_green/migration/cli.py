@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-rate", type=_rate, metavar="BYTES[/S]",
                    help="fail when fewer than BYTES a second (K, M, G: binary multiples) "
                         "arrive, averaged over each S seconds (default 10)")
-    p.add_argument("--buffer-size", type=int, default=CHUNK, metavar="BYTES",
-                   help=f"receive buffer size (default {CHUNK})")
+    p.add_argument("--buffer-size", type=_bytes, default=CHUNK, metavar="BYTES",
+                   help=f"receive buffer size (K, M: binary multiples; default {CHUNK})")
     p.add_argument("--buffers", type=int, default=BUFFERS, metavar="N",
                    help=f"buffers shared with the forwarding writer: the relay's memory bound "
                         f"(default {BUFFERS})")
@@ -133,16 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bytes(text: str) -> int:
+    """A byte count with an optional K, M or G (binary multiples)."""
+    scale = 1
+    if text[-1:].upper() in ("K", "M", "G"):
+        scale, text = 1 << (10 * "KMG".index(text[-1].upper()) + 10), text[:-1]
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count (e.g. 256K), got {text!r}") from None
+
+
 def _rate(text: str) -> tuple[float, float]:
     """``--min-rate BYTES[/S]`` as (bytes a second, window seconds)."""
     amount, _, window = text.partition("/")
-    scale = 1
-    if amount[-1:].upper() in ("K", "M", "G"):
-        scale = 1 << (10 * "KMG".index(amount[-1].upper()) + 10)
-        amount = amount[:-1]
     try:
-        rate, secs = float(amount) * scale, float(window) if window else 10.0
-    except ValueError:
+        rate, secs = float(_bytes(amount)), float(window) if window else 10.0
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected BYTES[/SECONDS] (e.g. 1M/10), got {text!r}") from None
     if rate <= 0 or secs <= 0:
         raise argparse.ArgumentTypeError(f"the rate and its window must be positive, got {text!r}")
@@ -351,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         forward = parse_uri(args.forward) if args.forward else None
     except ValueError as exc:
         parser.error(str(exc))
-    if args.buffer_size < 65536 or args.buffers < 2:
-        parser.error("--buffer-size must be at least 65536 and --buffers at least 2")
+    if args.buffer_size < 65536 or args.buffers < 2 or args.buffer_size * args.buffers > 1 << 32:
+        parser.error("--buffer-size must be at least 65536 and --buffers at least 2, and together "
+                     "at most 4 GiB (--buffer-size x --buffers is the relay's memory)")
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     if args.save == "-":  # --json - is stdout; this would have been a file named "-"
