@@ -601,6 +601,16 @@ def test_channels_that_never_come(receivers, tmp_path):
     assert line.startswith("offset "), line
 
 
+def test_a_channel_that_never_ends_after_the_main_stream(receivers, tmp_path):
+    """Every connection came and sent its part, but one multifd channel is held open after the
+    main stream ended: bounded by --channel-timeout, one line that says so."""
+    main, (a, b) = split()
+    line = refused(receivers, tmp_path, [main, a, b], "--channel-timeout", "0.5",
+                   hold=frozenset({2}))
+    assert line.endswith("the main stream ended, but the multifd channels did not all end "
+                         "within 0.5 s"), line
+
+
 def test_idle_across_every_connection(receivers, tmp_path):
     main, (a, b) = split()
     line = refused(receivers, tmp_path, [main, a, b[:5000]], "--idle-timeout", "0.5",

@@ -367,9 +367,10 @@ class MultifdReceiver:
                                    f"{self._connected_ids()} came"))
             elif main_done_at is not None and now - main_done_at > self.channel_timeout:
                 missing = [i for i in range(self.channels) if i not in self._connected_ids()]
-                self._fail(Stopped(f"offset {self._main_bytes()}: the main stream ended, but "
-                                   f"multifd channels {missing or 'all'} did not end in "
-                                   f"{self.channel_timeout:g} s"))
+                what = (f"multifd channels {missing} never came" if missing
+                        else "the multifd channels did not all end")
+                self._fail(Stopped(f"offset {self._main_bytes()}: the main stream ended, but {what} "
+                                   f"within {self.channel_timeout:g} s"))
             if self.progress is not None and now >= next_progress:
                 next_progress = now + _TICK
                 total = sum(c.bytes for c in self.connections)

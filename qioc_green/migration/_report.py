@@ -69,7 +69,7 @@ def report(n: int, out: Outcome, args: argparse.Namespace) -> None:
         mfd = d.get("multifd")
         channels = f", {mfd['channels']} multifd channels" if mfd else ""
         print(f"{label}{state}: {d['bytes_total']} bytes in {d['elapsed_s']:.3f} s "
-              f"({rate:.0f} MB/s), machine {d['machine']}, {len(d['sections'])} sections, "
+              f"({rate:.0f} MB/s), machine {d['machine'] or 'unknown'}, {len(d['sections'])} sections, "
               f"{len(d['ram_blocks'])} RAM blocks, {len(d['devices'])} devices{channels}",
               flush=True)
 
