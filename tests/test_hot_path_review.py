@@ -167,7 +167,7 @@ _FORK_CHILD = textwrap.dedent("""
     ctxs = pool.contexts
     # Fork while a hub waits for the GIL in its loop hook: wake the idle hubs and keep the GIL
     # here (no switch for 1 s) until one waits.  A hub caught elsewhere (mid-batch) gets the
-    # GIL back while this thread sleeps between tries.
+    # GIL back between tries, while this thread waits for each hub to run a callback.
     sys.setswitchinterval(1.0)
     for attempt in range(100):
         for ctx in ctxs:
@@ -177,7 +177,8 @@ _FORK_CHILD = textwrap.dedent("""
             pass
         if sp.gil_stats()["hubs_waiting"]:
             break
-        time.sleep(0.05)
+        for ctx in ctxs:
+            ctx.spawn(lambda: None).result(5)
     waiting = sp.gil_stats()["hubs_waiting"]
     pid = os.fork()
     if pid == 0:

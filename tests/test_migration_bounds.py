@@ -65,14 +65,25 @@ def short_dir() -> Iterator[str]:
         yield d
 
 
+@contextlib.contextmanager
+def receiver_process(*argv: str, stdout: int = subprocess.PIPE) -> Iterator[subprocess.Popen[bytes]]:
+    """The receiver run with ``argv``, its stderr piped; killed and reaped on the way out if it
+    still runs."""
+    proc = subprocess.Popen([*PROGRAM, *argv], stdout=stdout, stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
 def judge(stream: bytes, *args: str) -> Judged:
     """Send ``stream`` to a receiver; its peak RSS once it has judged it, and its stderr."""
     with short_dir() as d:
         sock = f"{d}/s.sock"
-        proc = subprocess.Popen([*PROGRAM, f"unix:{sock}", "--keep-listening", "--json",
-                                 f"{d}/j.json", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        with receiver_process(f"unix:{sock}", "--keep-listening", "--json", f"{d}/j.json",
+                              *args) as proc:
             assert proc.stdout is not None
             assert proc.stdout.readline().startswith(b"listening on ")
             t0 = time.monotonic()
@@ -90,10 +101,6 @@ def judge(stream: bytes, *args: str) -> Judged:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=WAIT)
             return Judged(peak, seconds, err.decode(), json.loads(judged.read_text()))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -346,18 +353,13 @@ def test_signal_ends_the_exec_command_and_says_one_line(tmp_path, sig, ignores_t
     a word and the command ran on, holding its stderr."""
     pid_file = tmp_path / "cmd.pid"
     trap = "trap '' TERM; " if ignores_term else ""
-    proc = subprocess.Popen([*PROGRAM, f"exec:{trap}echo $$ > '{pid_file}'; exec sleep 30", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with receiver_process(f"exec:{trap}echo $$ > '{pid_file}'; exec sleep 30", "-q",
+                          stdout=subprocess.DEVNULL) as proc:
         pid = wait_for_pid_file(pid_file)
         t0 = time.monotonic()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=WAIT)
         seconds = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
     print(f"\n{sig.name}: exited and closed stderr after {seconds:.2f} s")
     assert proc.returncode == 1
     assert err.decode().strip() == f"qioc-migration-receiver: offset 0: stopped by {sig.name}"
@@ -366,16 +368,10 @@ def test_signal_ends_the_exec_command_and_says_one_line(tmp_path, sig, ignores_t
 
 
 def test_signal_before_any_migration_says_so():
-    proc = subprocess.Popen([*PROGRAM, "tcp:127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
+    with receiver_process("tcp:127.0.0.1:0") as proc:
         assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening on ")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert err.decode().strip() == ("qioc-migration-receiver: stopped by SIGTERM before any "
                                     "migration arrived")
@@ -401,21 +397,15 @@ def test_idle_timeout_covers_a_destination_that_never_reads(tmp_path):
     with short_dir() as d, socket.socket(socket.AF_UNIX) as lst:
         lst.bind(f"{d}/dst.sock")
         lst.listen(1)
-        proc = subprocess.Popen([*PROGRAM, f"file:{src}", "--forward", f"unix:{d}/dst.sock",
-                                 "--idle-timeout", "0.5", "--buffers", "2",
-                                 "--buffer-size", "65536", "-q"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
+        with receiver_process(f"file:{src}", "--forward", f"unix:{d}/dst.sock",
+                              "--idle-timeout", "0.5", "--buffers", "2", "--buffer-size", "65536",
+                              "-q", stdout=subprocess.DEVNULL) as proc:
             lst.settimeout(WAIT)
             conn, _ = lst.accept()  # and never read from it
             with conn:
                 t0 = time.monotonic()
                 _, err = proc.communicate(timeout=20)
                 seconds = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=10)
     print(f"\nexited {seconds:.2f} s after the destination stopped reading")
     assert proc.returncode == 1
     line = err.decode().strip()
@@ -434,11 +424,9 @@ def test_exec_destination_status_and_end(tmp_path):
     # a refused stream ends the destination command and what it started, at once
     pid_file = tmp_path / "sleep.pid"
     with short_dir() as d:
-        proc = subprocess.Popen(
-            [*PROGRAM, f"unix:{d}/s.sock", "-q", "--forward",
-             f"exec:sleep 30 & echo $! > '{pid_file}'; cat > /dev/null; wait"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        with receiver_process(
+                f"unix:{d}/s.sock", "-q", "--forward",
+                f"exec:sleep 30 & echo $! > '{pid_file}'; cat > /dev/null; wait") as proc:
             assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(f"{d}/s.sock")
@@ -447,10 +435,6 @@ def test_exec_destination_status_and_end(tmp_path):
                 t0 = time.monotonic()
                 _, err = proc.communicate(timeout=20)
                 seconds = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert "expected magic QEVM" in err.decode() and len(err.splitlines()) == 1, err
     assert seconds < 5
@@ -469,9 +453,7 @@ def test_a_trickling_sender_is_timed_out(limit, says):
     ends it. Before, nothing did."""
     data = load("pc")
     with short_dir() as d:
-        proc = subprocess.Popen([*PROGRAM, f"unix:{d}/s.sock", "--idle-timeout", "1", *limit,
-                                 "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
+        with receiver_process(f"unix:{d}/s.sock", "--idle-timeout", "1", *limit, "-q") as proc:
             assert proc.stdout is not None and proc.stdout.readline().startswith(b"listening")
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(f"{d}/s.sock")
@@ -484,10 +466,6 @@ def test_a_trickling_sender_is_timed_out(limit, says):
                         poll_pause(0.1)  # the trickle itself: what the test is about
                 _, err = proc.communicate(timeout=WAIT)
                 seconds = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate(timeout=10)
     print(f"\n{limit}: ended after {seconds:.2f} s: {err.decode().strip()}")
     assert proc.returncode == 1
     assert says in err.decode() and len(err.splitlines()) == 1, err

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from qioc_green.migration import NEED_DATA, RamPages, StreamParser
+from tests.destination_util import connect
 from tests.polling import poll_pause
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,18 +99,6 @@ def receivers():
     yield start
     for rx in started:
         rx.kill()
-
-
-def connect(address: str) -> socket.socket:
-    kind, _, rest = address.partition(":")
-    if kind == "unix":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(WAIT)
-        s.connect(rest)
-    else:
-        host, _, port = rest.rpartition(":")
-        s = socket.create_connection((host, int(port)), timeout=WAIT)
-    return s
 
 
 def send(address: str, data: bytes, *, reset: bool = False) -> None:

@@ -20,19 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.destination_util import WAIT, QmpClient, qemu, ram_bytes, receivers, tls_dirs
-from tests.test_destination_tls import failed, tls_source
+from tests.destination_util import WAIT, QmpClient, qemu, ram_bytes, receivers
+from tests.test_destination_tls import failed, pki, tls_source
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(90)]
-__all__ = ["receivers"]
+__all__ = ["pki", "receivers"]
 pytest.importorskip("qemu.qmp")
 
 MEM = 16
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: Any) -> dict[str, str]:
-    return tls_dirs(tmp_path_factory.mktemp("tls"))
 
 
 def source(version: str, tmp_path: Path, *caps: str, channels: int = 2, paused: bool = True,

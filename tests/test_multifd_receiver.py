@@ -225,6 +225,19 @@ def test_keep_listening_takes_successive_multifd_migrations(receivers, tmp_path)
         assert json.loads((tmp_path / f"m-{n}.json").read_text())["complete"]
 
 
+def assert_both_rebuilt(tmp_path: Path, compressions: tuple[str | None, str | None] = (None, None)) -> None:
+    """Migrations 1 and 2 of a --keep-listening run: each complete, its RAM rebuilt, made of one
+    main and two multifd connections (and with the compression named, if one is)."""
+    for n, compression in enumerate(compressions, 1):
+        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
+        d = json.loads((tmp_path / f"m-{n}.json").read_text())
+        assert d["complete"], d.get("error")
+        if compression is not None:
+            assert d["multifd"]["compression"] == compression
+        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
+            ["main", "multifd", "multifd"]
+
+
 def sockets_of(pid: int) -> int:
     """How many sockets process ``pid`` holds (its listener and the connections it accepted)."""
     n = 0
@@ -267,13 +280,7 @@ def test_keep_listening_next_migration_arriving_before_the_first_sync_point(rece
     assert rx.wait() == 0, rx.stderr
     for t in threads:
         t.join(WAIT)
-    for n in (1, 2):
-        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
-        d = json.loads((tmp_path / f"m-{n}.json").read_text())
-        assert d["complete"], d.get("error")
-        assert d["multifd"]["compression"] == ("none" if n == 1 else "zlib")
-        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
-            ["main", "multifd", "multifd"]
+    assert_both_rebuilt(tmp_path, ("none", "zlib"))
 
 
 def test_keep_listening_next_connection_silent_until_this_migration_ends(receivers, tmp_path):
@@ -306,13 +313,7 @@ def test_keep_listening_next_connection_silent_until_this_migration_ends(receive
             assert rx.wait() == 0, rx.stderr
     for t in threads:
         t.join(WAIT)
-    for n, compression in ((1, "none"), (2, "zstd")):
-        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
-        d = json.loads((tmp_path / f"m-{n}.json").read_text())
-        assert d["complete"], d.get("error")
-        assert d["multifd"]["compression"] == compression
-        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
-            ["main", "multifd", "multifd"]
+    assert_both_rebuilt(tmp_path, ("none", "zstd"))
 
 
 def test_a_third_connection_that_is_not_a_source_is_harmless(receivers, tmp_path):

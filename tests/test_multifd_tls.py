@@ -167,7 +167,7 @@ def test_keep_listening_hands_a_tls_session_to_the_next_migration(receivers, pki
     not closed): the next reads its main stream on it, and both complete."""
     from tests.polling import wait_until
     from tests.test_migration_receiver import wait_for_file
-    from tests.test_multifd_receiver import sockets_of
+    from tests.test_multifd_receiver import assert_both_rebuilt, sockets_of
 
     rx = receivers("tcp:127.0.0.1:0", "--multifd-channels", "2", "--tls-creds", pki["server"],
                    "--tls-verify-peer", "--keep-listening", "--count", "2",
@@ -196,19 +196,12 @@ def test_keep_listening_hands_a_tls_session_to_the_next_migration(receivers, pki
             assert rx.wait() == 0, rx.stderr
     for t in threads:
         t.join(WAIT)
-    for n in (1, 2):
-        assert (tmp_path / f"ram-{n}" / "ram").read_bytes() == PATTERN
-        d = json.loads((tmp_path / f"m-{n}.json").read_text())
-        assert d["complete"], d.get("error")
-        assert sorted(c["kind"] for c in d["multifd"]["connections"]) == \
-            ["main", "multifd", "multifd"]
+    assert_both_rebuilt(tmp_path)
 
 
 def test_parsing_only_over_tls_reads_every_page(receivers, pki, tmp_path):
     """Without --ram-dir, a plain TCP channel's pages are dropped by the kernel unread; over
     TLS they are records to decrypt, so they are read: the same summary as storing them."""
-    import json
-
     main, channels = parts()
     got = {}
     for ram in (True, False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -151,8 +152,10 @@ def test_lock_excludes_greenlets_of_several_iothreads_and_plain_threads():
     with IOThread("l1") as t1, IOThread("l2") as t2:
         futs = [ctx.spawn(work, gevent.sleep)
                 for ctx in (t1.context, t1.context, t2.context, t2.context)]
-        # plain threads: time.sleep, as gevent.sleep would give them a hub of gevent's own
-        threads = [threading.Thread(target=work, args=(time.sleep,)) for _ in range(2)]
+        # plain threads: yield the CPU (and the GIL), as gevent.sleep would give them a hub of
+        # gevent's own
+        threads = [threading.Thread(target=work, args=(lambda _: os.sched_yield(),))
+                   for _ in range(2)]
         for t in threads:
             t.start()
         greenlets = [gevent.spawn(work, gevent.sleep) for _ in range(2)]
